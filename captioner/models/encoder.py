@@ -1,0 +1,183 @@
+"""The CNN encoder: a torchvision backbone, without its classifier, that turns images into features.
+
+Constructing an encoder never downloads anything: weights are asked for explicitly with
+``load_encoder_weights`` (torchvision's ImageNet weights, or a local file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from captioner.errors import CaptionerError
+
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which backbone and how images are prepared for it."""
+
+    name: str = "resnet50"
+    image_size: int = 224  # images are resized to image_size x image_size
+    pool_grid: int = 1  # 1: global average pool; G > 1: average over a G x G grid, keeping layout
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.name not in BACKBONES:
+            raise CaptionerError(f"unknown encoder {self.name!r}; choose one of {', '.join(BACKBONES)}")
+        if self.image_size < 32 or self.pool_grid < 1:
+            raise CaptionerError("encoder image size must be at least 32 and the pool grid at least 1")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+class Encoder(nn.Module):
+    """A torchvision backbone whose ``forward_features`` gives one vector per image.
+
+    Args:
+        config: the backbone and its input preparation.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = torchvision.models.get_model(config.name, weights=None)
+        # The classifier is not used; dropping it keeps checkpoints small.
+        if config.name.startswith("resnet"):
+            channels = self.backbone.fc.in_features
+            self.backbone.fc = nn.Identity()
+        else:
+            channels = self.backbone.classifier[0].in_features
+            self.backbone.classifier = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(config.pool_grid)
+        self.feature_dim = channels * config.pool_grid**2
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
+        b = self.backbone
+        if self.config.name.startswith("resnet"):
+            x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+            return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return b.features(images)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, F) features."""
+        return self.pool(self.feature_map(images)).flatten(1)  # (B, C * G * G)
+
+    forward = forward_features
+
+    def freeze(self) -> Encoder:
+        """No gradients, and batch norm in inference mode for good."""
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> Encoder:
+        # A frozen encoder stays in eval mode even when the model around it trains.
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
+
+
+def _clean_state_dict(state: dict) -> dict:
+    """Backbone weights from the usual containers, without the classifier."""
+    for key in ("state_dict", "model", "encoder"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.startswith(("fc.", "classifier.")):
+            cleaned[key] = value
+    return cleaned
+
+
+def load_encoder_weights(encoder: Encoder, weights: str) -> str:
+    """Loads ``weights`` into ``encoder.backbone``.
+
+    Args:
+        encoder: the encoder to fill.
+        weights: ``none`` (random init), ``imagenet`` (torchvision's weights, downloaded by
+            torchvision into its cache when online) or the path of a state_dict file.
+
+    Returns:
+        A description of the weights, stored in checkpoints (e.g. ``imagenet:ResNet50_Weights.IMAGENET1K_V2``).
+    """
+    name = encoder.config.name
+    if weights == "none":
+        return "none"
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # URLError, socket errors, hash mismatch...
+            filename = enum.url.rsplit("/", 1)[-1]
+            raise CaptionerError(
+                f"cannot get torchvision's ImageNet weights for {name} ({type(exc).__name__}; offline?): "
+                f"download {enum.url} on a machine with network access and pass "
+                f"--encoder-weights /path/to/{filename}"
+            ) from None
+        source = f"imagenet:{enum}"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise CaptionerError(f"encoder weights file not found: {weights} (use none, imagenet or a file)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise CaptionerError(f"{path.name} is not a PyTorch state_dict file") from None
+        if not isinstance(state, dict):
+            raise CaptionerError(f"{path.name} does not hold a state_dict")
+        source = f"file:{path.name}"
+    result = encoder.backbone.load_state_dict(_clean_state_dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CaptionerError(
+            f"the weights in {weights} do not fit {name}: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected tensors (another architecture?)"
+        )
+    return source
+
+
+def weights_fingerprint(encoder: Encoder) -> str:
+    """Hash of the configuration and every weight: the feature cache's key for this encoder."""
+    digest = hashlib.sha256(repr(sorted(encoder.config.to_dict().items())).encode())
+    for key, tensor in encoder.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def image_to_tensor(image: Image.Image, config: EncoderConfig) -> torch.Tensor:
+    """An RGB PIL image -> (3, S, S) normalised tensor.
+
+    The whole image is resized rather than centre-cropped: a crop could cut off what the
+    captions talk about.
+    """
+    x = TF.pil_to_tensor(image)  # (3, H, W) uint8
+    x = TF.resize(x, [config.image_size, config.image_size], antialias=True)
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    return TF.normalize(x, list(config.mean), list(config.std))

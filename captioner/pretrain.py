@@ -1,0 +1,139 @@
+"""Auxiliary pretraining of the CNN on the shapes world: the stand-in for ImageNet pretraining.
+
+On photos the encoder comes with ImageNet weights. No such weights exist for the synthetic shapes
+world, so the CNN first learns a supervised task the scenes provide for free: for each cell of
+the scene grid, which shape, colour and size sits there (or that it is empty). Then it is frozen
+and used exactly as an ImageNet CNN would be.
+
+The CNN's last feature map is average-pooled to the scene grid and one small classifier, shared
+by all cells, reads each cell: every cell of every image trains the same weights, which learns
+far faster on a CPU than a separate head per cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from captioner.data.datasets import ImageRecord
+from captioner.data.images import decode_image
+from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets
+from captioner.models.encoder import Encoder, image_to_tensor
+
+# Each attribute is a classification over its values plus "empty cell".
+ATTRIBUTES = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("size", len(SIZES)))
+
+
+def cell_labels(scene: Scene) -> torch.Tensor:
+    """(GRID*GRID, 3) class per cell and attribute; the last class of each means an empty cell."""
+    targets = torch.tensor(attribute_targets(scene)).view(GRID * GRID, -1)
+    labels, start = [], 0
+    for _, count in ATTRIBUTES:
+        part = targets[:, start : start + count]
+        labels.append(torch.where(part.sum(-1) > 0, part.argmax(-1), count))
+        start += count
+    return torch.stack(labels, dim=-1)
+
+
+class CellClassifier(nn.Module):
+    """Encoder feature map -> per-cell logits for every attribute, (B, GRID*GRID, sum(count + 1))."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        channels = encoder.feature_dim // encoder.config.pool_grid**2
+        self.head = nn.Linear(channels, sum(count + 1 for _, count in ATTRIBUTES))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cells = F.adaptive_avg_pool2d(self.encoder.feature_map(images), GRID)  # (B, C, G, G)
+        return self.head(cells.flatten(2).transpose(1, 2))  # (B, G*G, classes)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, start = 0.0, 0
+        for j, (_, count) in enumerate(ATTRIBUTES):
+            part = logits[..., start : start + count + 1]
+            total = total + F.cross_entropy(part.flatten(0, 1), labels[..., j].flatten())
+            start += count + 1
+        return total
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        predictions, start = [], 0
+        for _, count in ATTRIBUTES:
+            predictions.append(logits[..., start : start + count + 1].argmax(-1))
+            start += count + 1
+        return torch.stack(predictions, dim=-1)  # (B, G*G, 3)
+
+
+def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([image_to_tensor(decode_image(r.path).image, encoder.config) for r in records])
+    labels = torch.stack([cell_labels(Scene.from_dict(r.scene)) for r in records])
+    return images, labels
+
+
+def pretrain_encoder(
+    encoder: Encoder,
+    train: Sequence[ImageRecord],
+    val: Sequence[ImageRecord],
+    *,
+    epochs: int,
+    device: torch.device,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 6e-3,
+    progress: bool = False,
+) -> dict:
+    """Trains ``encoder`` (in place) to read the scene grid, then freezes it.
+
+    Args:
+        encoder: a randomly initialised encoder; its weights are trained.
+        train: training records with scenes.
+        val: validation records with scenes, for the reported accuracy.
+        epochs: passes over ``train``.
+        device: where to train.
+        seed: random seed (initialisation of the head and order of batches).
+        batch_size: images per step.
+        lr: peak AdamW learning rate of the one-cycle schedule.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"epochs", "val_cell_accuracy", "val_<attribute>_accuracy"...}``: a cell counts as right
+        when its shape, colour and size (or emptiness) are all predicted right.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = _tensors(encoder, train)
+    val_x, val_y = _tensors(encoder, val)
+    for module in encoder.modules():
+        # torchvision's MobileNetV3 keeps batch-norm statistics with momentum 0.01, tuned for
+        # ImageNet's long epochs; over a few hundred steps they would lag far behind the weights.
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    encoder.requires_grad_(True)
+    model = CellClassifier(encoder).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(train_x) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc="pretraining CNN", unit="step", disable=not progress)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(train_x), generator=generator).split(batch_size):
+            loss = model.loss(model(train_x[idx].to(device)), train_y[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model.predict(model(x.to(device))).cpu() for x in val_x.split(256)])
+    right = predicted == val_y  # (N, G*G, 3)
+    result = {"epochs": epochs, "val_cell_accuracy": right.all(-1).float().mean().item()}
+    for j, (name, _) in enumerate(ATTRIBUTES):
+        result[f"val_{name}_accuracy"] = right[..., j].float().mean().item()
+    encoder.cpu().freeze()
+    return result

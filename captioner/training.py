@@ -1,0 +1,356 @@
+"""Training: cached CNN features -> LSTM decoder with cross-entropy, checkpoints and resume.
+
+``train(config)`` runs the whole job: read the data set, build the vocabulary and the frozen
+word2vec embedding, get a frozen encoder (ImageNet weights, a file, or auxiliary pretraining on the
+shapes world), cache its features, then train the decoder epoch by epoch. Each epoch logs train and
+validation loss/perplexity, the gradient norm before clipping and validation BLEU-4/CIDEr of
+greedy captions; ``model.pt`` keeps the best epoch by validation CIDEr, ``last.pt`` the latest
+with its optimizer, and ``metrics.jsonl`` one line per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from captioner.checkpoint import build_captioner, model_state, read_checkpoint, save_checkpoint
+from captioner.data.datasets import Dataset, ImageRecord, load_dataset
+from captioner.data.synth import GRID
+from captioner.data.vocab import Vocabulary, tokenize
+from captioner.decoding import DecodeOptions
+from captioner.embeddings import word_embedding
+from captioner.errors import CaptionerError
+from captioner.features import cached_features, default_cache_dir
+from captioner.metrics import caption_metrics
+from captioner.models.captioner import Captioner
+from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights
+from captioner.pretrain import pretrain_encoder
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``captioner train``; unknown keys are errors (``from_dict``)."""
+
+    data: str
+    out: str
+    format: str = "auto"
+    images: str | None = None
+    skip_missing: bool = False
+    # None picks by data: for the shapes world a small CNN pretrained on its scenes whose last
+    # map is pooled to the scene grid; for photos ResNet-50 with ImageNet weights, globally pooled.
+    encoder: str | None = None
+    encoder_weights: str = "auto"  # auto: auxiliary pretraining on the shapes world, else imagenet
+    image_size: int | None = None
+    pool_grid: int | None = None
+    pretrain_epochs: int = 6
+    word2vec: str | None = None
+    embed_dim: int | None = None
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.3
+    min_count: int = 5
+    max_caption_length: int = 30
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    feature_cache: str | None = None
+    num_workers: int = 0
+    val_images: int = 1000  # validation images captioned each epoch for BLEU-4/CIDEr
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CaptionerError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CaptionerError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionerError(f"device {name} asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CaptionerError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+@dataclass
+class CaptionTensors:
+    """Every (image, caption) pair of a split as padded ids."""
+
+    ids: torch.Tensor  # (N, T) <start> ... <end> <pad>...
+    image_index: torch.Tensor  # (N,) row of the split's feature matrix
+
+
+def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_length: int) -> CaptionTensors:
+    """Ids of every caption of ``records``, cut to ``max_length`` words."""
+    rows, index = [], []
+    for i, record in enumerate(records):
+        for caption in record.captions:
+            ids = vocab.encode(caption)
+            rows.append(ids[: max_length + 1] + [vocab.end] if len(ids) > max_length + 2 else ids)
+            index.append(i)
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), vocab.pad, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        padded[r, : len(ids)] = torch.tensor(ids)
+    return CaptionTensors(padded, torch.tensor(index))
+
+
+def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of next-word prediction under teacher forcing, and the number of words.
+
+    Padding is masked out, so a batch's loss does not depend on how it was padded.
+    """
+    logits = decoder(features, ids[:, :-1])  # (B, T-1, V)
+    targets = ids[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad, reduction="sum")
+    return loss, int((targets != pad).sum())
+
+
+def train_one_epoch(decoder, features, captions, optimizer, *, pad, batch_size, clip_norm, device, generator, progress):
+    """One pass over ``captions`` in a seeded random order.
+
+    Returns:
+        ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max"}``; the gradient norms are
+        measured before clipping, so exploding gradients show in the log.
+    """
+    decoder.train()
+    total_loss, total_words, norms = 0.0, 0, []
+    order = torch.randperm(len(captions.ids), generator=generator).split(batch_size)
+    for batch in tqdm(order, desc="training", unit="batch", disable=not progress, leave=False):
+        ids = captions.ids[batch]
+        ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
+        loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / words).backward()
+        params = [p for p in decoder.parameters() if p.requires_grad]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip_norm)))
+        optimizer.step()
+        total_loss += loss.item()
+        total_words += words
+    mean = total_loss / max(total_words, 1)
+    return {
+        "train_loss": mean,
+        "train_perplexity": math.exp(mean),
+        "grad_norm": sum(norms) / len(norms),
+        "grad_norm_max": max(norms),
+    }
+
+
+@torch.inference_mode()
+def evaluate_loss(decoder, features, captions, *, pad, batch_size, device) -> dict:
+    """Teacher-forced loss and perplexity of ``captions``."""
+    decoder.eval()
+    total_loss, total_words = 0.0, 0
+    for batch in torch.arange(len(captions.ids)).split(batch_size):
+        ids = captions.ids[batch].to(device)
+        loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
+        total_loss += loss.item()
+        total_words += words
+    mean = total_loss / max(total_words, 1)
+    return {"loss": mean, "perplexity": math.exp(mean)}
+
+
+@torch.inference_mode()
+def generated_metrics(model: Captioner, features, records, *, batch_size) -> dict:
+    """BLEU-4 and CIDEr of greedy captions (not teacher-forced) against the references."""
+    model.eval()
+    options = DecodeOptions(mode="greedy", max_length=30)
+    candidates, references = {}, {}
+    for start in range(0, len(records), batch_size):
+        hyps = model.generate(features[start : start + batch_size], options)
+        for record, (hyp,) in zip(records[start : start + batch_size], hyps):
+            candidates[record.image_id] = model.vocab.decode(hyp.tokens)
+            references[record.image_id] = list(record.captions)
+    scores = caption_metrics(candidates, references, tokenizer="simple", meteor=False)
+    return {"bleu_4": scores["bleu_4"], "cider": scores["cider"]}
+
+
+def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
+    """The frozen encoder: pretrained on the shapes world's scenes, or with the weights asked for."""
+    shapes = dataset.meta.get("shapes_world")
+    # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the scene grid.
+    name, image_size, grid = ("mobilenet_v3_small", 96, GRID) if shapes else ("resnet50", 224, 1)
+    encoder = Encoder(
+        EncoderConfig(
+            name=config.encoder or name,
+            image_size=config.image_size or image_size,
+            pool_grid=config.pool_grid or grid,
+        )
+    )
+    weights = config.encoder_weights
+    if weights == "auto":
+        weights = "auxiliary" if shapes else "imagenet"
+    if weights != "auxiliary":
+        encoder.info = {"weights": load_encoder_weights(encoder, weights)}
+        return encoder.freeze()
+    if not all(r.scene for r in dataset.records):
+        raise CaptionerError("--encoder-weights auxiliary needs the shapes world's scenes in the data set")
+    saved = out / "encoder-pretrained.pt"
+    if saved.exists():  # resumed run: the CNN was pretrained already
+        state = torch.load(saved, map_location="cpu", weights_only=True)
+        encoder.backbone.load_state_dict(state["state_dict"])
+        encoder.info = state["info"]
+        return encoder.freeze()
+    torch.manual_seed(config.seed)
+    encoder = Encoder(encoder.config)  # seeded initialisation
+    result = pretrain_encoder(
+        encoder,
+        dataset.split("train"),
+        dataset.split("val"),
+        epochs=config.pretrain_epochs,
+        device=device,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    encoder.info = {"weights": "auxiliary:shapes-world", "pretraining": result}
+    save_checkpoint({"state_dict": encoder.backbone.state_dict(), "info": encoder.info}, saved)
+    return encoder
+
+
+def _log(message: str) -> None:
+    tqdm.write(message)
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs a whole training job; returns the best epoch's metrics.
+
+    Args:
+        config: the options.
+
+    Returns:
+        The metrics of the epoch saved as ``model.pt``.
+    """
+    out = Path(config.out)
+    last_path, best_path, metrics_path = out / "last.pt", out / "model.pt", out / "metrics.jsonl"
+    if last_path.exists() and not config.resume:
+        raise CaptionerError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if config.resume and not last_path.exists():
+        raise CaptionerError(f"nothing to resume: {last_path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    val_records = val_records[: config.val_images] if config.val_images else val_records
+
+    resumed = read_checkpoint(last_path) if config.resume else None
+    if resumed:
+        model = build_captioner(resumed)
+        vocab = model.vocab
+        _log(f"resuming {out} after epoch {resumed['training']['epoch']}")
+    else:
+        vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_count)
+        sentences = [tokenize(c) for r in train_records for c in r.captions]
+        embedding = word_embedding(
+            vocab, sentences, vectors_path=config.word2vec, dim=config.embed_dim, seed=config.seed
+        )
+        _log(
+            f"vocabulary {len(vocab)} words; word2vec {embedding.info['source']} {embedding.info['dim']}-d, "
+            f"coverage {embedding.info['coverage_words']:.1%} of words, {embedding.info['coverage_tokens']:.1%} of tokens"
+        )
+        encoder = _encoder(config, dataset, out, device)
+        torch.manual_seed(config.seed)
+        decoder_config = DecoderConfig(
+            feature_dim=encoder.feature_dim,
+            vocab_size=len(vocab),
+            embed_dim=embedding.matrix.size(1),
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout,
+        )
+        decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
+        info = {"encoder_weights": encoder.info["weights"], "embedding": embedding.info}
+        model = Captioner(encoder, decoder, vocab, info)
+    model.to(device)
+
+    cache_dir = Path(config.feature_cache) if config.feature_cache else default_cache_dir()
+    feature_args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
+    train_features = cached_features(model.encoder, [r.path for r in train_records], **feature_args)
+    val_features = cached_features(model.encoder, [r.path for r in val_records], **feature_args)
+    train_captions = encode_captions(train_records, vocab, config.max_caption_length)
+    val_captions = encode_captions(val_records, vocab, config.max_caption_length)
+
+    params = [p for p in model.decoder.parameters() if p.requires_grad]  # the frozen embedding is not here
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.lr * 0.05)
+    start_epoch, best, history = 1, None, []
+    if resumed:
+        optimizer.load_state_dict(resumed["training"]["optimizer"])
+        schedule.load_state_dict(resumed["training"]["schedule"])
+        start_epoch = resumed["training"]["epoch"] + 1
+        best = resumed["training"]["best"]
+        history = resumed["training"]["history"]
+        torch.set_rng_state(resumed["training"]["rng"])  # dropout masks continue as if never stopped
+    # Rewrite the log from the saved history: lines of an epoch that was not saved are dropped.
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.monotonic()
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(
+            model.decoder,
+            train_features,
+            train_captions,
+            optimizer,
+            pad=vocab.pad,
+            batch_size=config.batch_size,
+            clip_norm=config.clip_norm,
+            device=device,
+            generator=generator,
+            progress=config.progress,
+        )
+        schedule.step()
+        val = evaluate_loss(
+            model.decoder, val_features, val_captions, pad=vocab.pad, batch_size=512, device=device
+        )
+        row |= {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
+        row |= {f"val_{k}": v for k, v in generated_metrics(model, val_features, val_records, batch_size=512).items()}
+        row["seconds"] = round(time.monotonic() - started, 2)
+        history.append(row)
+        is_best = best is None or row["val_cider"] > best["val_cider"]
+        best = row if is_best else best
+        training = {
+            "epoch": epoch,
+            "best": best,
+            "history": history,
+            "config": settings,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        save_checkpoint(model_state(model, metrics=row, training=training), last_path)
+        if is_best:
+            model_training = {"epoch": epoch, "config": settings, "history": history}
+            save_checkpoint(model_state(model, metrics=row, training=model_training), best_path)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        _log(
+            f"epoch {epoch}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
+            f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}, "
+            f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
+        )
+    return best

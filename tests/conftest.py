@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny shapes world and a tiny model trained on it, made once per session."""
+
+from pathlib import Path
+
+import pytest
+
+from captioner.data.datasets import load_dataset
+from captioner.data.synth import write_shapes_dataset
+from captioner.training import TrainConfig, train
+
+TINY = dict(
+    encoder="resnet18",
+    encoder_weights="none",  # a random-weight torchvision backbone: nothing to download
+    image_size=32,
+    hidden_size=48,
+    min_count=1,
+    batch_size=32,
+    lr=5e-3,
+    progress=False,
+)
+
+
+def tiny_config(data: Path, out: Path, cache: Path, **overrides) -> TrainConfig:
+    """Training options for a model that trains in seconds on the tiny shapes world."""
+    return TrainConfig(data=str(data), out=str(out), feature_cache=str(cache), **{**TINY, "epochs": 3, **overrides})
+
+
+@pytest.fixture(scope="session")
+def shapes_json(tmp_path_factory) -> Path:
+    """dataset.json of a 60-image shapes world (48 train, 6 val, 6 test, plus a held-out part)."""
+    root = tmp_path_factory.mktemp("shapes")
+    return write_shapes_dataset(root, num_images=60, seed=3, image_size=32, holdout=["green:triangle"])
+
+
+@pytest.fixture(scope="session")
+def shapes(shapes_json):
+    return load_dataset(shapes_json)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shapes_json, feature_cache) -> Path:
+    """Run folder of a tiny model trained for 3 epochs (model.pt, last.pt, metrics.jsonl)."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train(tiny_config(shapes_json, out, feature_cache))
+    return out

@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gensim.models import KeyedVectors
+from PIL import Image
+
+from captioner.cli import main
+
+from .conftest import TINY
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 1
+    assert err.startswith("captioner: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_caption_writes_one_json_line_per_image_and_keeps_going_past_bad_ones(capsys, tmp_path, trained_run, shapes):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for i, record in enumerate(shapes.split("test")[:3]):
+        Image.open(record.path).save(folder / "sub" / f"{i}.png")
+    (folder / "broken.jpg").write_text("this is not a JPEG")
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/sub/0.png\n# a comment\n\nin/sub/2.png\n")
+    code, out, err = run(capsys, "caption", trained_run / "model.pt", folder, listing, "--mode", "beam", "--num-captions", "2")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["image"].split("/")[-1] for r in records] == ["broken.jpg", "0.png", "1.png", "2.png", "0.png", "2.png"]
+    assert records[0]["error"]["code"] == "unsupported_format"
+    for r in records[1:]:
+        assert len(r["captions"]) == 2
+        assert {"text", "log_prob", "perplexity"} <= set(r["captions"][0])
+    assert records[1]["captions"] == records[4]["captions"]  # same image, same beams
+
+
+def test_caption_output_file_and_sampling_seed(capsys, tmp_path, trained_run, shapes):
+    image = shapes.split("test")[0].path
+    outputs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        code, _, err = run(capsys, "caption", trained_run / "model.pt", image, "--mode", "sample", "--num-captions", "3",
+                           "--seed", "4", "--top-k", "5", "--output", tmp_path / name)
+        assert code == 0, err
+        outputs.append((tmp_path / name).read_text())
+    assert outputs[0] == outputs[1] and len(json.loads(outputs[0])["captions"]) == 3
+
+
+def test_caption_errors(capsys, tmp_path, trained_run, shapes):
+    image = shapes.split("test")[0].path
+    assert_one_line_error(*run(capsys, "caption", tmp_path / "absent.pt", image)[::2], "model file not found")
+    assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", tmp_path / "nope.png")[::2], "input not found")
+    assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", image, "--mode", "sample", "--temperature", "0")[::2], "temperature")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(trained_run / "model.pt"), str(image), "--mode", "nucleus"])
+    assert exit_info.value.code == 2
+
+
+def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run, shapes_json):
+    code, out, err = run(capsys, "evaluate", trained_run / "model.pt", "--data", shapes_json, "--output", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "perplexity", "truthfulness", "grammaticality"):
+        assert isinstance(report[key], float), key
+    assert report["split"] == "test" and report["images"] == 6
+    assert 0 <= report["truthfulness"] <= report["grammaticality"] <= 1
+
+
+def _train_args(data, out, cache, **extra):
+    args = ["train", "--data", data, "--out", out, "--feature-cache", cache, "--epochs", "1"]
+    options = {**TINY, **extra}
+    options.pop("progress")
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    return args + ["--no-progress"]
+
+
+def test_train_errors_are_one_line(capsys, tmp_path, shapes_json, feature_cache):
+    out = tmp_path / "run"
+    assert_one_line_error(*run(capsys, *_train_args(tmp_path / "absent.json", out, feature_cache))[::2], "absent.json")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"learning_rate": 0.1, "layers": [1, 2]}))
+    assert_one_line_error(*run(capsys, *_train_args(config, out, feature_cache))[::2], "not a caption data set")
+    assert_one_line_error(*run(capsys, *_train_args(shapes_json, out, feature_cache, encoder="resnet9"))[::2], "unknown encoder")
+    vectors = tmp_path / "vectors.bin"
+    kv = KeyedVectors(vector_size=8)
+    kv.add_vectors(["red", "circle"], np.ones((2, 8), dtype=np.float32))
+    kv.save_word2vec_format(str(vectors), binary=True)
+    assert_one_line_error(
+        *run(capsys, *_train_args(shapes_json, out, feature_cache, word2vec=vectors, embed_dim=300))[::2],
+        "8-dimensional vectors but --embed-dim is 300",
+    )
+
+
+def test_synth_errors_are_one_line(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "synth", tmp_path / "s", "--holdout", "mauve:blob")[::2], "mauve")
+
+
+def test_no_traceback_reaches_the_user_of_the_real_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", str(tmp_path / "absent.pt"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"captioner: error: model file not found: {tmp_path / 'absent.pt'}\n"

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from captioner.decoding import DecodeOptions, SpecialIds, beam_search, generate
+from captioner.errors import CaptionerError
+from captioner.models.decoder import DecoderConfig, LSTMDecoder
+
+IDS = SpecialIds(start=1, end=2, pad=0)
+VOCAB = 12
+
+
+@pytest.fixture
+def decoder():
+    torch.manual_seed(0)
+    config = DecoderConfig(feature_dim=8, vocab_size=VOCAB, embed_dim=6, hidden_size=16, num_layers=2, dropout=0.0)
+    return LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+
+
+@pytest.fixture
+def features():
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+
+
+def teacher_forced_log_prob(decoder, feature, tokens):
+    ids = torch.tensor([[IDS.start, *tokens[:-1]]])
+    logp = decoder(feature.unsqueeze(0), ids).log_softmax(-1)[0]  # (T, V)
+    return logp.gather(1, torch.tensor(tokens).unsqueeze(1)).sum().item()
+
+
+def test_beam_size_one_equals_greedy(decoder, features):
+    greedy = generate(decoder, features, DecodeOptions(mode="greedy", max_length=15), IDS)
+    beam = generate(decoder, features, DecodeOptions(mode="beam", beam_size=1, max_length=15), IDS)
+    for (g,), (b,) in zip(greedy, beam):
+        assert g.tokens == b.tokens
+        assert g.log_prob == pytest.approx(b.log_prob, abs=1e-5)
+
+
+def test_log_probs_are_the_models(decoder, features):
+    for options in (DecodeOptions(max_length=15), DecodeOptions(mode="beam", beam_size=4, num_captions=3)):
+        for feature, hyps in zip(features, generate(decoder, features, options, IDS)):
+            for hyp in hyps:
+                expected = teacher_forced_log_prob(decoder, feature, hyp.tokens)
+                assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
+                assert hyp.perplexity == pytest.approx(torch.tensor(-expected / len(hyp.tokens)).exp().item(), rel=1e-4)
+
+
+def test_beam_returns_n_distinct_best_first(decoder, features):
+    results = generate(decoder, features, DecodeOptions(mode="beam", beam_size=5, num_captions=3), IDS)
+    for hyps in results:
+        assert len(hyps) == 3
+        assert len({tuple(h.tokens) for h in hyps}) == 3
+        normalised = [h.log_prob / len(h.tokens) for h in hyps]
+        assert normalised == sorted(normalised, reverse=True)
+
+
+def test_beam_search_when_no_beam_ever_ends(decoder, features):
+    with torch.no_grad():
+        decoder.out.bias[IDS.end] = -1e4  # <end> is never the likelier word
+    results = beam_search(decoder, features, DecodeOptions(mode="beam", beam_size=3, num_captions=3, max_length=7), IDS)
+    for hyps in results:
+        assert len(hyps) == 3
+        assert all(len(h.tokens) == 7 and IDS.end not in h.tokens for h in hyps)
+
+
+def test_beam_finds_a_caption_at_least_as_likely_as_greedy_on_average(decoder, features):
+    greedy = generate(decoder, features, DecodeOptions(max_length=15), IDS)
+    beam = generate(decoder, features, DecodeOptions(mode="beam", beam_size=8, max_length=15), IDS)
+    mean = lambda h: h.log_prob / len(h.tokens)  # noqa: E731
+    assert sum(mean(b[0]) for b in beam) >= sum(mean(g[0]) for g in greedy) - 1e-6
+
+
+def test_sampling_is_seeded_per_image_independent_of_the_batch(decoder, features):
+    options = DecodeOptions(mode="sample", num_captions=3, temperature=1.5)
+    both = generate(decoder, features[:2], options, IDS, seeds=[5, 7])
+    alone = generate(decoder, features[1:2], options, IDS, seeds=[7])
+    assert [h.tokens for h in both[1]] == [h.tokens for h in alone[0]]
+    again = generate(decoder, features[:2], options, IDS, seeds=[5, 7])
+    assert [h.tokens for h in again[0]] == [h.tokens for h in both[0]]
+    other = generate(decoder, features[:2], options, IDS, seeds=[6, 7])
+    assert [h.tokens for h in other[0]] != [h.tokens for h in both[0]]
+
+
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)])
+def test_sampling_filters_collapse_to_greedy(decoder, features, options):
+    greedy = generate(decoder, features, DecodeOptions(), IDS)
+    sampled = generate(decoder, features, DecodeOptions(mode="sample", seed=0, **options), IDS)
+    assert [g[0].tokens for g in greedy] == [s[0].tokens for s in sampled]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(mode="nucleus"), "unknown mode"),
+        (dict(mode="sample", temperature=0), "temperature"),
+        (dict(mode="sample", top_p=1.5), "top_p"),
+        (dict(mode="sample", top_k=-1), "top_k"),
+        (dict(mode="beam", beam_size=2, num_captions=3), "at most 2 captions"),
+        (dict(mode="beam", beam_size=0), "beam_size"),
+        (dict(num_captions=2), "greedy decoding gives one caption"),
+        (dict(max_length=0), "max_length"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(CaptionerError, match=message):
+        DecodeOptions(**options)

@@ -1,0 +1,82 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from captioner.errors import CaptionerError
+from captioner.features import cached_features
+from captioner.models.encoder import BACKBONES, Encoder, EncoderConfig, load_encoder_weights
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_gives_finite_features_of_its_size(name):
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(name=name, image_size=64)).freeze()
+    with torch.inference_mode():
+        features = encoder.forward_features(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, encoder.feature_dim)
+    assert torch.isfinite(features).all()
+
+
+def test_pool_grid_keeps_layout():
+    encoder = Encoder(EncoderConfig(name="resnet18", image_size=64, pool_grid=2)).freeze()
+    assert encoder.feature_dim == 512 * 4
+    assert encoder(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(CaptionerError, match="unknown encoder 'resnet9'.*resnet18"):
+        EncoderConfig(name="resnet9")
+
+
+def test_state_dict_file_loads_into_backbone(tmp_path):
+    # Stands in for a downloaded ImageNet file: a full torchvision state_dict, classifier included.
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    encoder = Encoder(EncoderConfig(name="resnet18"))
+    assert load_encoder_weights(encoder, str(tmp_path / "resnet18.pth")) == "file:resnet18.pth"
+    assert torch.equal(encoder.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(encoder.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_weights_of_another_architecture_or_file_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CaptionerError, match="do not fit resnet34"):
+        load_encoder_weights(Encoder(EncoderConfig(name="resnet34")), str(tmp_path / "r18.pth"))
+    (tmp_path / "junk.pth").write_text("not a tensor file")
+    with pytest.raises(CaptionerError, match="not a PyTorch state_dict"):
+        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), str(tmp_path / "junk.pth"))
+    with pytest.raises(CaptionerError, match="not found"):
+        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), str(tmp_path / "absent.pth"))
+
+
+def test_imagenet_weights_offline_say_how_to_pass_a_local_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download to fall back on
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(CaptionerError) as error:
+        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), "imagenet")
+    message = str(error.value)
+    assert "resnet18-f37072fd.pth" in message and "--encoder-weights /path/to/" in message
+
+
+def test_feature_cache_computes_each_image_once(tmp_path, shapes):
+    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32)).freeze()
+    paths = [r.path for r in shapes.records[:6]]
+    calls = []
+    encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    device = torch.device("cpu")
+    first = cached_features(encoder, paths, cache_dir=tmp_path, device=device, batch_size=4)
+    assert sum(calls) == 6
+    again = cached_features(encoder, paths[::-1], cache_dir=tmp_path, device=device, batch_size=4)
+    assert sum(calls) == 6  # all from the cache
+    assert torch.equal(again, first.flip(0))
+    with torch.no_grad():
+        encoder.backbone.conv1.weight.mul_(2)  # other weights: another cache entry
+    cached_features(encoder, paths[:2], cache_dir=tmp_path, device=device)
+    assert sum(calls) == 8

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+import captioner.training as training
+from captioner.checkpoint import build_captioner, read_checkpoint
+from captioner.errors import CaptionerError
+from captioner.models.decoder import LSTMDecoder
+from captioner.training import encode_captions, evaluate_loss, train, train_one_epoch
+
+from .conftest import tiny_config
+
+
+def test_run_writes_metrics_every_epoch_and_keeps_the_best(trained_run):
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("train_loss", "train_perplexity", "val_loss", "val_perplexity", "grad_norm", "val_bleu_4", "val_cider"):
+            assert isinstance(r[key], float)
+    best = max(rows, key=lambda r: r["val_cider"])
+    assert read_checkpoint(trained_run / "model.pt")["metrics"]["epoch"] == best["epoch"]
+    last = read_checkpoint(trained_run / "last.pt")
+    assert last["training"]["epoch"] == 3 and "optimizer" in last["training"]
+
+
+def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_run, shapes, feature_cache):
+    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    from captioner.features import cached_features
+
+    val = shapes.split("val")
+    features = cached_features(model.encoder, [r.path for r in val], cache_dir=feature_cache, device=torch.device("cpu"))
+    captions = encode_captions(val, model.vocab, 30)
+    torch.manual_seed(0)
+    untrained = LSTMDecoder(model.decoder.config, model.decoder.embed.weight, model.vocab.pad)
+    args = dict(pad=model.vocab.pad, batch_size=64, device=torch.device("cpu"))
+    trained_ppl = evaluate_loss(model.decoder, features, captions, **args)["perplexity"]
+    untrained_ppl = evaluate_loss(untrained, features, captions, **args)["perplexity"]
+    assert trained_ppl < 0.5 * untrained_ppl
+
+
+def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):
+    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    embedding = model.decoder.embed.weight.clone()
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    out_weight = model.decoder.out.weight.clone()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p is not model.decoder.embed.weight for p in params)
+    from captioner.features import cached_features
+
+    train_records = shapes.split("train")
+    features = cached_features(model.encoder, [r.path for r in train_records], cache_dir=feature_cache, device=torch.device("cpu"))
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    train_one_epoch(
+        model.decoder, features, encode_captions(train_records, model.vocab, 30), optimizer, pad=model.vocab.pad,
+        batch_size=16, clip_norm=5.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
+    )
+    assert torch.equal(model.decoder.embed.weight, embedding)
+    assert all(torch.equal(v, encoder[k]) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(model.decoder.out.weight, out_weight)  # the rest did train
+
+
+def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes, feature_cache):
+    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    from captioner.features import cached_features
+
+    records = shapes.split("train")[:8]
+    features = cached_features(model.encoder, [r.path for r in records], cache_dir=feature_cache, device=torch.device("cpu"))
+    params = [p for p in model.decoder.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    optimizer = torch.optim.SGD(params, lr=1.0)  # the step is minus the (clipped) gradient
+    stats = train_one_epoch(
+        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, pad=model.vocab.pad,
+        batch_size=1000, clip_norm=1e-3, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
+    )
+    step = torch.cat([p.detach().flatten() for p in params]) - before
+    assert stats["grad_norm"] > 1e-3
+    assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, shapes_json, feature_cache, trained_run, monkeypatch):
+    out = tmp_path / "run"
+    real = training.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if stopped during epoch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(shapes_json, out, feature_cache))
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    with pytest.raises(CaptionerError, match="already holds a run"):
+        train(tiny_config(shapes_json, out, feature_cache))
+    train(tiny_config(shapes_json, out, feature_cache, resume=True))
+    resumed = read_checkpoint(out / "last.pt")
+    straight = read_checkpoint(trained_run / "last.pt")
+    for key, value in straight["decoder"]["state_dict"].items():
+        assert torch.equal(resumed["decoder"]["state_dict"][key], value), key
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_nothing_to_resume_is_a_clear_error(tmp_path, shapes_json, feature_cache):
+    with pytest.raises(CaptionerError, match="nothing to resume"):
+        train(tiny_config(shapes_json, tmp_path / "new", feature_cache, resume=True))
