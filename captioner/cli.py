@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--images", type=int, default=4000, help="number of images (default: 4000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=96, help="image width and height in pixels (default: 96)")
     p.add_argument("--holdout", nargs="*", default=[], metavar="COLOUR:SHAPE", help="combinations kept out of training")
 
     p = sub.add_parser("train", help="train a captioner")
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     _decode_args(p)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (development server; production: gunicorn -c service/gunicorn.conf.py)")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
     return parser
 
 
@@ -203,7 +208,13 @@ def cmd_evaluate(args) -> None:
     print(text)
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate}
+def cmd_serve(args) -> None:
+    from service import serve
+
+    serve(args.model, host=args.host, port=args.port)
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

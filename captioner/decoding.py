@@ -30,7 +30,7 @@ class DecodeOptions:
     top_k: int = 0  # 0: no top-k filtering
     top_p: float = 1.0  # 1: no nucleus filtering
     beam_size: int = 3
-    max_length: int = 20
+    max_length: int = 30
     seed: int | None = None
 
     def __post_init__(self):
@@ -89,7 +89,7 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
     """Captions for a batch of image features.
 
     Args:
-        decoder: an ``LSTMDecoder`` (``init_state`` and ``step``).
+        decoder: an ``LSTMDecoder`` (``start`` and ``step``).
         features: (B, F) image features.
         options: how to decode.
         ids: the special token ids.
@@ -137,13 +137,13 @@ def _decode_rows(decoder, features, options, ids, generators):
     is drawn by inverse-CDF sampling from per-image uniform numbers.
     """
     n_rows = features.size(0)
-    state = decoder.init_state(features)
+    memory, state = decoder.start(features)
     tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=features.device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=features.device)
     log_prob = torch.zeros(n_rows, device=features.device)
     steps = []
     for _ in range(options.max_length):
-        logits, state = decoder.step(tokens, state)
+        logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         if generators is None:
             word = logp.argmax(dim=-1)
@@ -182,8 +182,10 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         For each image, its ``num_captions`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
-    h, c = decoder.init_state(features)  # (L, B, H)
-    h, c = h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1)  # (L, B*k, H)
+    memory, state = decoder.start(features)  # (B, N, H), tensors of (layers, B, H)
+    # Row r of the beams always belongs to image r // k, so the memory is never reordered.
+    memory = memory.repeat_interleave(k, dim=0)  # (B*k, N, H)
+    state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # (layers, B*k, H)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so they do not duplicate each other
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
@@ -192,7 +194,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
     for _ in range(options.max_length):
-        logits, (h, c) = decoder.step(tokens, (h, c))
+        logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1).view(batch, k, -1)  # (B, k, V)
         vocab = logp.size(-1)
         candidates = scores.unsqueeze(-1) + logp  # (B, k, V)
@@ -211,7 +213,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand_as(sequences)), word.unsqueeze(-1)], -1)
         finished = was_finished | (word == ids.end)
         rows = (beam + offsets).view(-1)  # (B*k,) which state each new beam continues
-        h, c = h[:, rows], c[:, rows]
+        state = tuple(s[:, rows] for s in state)
         tokens = word.view(-1)
         if finished.all():
             break

@@ -116,7 +116,7 @@ def build_embedding(vocab: Vocabulary, vectors: KeyedVectors, token_counts: Coun
         source: where the vectors came from (stored in the checkpoint).
 
     Returns:
-        The matrix (``<pad>`` is zero) and its info.
+        The matrix (``<pad>`` is zero; centred and scaled to unit variance) and its info.
     """
     dim = vectors.vector_size
     scale = float(np.std(vectors.vectors[: min(len(vectors), 100_000)]))
@@ -132,6 +132,14 @@ def build_embedding(vocab: Vocabulary, vectors: KeyedVectors, token_counts: Coun
         matrix[i] = vector if vector is not None else _fallback_vector(word, dim, scale)
         if word not in SPECIALS:
             total_tokens += token_counts.get(word, 0)
+    # Centre, then one global rescale to unit variance. word2vec on a small corpus leaves vectors
+    # near their tiny initial values, sharing one large common direction; a frozen embedding would
+    # feed the LSTM near-identical inputs. Removing the mean vector (as in "all-but-the-top",
+    # Mu & Viswanath 2018) and a global factor keep every difference between words.
+    rows = np.arange(len(vocab)) != vocab.pad
+    matrix[rows] -= matrix[rows].mean(axis=0)
+    scale = float(matrix[rows].std()) or 1.0
+    matrix[rows] /= scale
     words = len(vocab) - len(SPECIALS)
     info = {
         **source,
@@ -139,6 +147,8 @@ def build_embedding(vocab: Vocabulary, vectors: KeyedVectors, token_counts: Coun
         "coverage_words": found_words / max(words, 1),
         "coverage_tokens": found_tokens / max(total_tokens, 1),
         "missing_words": words - found_words,
+        "centred": True,
+        "rescaled_by": 1.0 / scale,
     }
     return WordEmbedding(torch.from_numpy(matrix), info)
 

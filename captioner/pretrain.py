@@ -5,6 +5,10 @@ world, so the CNN first learns a supervised task the scenes provide for free: fo
 the scene grid, which shape, colour and size sits there (or that it is empty). Then it is frozen
 and used exactly as an ImageNet CNN would be.
 
+Like ImageNet beside COCO, the pretraining images are not the captioning data: every epoch draws
+fresh scenes of the same world (held-out combinations excluded), so the CNN never sees an image
+twice and cannot overfit; the data set's validation images measure it.
+
 The CNN's last feature map is average-pooled to the scene grid and one small classifier, shared
 by all cells, reads each cell: every cell of every image trains the same weights, which learns
 far faster on a CPU than a separate head per cell.
@@ -12,6 +16,7 @@ far faster on a CPU than a separate head per cell.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +26,7 @@ from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
 from captioner.data.images import decode_image
-from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets
+from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets, parse_holdout, render_scene, sample_scene
 from captioner.models.encoder import Encoder, image_to_tensor
 
 # Each attribute is a classification over its values plus "empty cell".
@@ -74,12 +79,23 @@ def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Te
     return images, labels
 
 
+def _fresh_scenes(encoder: Encoder, world: dict, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` newly drawn and rendered scenes of ``world`` (the data set's generation settings)."""
+    holdout = parse_holdout(world.get("holdout", []))
+    scenes = [sample_scene(rng, holdout=holdout) for _ in range(count)]
+    images = [render_scene(scene, world["image_size"], rng) for scene in scenes]
+    return torch.stack([image_to_tensor(im, encoder.config) for im in images]), torch.stack(
+        [cell_labels(scene) for scene in scenes]
+    )
+
+
 def pretrain_encoder(
     encoder: Encoder,
-    train: Sequence[ImageRecord],
+    world: dict,
     val: Sequence[ImageRecord],
     *,
     epochs: int,
+    images_per_epoch: int,
     device: torch.device,
     seed: int,
     batch_size: int = 64,
@@ -90,11 +106,12 @@ def pretrain_encoder(
 
     Args:
         encoder: a randomly initialised encoder; its weights are trained.
-        train: training records with scenes.
+        world: the shapes world's settings (the data set's ``shapes_world``: image size, held-out pairs).
         val: validation records with scenes, for the reported accuracy.
-        epochs: passes over ``train``.
+        epochs: number of epochs.
+        images_per_epoch: fresh scenes drawn for each epoch.
         device: where to train.
-        seed: random seed (initialisation of the head and order of batches).
+        seed: random seed of the drawn scenes.
         batch_size: images per step.
         lr: peak AdamW learning rate of the one-cycle schedule.
         progress: show a progress bar.
@@ -103,8 +120,7 @@ def pretrain_encoder(
         ``{"epochs", "val_cell_accuracy", "val_<attribute>_accuracy"...}``: a cell counts as right
         when its shape, colour and size (or emptiness) are all predicted right.
     """
-    generator = torch.Generator().manual_seed(seed)
-    train_x, train_y = _tensors(encoder, train)
+    rng = random.Random(seed)
     val_x, val_y = _tensors(encoder, val)
     for module in encoder.modules():
         # torchvision's MobileNetV3 keeps batch-norm statistics with momentum 0.01, tuned for
@@ -114,13 +130,14 @@ def pretrain_encoder(
     encoder.requires_grad_(True)
     model = CellClassifier(encoder).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(train_x) + batch_size - 1) // batch_size)
+    steps = epochs * ((images_per_epoch + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     bar = tqdm(total=steps, desc="pretraining CNN", unit="step", disable=not progress)
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(len(train_x), generator=generator).split(batch_size):
-            loss = model.loss(model(train_x[idx].to(device)), train_y[idx].to(device))
+        train_x, train_y = _fresh_scenes(encoder, world, images_per_epoch, rng)
+        for x, y in zip(train_x.split(batch_size), train_y.split(batch_size)):
+            loss = model.loss(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

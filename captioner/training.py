@@ -11,6 +11,7 @@ with its optimizer, and ``metrics.jsonl`` one line per epoch.
 from __future__ import annotations
 
 import json
+import sys
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +32,7 @@ from captioner.features import cached_features, default_cache_dir
 from captioner.metrics import caption_metrics
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights
+from captioner.models.encoder import BACKBONES, Encoder, EncoderConfig, load_encoder_weights
 from captioner.pretrain import pretrain_encoder
 
 
@@ -53,14 +54,14 @@ class TrainConfig:
     pretrain_epochs: int = 6
     word2vec: str | None = None
     embed_dim: int | None = None
-    hidden_size: int = 512
+    hidden_size: int = 256
     num_layers: int = 1
     dropout: float = 0.3
     min_count: int = 5
     max_caption_length: int = 30
-    epochs: int = 15
+    epochs: int = 12
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     clip_norm: float = 5.0
     seed: int = 0
@@ -70,6 +71,13 @@ class TrainConfig:
     val_images: int = 1000  # validation images captioned each epoch for BLEU-4/CIDEr
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        # Refuse bad options before any work is done.
+        if self.encoder is not None and self.encoder not in BACKBONES:
+            raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
+            raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -129,6 +137,22 @@ def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor
     return loss, int((targets != pad).sum())
 
 
+def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random batches of captions of similar length, so little compute goes to padding.
+
+    Captions are shuffled, sorted by length within pools of 50 batches, cut into batches, and
+    the batches shuffled again: random enough for SGD, and one-object and three-object
+    captions of the shapes world (5 vs 25 words) rarely share a batch.
+    """
+    lengths = (ids != pad).sum(1)
+    order = torch.randperm(len(ids), generator=generator)
+    batches = []
+    for pool in order.split(batch_size * 50):
+        pool = pool[lengths[pool].argsort(stable=True)]
+        batches += list(pool.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
 def train_one_epoch(decoder, features, captions, optimizer, *, pad, batch_size, clip_norm, device, generator, progress):
     """One pass over ``captions`` in a seeded random order.
 
@@ -138,8 +162,7 @@ def train_one_epoch(decoder, features, captions, optimizer, *, pad, batch_size, 
     """
     decoder.train()
     total_loss, total_words, norms = 0.0, 0, []
-    order = torch.randperm(len(captions.ids), generator=generator).split(batch_size)
-    for batch in tqdm(order, desc="training", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(_length_buckets(captions.ids, pad, batch_size, generator), desc="training", unit="batch", disable=not progress, leave=False):
         ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
         loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
@@ -177,7 +200,7 @@ def evaluate_loss(decoder, features, captions, *, pad, batch_size, device) -> di
 def generated_metrics(model: Captioner, features, records, *, batch_size) -> dict:
     """BLEU-4 and CIDEr of greedy captions (not teacher-forced) against the references."""
     model.eval()
-    options = DecodeOptions(mode="greedy", max_length=30)
+    options = DecodeOptions()
     candidates, references = {}, {}
     for start in range(0, len(records), batch_size):
         hyps = model.generate(features[start : start + batch_size], options)
@@ -193,6 +216,7 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
     shapes = dataset.meta.get("shapes_world")
     # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the scene grid.
     name, image_size, grid = ("mobilenet_v3_small", 96, GRID) if shapes else ("resnet50", 224, 1)
+    torch.manual_seed(config.seed)  # a randomly initialised encoder (weights none) is repeatable too
     encoder = Encoder(
         EncoderConfig(
             name=config.encoder or name,
@@ -206,21 +230,20 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
     if weights != "auxiliary":
         encoder.info = {"weights": load_encoder_weights(encoder, weights)}
         return encoder.freeze()
-    if not all(r.scene for r in dataset.records):
-        raise CaptionerError("--encoder-weights auxiliary needs the shapes world's scenes in the data set")
+    if not shapes or not all(r.scene for r in dataset.records):
+        raise CaptionerError("--encoder-weights auxiliary needs a shapes-world data set (made by captioner synth)")
     saved = out / "encoder-pretrained.pt"
     if saved.exists():  # resumed run: the CNN was pretrained already
         state = torch.load(saved, map_location="cpu", weights_only=True)
         encoder.backbone.load_state_dict(state["state_dict"])
         encoder.info = state["info"]
         return encoder.freeze()
-    torch.manual_seed(config.seed)
-    encoder = Encoder(encoder.config)  # seeded initialisation
     result = pretrain_encoder(
         encoder,
-        dataset.split("train"),
+        shapes,
         dataset.split("val"),
         epochs=config.pretrain_epochs,
+        images_per_epoch=len(dataset.split("train")),
         device=device,
         seed=config.seed,
         progress=config.progress,
@@ -231,7 +254,7 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
 
 
 def _log(message: str) -> None:
-    tqdm.write(message)
+    tqdm.write(message, file=sys.stderr)
 
 
 def train(config: TrainConfig) -> dict:
@@ -276,6 +299,7 @@ def train(config: TrainConfig) -> dict:
             feature_dim=encoder.feature_dim,
             vocab_size=len(vocab),
             embed_dim=embedding.matrix.size(1),
+            cells=encoder.config.pool_grid**2,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             dropout=config.dropout,
@@ -303,6 +327,8 @@ def train(config: TrainConfig) -> dict:
         best = resumed["training"]["best"]
         history = resumed["training"]["history"]
         torch.set_rng_state(resumed["training"]["rng"])  # dropout masks continue as if never stopped
+    else:
+        torch.manual_seed(config.seed)  # dropout does not depend on what the feature cache held
     # Rewrite the log from the saved history: lines of an epoch that was not saved are dropped.
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 

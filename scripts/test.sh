@@ -3,4 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "serve,dev"
+# Headless Chromium for tests/test_browser.py; docker-compose to validate docker-compose.yml.
+if ! command -v chromedriver >/dev/null || ! command -v docker-compose >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null
+fi
+# One torch thread per process: the suite runs servers and workers side by side on few cores,
+# where competing thread pools slow small matrix products down by orders of magnitude.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/python -m pytest "$@"

@@ -12,10 +12,11 @@ TINY = dict(
     encoder="resnet18",
     encoder_weights="none",  # a random-weight torchvision backbone: nothing to download
     image_size=32,
+    pool_grid=1,
     hidden_size=48,
     min_count=1,
-    batch_size=32,
-    lr=5e-3,
+    batch_size=16,
+    lr=1e-2,
     progress=False,
 )
 

@@ -6,7 +6,7 @@ import torch
 from gensim.models import KeyedVectors
 
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.embeddings import build_embedding, load_vectors, train_word2vec, word_embedding
+from captioner.embeddings import _fallback_vector, build_embedding, load_vectors, train_word2vec, word_embedding
 from captioner.errors import CaptionerError
 
 CAPTIONS = ["a red circle left of a blue square", "a big green star", "there is a small red circle"] * 5
@@ -31,9 +31,15 @@ def test_pretrained_file_in_word2vec_format_gives_its_vectors(tmp_path, vocab, b
     sentences = [tokenize(c) for c in CAPTIONS]
     emb = word_embedding(vocab, sentences, vectors_path=tmp_path / name, dim=None, seed=0)
     assert emb.matrix.shape == (len(vocab), 8)
-    assert torch.allclose(emb.matrix[vocab.index["red"]], torch.from_numpy(kv["red"]), atol=1e-5)
+    # Centred, then one global factor to unit variance: differences between words are kept exactly.
+    factor = emb.info["rescaled_by"]
+    rows = emb.matrix[1:]
+    assert rows.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3) and rows.mean(0).abs().max() < 1e-5
+    red, square = emb.matrix[vocab.index["red"]], emb.matrix[vocab.index["square"]]
+    assert torch.allclose(red - square, torch.tensor(kv["red"] - kv["square"]) * factor, atol=1e-5)
     # Lower-case tokens find capitalised entries, as in GoogleNews.
-    assert torch.allclose(emb.matrix[vocab.index["circle"]], torch.from_numpy(kv["Circle"]), atol=1e-5)
+    circle = emb.matrix[vocab.index["circle"]]
+    assert torch.allclose(red - circle, torch.tensor(kv["red"] - kv["Circle"]) * factor, atol=1e-5)
     assert emb.matrix[vocab.pad].abs().sum() == 0
     words = len(vocab) - 4
     assert emb.info["coverage_words"] == pytest.approx(4 / words)
@@ -44,13 +50,15 @@ def test_pretrained_file_in_word2vec_format_gives_its_vectors(tmp_path, vocab, b
 
 
 def test_missing_words_get_deterministic_vectors(vocab):
+    # Same word, same vector, in any run and whatever else is in the vocabulary.
+    assert np.array_equal(_fallback_vector("blue", 8, 0.5), _fallback_vector("blue", 8, 0.5))
+    assert not np.array_equal(_fallback_vector("blue", 8, 0.5), _fallback_vector("green", 8, 0.5))
     kv = _vectors(["red"])
     a = build_embedding(vocab, kv, Counter(), {"source": "test"})
-    b = build_embedding(vocab, _vectors(["red", "xyz"], seed=1), Counter(), {"source": "test"})
-    blue = vocab.index["blue"]
-    assert torch.equal(a.matrix[blue], b.matrix[blue])  # same word, same vector, whatever else is there
-    assert not torch.equal(a.matrix[blue], a.matrix[vocab.index["green"]])
-    assert a.matrix[blue].abs().sum() > 0
+    assert torch.equal(a.matrix, build_embedding(vocab, kv, Counter(), {"source": "test"}).matrix)
+    blue, green = a.matrix[vocab.index["blue"]], a.matrix[vocab.index["green"]]
+    assert not torch.equal(blue, green) and blue.abs().sum() > 0
+    assert a.info["missing_words"] == len(vocab) - 4 - 1
 
 
 def test_word2vec_trained_on_captions_is_repeatable(vocab):

@@ -69,7 +69,7 @@ def test_feature_cache_computes_each_image_once(tmp_path, shapes):
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=32)).freeze()
     paths = [r.path for r in shapes.records[:6]]
     calls = []
-    encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    encoder.pool.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     device = torch.device("cpu")
     first = cached_features(encoder, paths, cache_dir=tmp_path, device=device, batch_size=4)
     assert sum(calls) == 6

@@ -36,7 +36,7 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
     args = dict(pad=model.vocab.pad, batch_size=64, device=torch.device("cpu"))
     trained_ppl = evaluate_loss(model.decoder, features, captions, **args)["perplexity"]
     untrained_ppl = evaluate_loss(untrained, features, captions, **args)["perplexity"]
-    assert trained_ppl < 0.5 * untrained_ppl
+    assert trained_ppl < 0.8 * untrained_ppl
 
 
 def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):

@@ -66,6 +66,7 @@ _MIN_IMAGE_SIZE = 32  # below this a small shape is only a few pixels across
 _MAX_OBJECTS = 3
 _MAX_CAPTIONS = 8  # a one-object scene has only 3 captions without size and 6 with it
 _WITHOUT_SIZE_SHARE = 0.2  # share of references that leave sizes out
+_INVERSE_SHARE = 0.2  # share of relations stated the other way round (B right of A)
 _DATASET_VERSION = 1
 
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
@@ -356,31 +357,36 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
 
 
 def _random_caption(scene: Scene, rng: random.Random, with_size: bool) -> str:
-    objects = scene.objects
+    # Objects are described in reading order (top to bottom, left to right), as people
+    # describe a picture; only the minority "inverse" paraphrase of each relation (B right
+    # of A for A left of B) departs from it. A consistent order lets a decoder learn which
+    # object comes first instead of blending the attributes of several objects.
+    objects = sorted(scene.objects, key=lambda o: (o.row, o.col))
     if len(objects) == 1:
         np1 = _indefinite(objects[0], rng, with_size)
         return rng.choice((np1, f"there is {np1}", f"{np1} in the picture"))
     if len(objects) == 2:
         return _relation_clause(objects[0], objects[1], rng, with_size)
-    first, second, third = rng.sample(objects, 3)
+    first, second, third = objects
+    anchor = min((second, first), key=lambda o: abs(o.row - third.row) + abs(o.col - third.col))
     clause1 = _relation_clause(first, second, rng, with_size)
-    clause2 = _relation_clause(third, rng.choice((first, second)), rng, with_size, known_b=True)
+    clause2 = _relation_clause(anchor, third, rng, with_size, known_a=True)
     return f"{clause1} and {clause2}"
 
 
 def _relation_clause(
-    a: ShapeObject, b: ShapeObject, rng: random.Random, with_size: bool, known_b: bool = False
+    a: ShapeObject, b: ShapeObject, rng: random.Random, with_size: bool, known_a: bool = False
 ) -> str:
-    """A clause relating ``a`` to ``b``; ``known_b``: ``b`` was mentioned, so it is "the ..."."""
+    """A clause relating ``a`` to ``b``; ``known_a``: ``a`` was mentioned, so it is "the ..."."""
     # The dominant axis gives the most salient relation; ties go to left/right.
     if abs(a.col - b.col) >= abs(a.row - b.row):
         relation = "left of" if a.col < b.col else "right of"
     else:
         relation = "above" if a.row < b.row else "below"
-    np_a = _indefinite(a, rng, with_size)
-    np_b = f"the {b.colour} {b.shape}" if known_b else _indefinite(b, rng, with_size)
+    np_a = f"the {a.colour} {a.shape}" if known_a else _indefinite(a, rng, with_size)
+    np_b = _indefinite(b, rng, with_size)
     subject, obj = np_a, np_b
-    if rng.random() < 0.5:
+    if rng.random() < _INVERSE_SHARE:
         subject, obj, relation = np_b, np_a, _INVERSE[relation]
     phrase = rng.choice(_RELATION_PHRASES[relation])
     forms = [f"{subject} {phrase} {obj}", f"{subject} is {phrase} {obj}"]
@@ -602,7 +608,7 @@ def write_shapes_dataset(
     *,
     num_images: int = 4000,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int = 96,
     holdout: Sequence[str] = (),
     captions_per_image: int = 5,
     progress: bool = False,

@@ -1,4 +1,15 @@
-"""The LSTM decoder: image feature -> initial state, then one word at a time (Show and Tell, Karpathy)."""
+"""The LSTM decoder: image features -> initial state, then one word at a time, attending to the image.
+
+The image sets the LSTMs' initial states (Show and Tell; Karpathy & Fei-Fei) and, at every step,
+soft attention over the cells of the CNN's pooled feature map feeds the language LSTM what it
+needs for the next word (Show, Attend and Tell, Xu et al. 2015; two LSTMs as in Anderson et al.
+2018). Without attention a single initial state must carry every object of a scene through a long
+caption, and the decoder blends the attributes of different objects. With a globally pooled
+encoder there is one cell, and attention reduces to feeding the image feature at every step.
+
+The attention query comes from a word LSTM that reads the caption so far, so in training both
+LSTMs run over whole sequences in PyTorch's fused kernels instead of a Python loop over steps.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,7 @@ from torch import nn
 
 from captioner.errors import CaptionerError
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (L, B, H)
+State = tuple[torch.Tensor, ...]  # (word h, word c, language h, language c), each (layers, B, H)
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,7 @@ class DecoderConfig:
     feature_dim: int
     vocab_size: int
     embed_dim: int
+    cells: int = 1  # the encoder's feature is ``cells`` vectors of feature_dim // cells, channel-major
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.3
@@ -26,6 +38,8 @@ class DecoderConfig:
     def __post_init__(self):
         if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
             raise CaptionerError("hidden size and layers must be positive and dropout in [0, 1)")
+        if self.cells < 1 or self.feature_dim % self.cells:
+            raise CaptionerError(f"a {self.feature_dim}-d feature cannot be split into {self.cells} cells")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,36 +61,55 @@ class LSTMDecoder(nn.Module):
                 f"embedding is {tuple(embedding.shape)}, expected ({config.vocab_size}, {config.embed_dim})"
             )
         self.config = config
+        hidden, cell_dim = config.hidden_size, config.feature_dim // config.cells
         # Frozen word2vec vectors: no gradient, so never in the optimizer either.
         self.embed = nn.Embedding.from_pretrained(embedding.float(), freeze=True, padding_idx=pad_id)
-        self.feature_norm = nn.LayerNorm(config.feature_dim)
-        state_size = config.num_layers * config.hidden_size
-        self.init_h = nn.Linear(config.feature_dim, state_size)
-        self.init_c = nn.Linear(config.feature_dim, state_size)
+        self.feature_norm = nn.LayerNorm(cell_dim)
+        self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
+        self.word_lstm = nn.LSTM(config.embed_dim, hidden, batch_first=True)
+        self.memory = nn.Linear(cell_dim, hidden)  # what attention reads from each cell
+        self.query = nn.Linear(hidden, hidden)
+        self.score = nn.Linear(hidden, 1)
         self.lstm = nn.LSTM(
-            config.embed_dim,
-            config.hidden_size,
+            2 * hidden,
+            hidden,
             num_layers=config.num_layers,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             batch_first=True,
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.out = nn.Linear(config.hidden_size, config.vocab_size)
+        self.out = nn.Linear(hidden, config.vocab_size)
 
-    def init_state(self, features: torch.Tensor) -> State:
-        """(B, F) image features -> initial (h, c), each (L, B, H)."""
-        x = self.dropout(self.feature_norm(features))
-        layers, hidden = self.config.num_layers, self.config.hidden_size
-        h = torch.tanh(self.init_h(x)).view(-1, layers, hidden).transpose(0, 1).contiguous()  # (L, B, H)
-        c = torch.tanh(self.init_c(x)).view(-1, layers, hidden).transpose(0, 1).contiguous()  # (L, B, H)
-        return h, c
+    def start(self, features: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """(B, F) image features -> attention memory (B, N, H) and the initial state."""
+        batch, cells = features.size(0), self.config.cells
+        x = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
+        x = self.dropout(self.feature_norm(x))
+        layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
+        init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
+        h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
+        return self.memory(x), (h[:1], c[:1], h[1:], c[1:])
+
+    def attend(self, memory: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Soft attention: memory (B, N, H) and queries (B, T, H) -> contexts (B, T, H)."""
+        keys = memory.unsqueeze(1) + self.query(queries).unsqueeze(2)  # (B, T, N, H)
+        weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, T, N)
+        return weights @ memory  # (B, T, H)
+
+    def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them."""
+        word_h, word_c, h, c = state
+        queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
+        x = torch.cat([queries, self.attend(memory, queries)], dim=-1)  # (B, T, 2H)
+        output, (h, c) = self.lstm(x, (h, c))  # (B, T, H)
+        return self.out(self.dropout(output)), (word_h, word_c, h, c)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (B, F) features and (B, T) input ids -> (B, T, V) next-word logits."""
-        output, _ = self.lstm(self.embed(tokens), self.init_state(features))  # (B, T, H)
-        return self.out(self.dropout(output))  # (B, T, V)
+        memory, state = self.start(features)
+        return self.run(tokens, state, memory)[0]
 
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One step of generation: (B,) last ids -> (B, V) next-word logits and the new state."""
-        output, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
-        return self.out(output.squeeze(1)), state  # (B, V)
+    def step(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """One word: (B,) last ids -> (B, V) next-word logits and the new state."""
+        logits, state = self.run(tokens.unsqueeze(1), state, memory)
+        return logits.squeeze(1), state

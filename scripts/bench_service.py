@@ -1,0 +1,273 @@
+"""Benchmark of the HTTP service against offline batch captioning of the same images.
+
+Starts the service under gunicorn (service/gunicorn.conf.py) on a free loopback port, drives it
+with N concurrent clients for a bounded time, with micro-batching on and then off
+(MAX_BATCH_SIZE=1), and reports throughput, p50/p99 latency and the mean batch size (from
+/metrics). The baseline is offline captioning of the same images with captioner.batch.caption_paths
+in batches of N, in the same run on the same machine.
+
+    .venv/bin/python scripts/bench_service.py --clients 16 --duration 15
+    .venv/bin/python scripts/bench_service.py --model runs/shapes/model.pt
+
+Without --model, a small model is trained first (in a temporary folder, in seconds to a minute):
+``--encoder resnet50 --image-size 224`` (the default) makes the model's cost per image like a
+real deployment's; ``--encoder resnet18 --image-size 32`` is the tiny test model.
+All traffic goes to 127.0.0.1; every loop stops after --duration seconds or --max-requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+IMAGE_HEADERS = {"Content-Type": "image/png"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model.pt to serve (default: train a small one first)")
+    parser.add_argument("--encoder", default="resnet50", help="encoder of the model trained without --model")
+    parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients, and the offline batch size")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per configuration")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="most requests per configuration")
+    parser.add_argument("--images", type=int, default=32, help="distinct images the clients cycle through")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the batcher's MAX_WAIT_MS")
+    parser.add_argument("--mode", default="greedy", help="decoding mode of every request")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads, offline and in the service alike (1 suits a machine shared with other work)",
+    )
+    parser.add_argument("--output", help="also write the figures here as JSON")
+    return parser.parse_args(argv)
+
+
+def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
+    """A shapes-world model trained for two epochs: good enough to time, not to read."""
+    from captioner.data.synth import write_shapes_dataset
+    from captioner.training import TrainConfig, train
+
+    data = write_shapes_dataset(folder / "shapes", num_images=64, seed=1, image_size=64)
+    config = TrainConfig(
+        data=str(data),
+        out=str(folder / "run"),
+        encoder=encoder,
+        encoder_weights="none",
+        image_size=image_size,
+        hidden_size=256,
+        min_count=1,
+        epochs=2,
+        batch_size=32,
+        feature_cache=str(folder / "features"),
+        val_images=8,
+        progress=False,
+    )
+    train(config)
+    return folder / "run" / "model.pt"
+
+
+def bench_images(folder: Path, count: int) -> list[Path]:
+    from captioner.data.synth import write_shapes_dataset
+
+    write_shapes_dataset(folder / "bench-images", num_images=count, seed=2, image_size=96)
+    return sorted((folder / "bench-images" / "images").glob("*.png"))[:count]
+
+
+def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Namespace) -> dict:
+    """Images per second of caption_paths over ``paths``, repeated for about ``duration`` seconds."""
+    import torch
+
+    from captioner.batch import caption_paths
+    from captioner.decoding import DecodeOptions
+    from captioner.models.captioner import Captioner
+
+    torch.set_num_threads(args.torch_threads)
+    model = Captioner.load(model_path)
+    options, batch_size = DecodeOptions(mode=args.mode), args.clients
+    list(caption_paths(model, paths[:batch_size], options, batch_size=batch_size))  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < args.duration:
+        done += sum(1 for _ in caption_paths(model, paths, options, batch_size=batch_size))
+    return {"images_per_s": done / (time.perf_counter() - started), "images": done}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=IMAGE_HEADERS if body is not None else {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def batch_totals(port: int) -> tuple[float, float]:
+    """(images, model calls) so far, from the batch-size histogram in /metrics."""
+    text = http_request(port, "GET", "/metrics")[1].decode()
+
+    def value(name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+    return value("captioner_batch_size_sum"), value("captioner_batch_size_count")
+
+
+class Gunicorn:
+    """The service under gunicorn with our config, on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, model_path: Path, log_path: Path, **settings):
+        self.port = free_port()
+        env = {**os.environ, "CAPTIONER_BIND": f"127.0.0.1:{self.port}", "CAPTIONER_MODEL_PATH": str(model_path)}
+        env |= {f"CAPTIONER_{key.upper()}": str(value) for key, value in settings.items()}
+        self.log = open(log_path, "wb")
+        command = [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py"]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self.log_tail()}")
+            try:
+                if http_request(self.port, "GET", "/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gunicorn did not become ready:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def drive(port: int, images: list[bytes], clients: int, duration: float, max_requests: int, mode: str) -> dict:
+    """N client threads posting images back to back until the time or request budget is spent."""
+    latencies: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+    budget = iter(range(max_requests))
+    deadline = time.perf_counter() + duration
+
+    def client(offset: int):
+        # One kept-alive connection per client, as an HTTP client library's pool would do.
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        i = offset
+        try:
+            while time.perf_counter() < deadline:
+                with lock:
+                    if next(budget, None) is None:
+                        return
+                started = time.perf_counter()
+                connection.request("POST", f"/v1/captions?mode={mode}", images[i % len(images)], IMAGE_HEADERS)
+                response = connection.getresponse()
+                response.read()
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if response.status == 200:
+                        latencies.append(elapsed)
+                    else:
+                        failures.append(response.status)
+                i += 1
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def percentile(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "failures": len(failures),
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+    }
+
+
+def bench_service(model_path, images, args, folder: Path, batching: bool) -> dict:
+    settings = {
+        "max_batch_size": args.clients if batching else 1,
+        "max_wait_ms": args.max_wait_ms,
+        "torch_threads": args.torch_threads,
+    }
+    server = Gunicorn(model_path, folder / f"gunicorn-{'on' if batching else 'off'}.log", **settings)
+    try:
+        server.wait_ready()
+        drive(server.port, images, args.clients, 2.0, 4 * args.clients, args.mode)  # warm-up
+        images_before, calls_before = batch_totals(server.port)
+        figures = drive(server.port, images, args.clients, args.duration, args.max_requests, args.mode)
+        images_after, calls_after = batch_totals(server.port)
+        figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
+        return figures
+    finally:
+        server.stop()
+
+
+def main(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        folder = Path(tmp)
+        model_path = Path(args.model) if args.model else train_small_model(folder, args.encoder, args.image_size)
+        paths = bench_images(folder, args.images)
+        images = [p.read_bytes() for p in paths]
+        print(
+            f"model {model_path.name}; {len(images)} images; {args.clients} clients; {args.duration:g} s each",
+            flush=True,
+        )
+        report = {"offline": offline_throughput(model_path, paths, args)}
+        report["batching_on"] = bench_service(model_path, images, args, folder, batching=True)
+        report["batching_off"] = bench_service(model_path, images, args, folder, batching=False)
+    offline = report["offline"]["images_per_s"]
+    print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}")
+    print(f"{'offline':14}{offline:9.1f}{1:12.2f}")
+    for name in ("batching_on", "batching_off"):
+        r = report[name]
+        r["vs_offline"] = r["requests_per_s"] / offline
+        print(
+            f"{name:14}{r['requests_per_s']:9.1f}{r['vs_offline']:12.2f}{r['p50_ms']:9.1f}"
+            f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

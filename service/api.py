@@ -1,0 +1,108 @@
+"""The HTTP API: captions, model card, health, readiness, metrics, and the web page."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from captioner.data.images import ImageError, decode_image
+from captioner.models.encoder import image_to_tensor
+from service.batcher import MicroBatcher, NotReady, QueueFull
+from service.errors import ServiceError, error_response
+from service.intake import read_image_bytes, read_options
+from service.model import model_card
+
+api = Blueprint("api", __name__)
+
+
+def _batcher() -> MicroBatcher:
+    return current_app.extensions["captioner"].batcher
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _not_ready() -> ServiceError:
+    batcher = _batcher()
+    if batcher.load_error is not None:
+        return ServiceError(503, "not_ready", "the model failed to load; the server log has the details")
+    return ServiceError(503, "not_ready", "the model is not loaded yet; try again shortly")
+
+
+@api.post("/v1/captions")
+def captions():
+    """Caption one uploaded image with the requested decoding options."""
+    started = time.perf_counter()
+    batcher = _batcher()
+    if not batcher.ready:
+        raise _not_ready()
+    options = read_options(request)
+    data = read_image_bytes(request)
+    try:
+        decoded = decode_image(data, max_pixels=current_app.config["MAX_PIXELS"])
+    except ImageError as exc:
+        raise ServiceError(exc.status, exc.code, str(exc)) from None
+    # Preparing the tensor here keeps the batcher's thread for the model alone.
+    pixels = image_to_tensor(decoded.image, batcher.model.encoder.config)  # (3, S, S)
+    read_ms = _ms(time.perf_counter() - started)
+    try:
+        future = batcher.submit(pixels, options)
+    except QueueFull as exc:
+        raise ServiceError(429, "queue_full", f"the server is busy ({exc}); retry shortly") from None
+    except NotReady:
+        raise _not_ready() from None
+    try:
+        result = future.result(timeout=current_app.config["REQUEST_TIMEOUT_S"])
+    except FutureTimeout:
+        future.cancel()
+        raise ServiceError(503, "timeout", "the model did not answer in time; retry shortly") from None
+    except NotReady:
+        raise ServiceError(503, "not_ready", "the service is shutting down; retry shortly") from None
+    model = batcher.model
+    return jsonify(
+        {
+            "request_id": g.request_id,
+            "model": {"name": model.info["name"], "version": model.info["version"]},
+            "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
+            "captions": result.captions,
+            "timing_ms": {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)},
+        }
+    )
+
+
+@api.get("/v1/model")
+def model():
+    batcher = _batcher()
+    if not batcher.ready:
+        raise _not_ready()
+    return jsonify(model_card(batcher.model))
+
+
+@api.get("/healthz")
+def healthz():
+    """Alive: the process answers, whether or not the model is loaded."""
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    """Ready: 200 once the model is loaded, 503 before (and after a failed load)."""
+    if not _batcher().ready:
+        error = _not_ready()
+        return error_response(error.status, error.code, error.message)
+    return jsonify({"status": "ready"})
+
+
+@api.get("/metrics")
+def metrics():
+    exposition = current_app.extensions["captioner"].metrics.exposition()
+    return Response(exposition, content_type=CONTENT_TYPE_LATEST)
+
+
+@api.get("/")
+def index():
+    return current_app.send_static_file("index.html")

@@ -1,0 +1,145 @@
+"""The Flask app factory, and ``serve`` for the ``captioner serve`` development command."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+
+from flask import Flask, g, request
+
+from captioner.data.images import DEFAULT_MAX_PIXELS
+from captioner.errors import CaptionerError
+from service.api import api
+from service.batcher import MicroBatcher
+from service.errors import register_error_handlers
+from service.logs import service_logger
+from service.metrics import ServiceMetrics
+from service.model import load_model
+
+# Every key can be set from the environment as CAPTIONER_<KEY>, e.g. CAPTIONER_MAX_WAIT_MS=10.
+DEFAULTS = {
+    "MODEL_PATH": None,  # the model.pt to serve
+    "MODEL_NAME": None,  # shown to clients; default from the encoder's name
+    "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
+    "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
+    "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
+    "MAX_BATCH_SIZE": 16,  # images per model call
+    "MAX_WAIT_MS": 5,  # how long a request may wait for others to join its batch
+    "MAX_QUEUE": 256,  # requests waiting for the model; 429 beyond
+    "REQUEST_TIMEOUT_S": 60,  # a request waiting longer for the model gets 503
+    "LOG_LEVEL": "INFO",
+}
+_POSITIVE = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_BATCH_SIZE", "MAX_QUEUE", "REQUEST_TIMEOUT_S")
+# Quiet endpoints are polled by orchestrators and scrapers; logging each poll would drown the rest.
+_QUIET_ENDPOINTS = ("/healthz", "/readyz", "/metrics")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass
+class Runtime:
+    """What an app's requests share, kept in ``app.extensions["captioner"]``."""
+
+    batcher: MicroBatcher
+    metrics: ServiceMetrics
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the captioning service; the model loads in a background thread.
+
+    Configuration is layered: ``DEFAULTS``, then ``CAPTIONER_*`` environment variables (values
+    are read as JSON where they parse, so numbers are numbers), then ``config``.
+    The model is loaded after this returns, so under gunicorn it happens in each worker after
+    the fork; ``/readyz`` answers 503 until it is loaded.
+
+    Args:
+        config: overrides, e.g. ``{"MODEL_PATH": "run/model.pt", "MAX_BATCH_SIZE": 8}``.
+
+    Returns:
+        The Flask app, its batcher already started.
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("CAPTIONER")
+    app.config.from_mapping(config or {})
+    _check_config(app.config)
+    app.json.sort_keys = False  # keep the documented key order in responses
+
+    metrics = ServiceMetrics()
+    batcher = MicroBatcher(
+        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"]),
+        max_batch_size=app.config["MAX_BATCH_SIZE"],
+        max_wait_ms=app.config["MAX_WAIT_MS"],
+        max_queue=app.config["MAX_QUEUE"],
+        on_batch=metrics.batch_size.observe,
+    )
+    metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
+    app.extensions["captioner"] = Runtime(batcher, metrics)
+
+    register_error_handlers(app)
+    app.register_blueprint(api)
+    _add_request_hooks(app, metrics, service_logger(app.config["LOG_LEVEL"]))
+    batcher.start()
+    return app
+
+
+def _check_config(config) -> None:
+    for key in _POSITIVE:
+        if not isinstance(config[key], (int, float)) or config[key] <= 0:
+            raise CaptionerError(f"service setting {key} must be a positive number, not {config[key]!r}")
+    if not isinstance(config["MAX_WAIT_MS"], (int, float)) or config["MAX_WAIT_MS"] < 0:
+        raise CaptionerError(f"service setting MAX_WAIT_MS must be 0 or more, not {config['MAX_WAIT_MS']!r}")
+
+
+def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logger) -> None:
+    """Request ids, per-request metrics and one JSON log line per request."""
+
+    @app.before_request
+    def start_request():
+        g.started = time.perf_counter()
+        given = request.headers.get("X-Request-ID", "")
+        # A client's id is kept when it is plain (it ends up in logs); otherwise a fresh one.
+        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def finish_request(response):
+        request_id = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # bounded label values
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.observe_request(endpoint, request.method, response.status_code, seconds)
+        level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
+        fields = {
+            "request_id": request_id,
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        logger.log(level, "request", extra={"fields": fields})
+        return response
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service on Flask's threaded development server (gunicorn is for production).
+
+    Waits for the model first, so a bad model file is reported at once.
+
+    Raises:
+        CaptionerError: the model cannot be loaded.
+    """
+    app = create_app({"MODEL_PATH": str(model_path)})
+    batcher = app.extensions["captioner"].batcher
+    try:
+        while not batcher.wait_ready(0.1):
+            if batcher.load_error is not None:
+                if isinstance(batcher.load_error, CaptionerError):
+                    raise batcher.load_error
+                raise CaptionerError(f"the model cannot be loaded ({type(batcher.load_error).__name__})")
+        # threaded: the batcher can only group requests that arrive at the same time.
+        app.run(host=host, port=port, threaded=True)
+    finally:
+        batcher.stop()

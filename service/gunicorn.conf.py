@@ -1,0 +1,55 @@
+"""gunicorn settings for the captioning service: ``gunicorn -c service/gunicorn.conf.py``.
+
+Suited to PyTorch: the model is loaded in each worker after the fork (never in the master, whose
+threads and torch state would not survive a fork), torch's thread pool is sized per worker so
+workers do not fight over cores, and gthread workers let one worker's micro-batcher see many
+requests at once. Environment: CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS
+(default 1: one batcher sees all traffic and /metrics covers it all), CAPTIONER_THREADS (request
+threads per worker, default 32), CAPTIONER_TORCH_THREADS (default: cores / workers), and the
+app's own CAPTIONER_* settings (service.app.DEFAULTS).
+"""
+
+import os
+
+wsgi_app = "service.wsgi:app"
+bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
+worker_class = "gthread"
+# Threads mostly wait on the batcher, so many of them cost little and feed bigger batches.
+threads = int(os.environ.get("CAPTIONER_THREADS", "32"))
+preload_app = False  # import the app, and so load the model, in each worker after the fork
+timeout = 120  # a worker silent this long is restarted; allows for loading a large model
+graceful_timeout = 30  # on SIGTERM, requests in flight get this long to finish
+keepalive = 5
+control_socket_disable = True  # no runtime control needed; instances would share its default path
+accesslog = None  # the app logs every request itself
+# gunicorn's own messages as JSON lines too, like the app's, so one parser reads the whole log.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "service.logs.JsonLineFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+    "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+}
+
+
+def post_fork(server, worker):
+    """Tune this worker for PyTorch before the app (and the model) load."""
+    import sys
+
+    import torch
+
+    # Threads created later take this count (torch reads it once per thread), so set it first.
+    default = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(int(os.environ.get("CAPTIONER_TORCH_THREADS", default)))
+    # The batcher thread releases the GIL around every torch op; with the default 5 ms switch
+    # interval, busy request threads would make it wait that long to get it back each time.
+    sys.setswitchinterval(0.0005)
+
+
+def worker_exit(server, worker):
+    """Let the batch in progress finish and fail waiting requests cleanly."""
+    runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("captioner")
+    if runtime is not None:
+        runtime.batcher.stop()

@@ -1,0 +1,525 @@
+"""Tests for the HTTP service: every endpoint and error code, with real (and really bad) files."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.decoding import DecodeOptions
+from captioner.errors import CaptionerError
+from captioner.models.captioner import Captioner
+from service import create_app, serve
+from service.batcher import decode_group
+from service.model import file_digest
+
+CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def noise(size=(40, 30), seed=0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png(seed=0, size=(40, 30)) -> bytes:
+    return encode(noise(size, seed), "PNG")
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A genuine black 1-bit PNG built by hand: a huge pixel count in about 100 KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row * 1000) for _ in range(height // 1000))
+    idat += compressor.compress(row * (height % 1000)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 40 wide x 20 high, with EXIF orientation 6: viewed 20 wide x 40 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(noise((40, 20)), "JPEG", quality=90, exif=exif)
+
+
+# --- fixtures and helpers -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_path(trained_run):
+    return trained_run / "model.pt"
+
+
+@pytest.fixture
+def make_app(model_path):
+    """Factory of apps on the tiny model; their batchers are stopped after the test."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app({"MODEL_PATH": str(model_path), "TESTING": True, **overrides})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["captioner"].batcher.stop()
+
+
+def ready(app):
+    """The app's batcher, once its model is loaded."""
+    batcher = app.extensions["captioner"].batcher
+    assert batcher.wait_ready(60), batcher.load_error
+    return batcher
+
+
+@pytest.fixture(scope="module")
+def app(trained_run):
+    app = create_app({"MODEL_PATH": str(trained_run / "model.pt"), "TESTING": True})
+    ready(app)
+    yield app
+    app.extensions["captioner"].batcher.stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def post_image(client, data: bytes, query: str = "", content_type="image/png", **kwargs):
+    return client.post(f"/v1/captions?{query}", data=data, content_type=content_type, **kwargs)
+
+
+def post_file(client, data: bytes, filename="image.png", field="image", **fields):
+    form = {field: (io.BytesIO(data), filename), **fields}
+    return client.post("/v1/captions", data=form, content_type="multipart/form-data")
+
+
+def error_of(response, status: int, code: str) -> str:
+    """Assert a JSON error with ``status`` and ``code``, safe to show; return its message."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    text = response.get_data(as_text=True)
+    assert "<html" not in text.lower() and "Traceback" not in text and "/tmp" not in text
+    return body["error"]["message"]
+
+
+def metric(app, name: str, labels: str = "") -> float:
+    """A sample's value from the app's /metrics (0 when absent)."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+# --- captions -----------------------------------------------------------------------------
+
+
+def test_multipart_upload_gives_captions_in_the_documented_shape(client, model_path):
+    response = post_file(client, png())
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert set(body) == CAPTION_KEYS
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert body["model"] == {"name": "captioner-resnet18-lstm", "version": file_digest(model_path)}
+    assert body["image"] == {"width": 40, "height": 30, "format": "PNG"}
+    [caption] = body["captions"]
+    assert set(caption) == {"text", "log_prob", "perplexity"}
+    assert caption["text"].strip() and caption["log_prob"] <= 0 and caption["perplexity"] >= 1
+    assert set(body["timing_ms"]) == {"read", "queue", "encode", "generate", "total"}
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["encode"] >= 0
+
+
+def test_raw_body_with_options_in_the_query(client):
+    response = post_image(client, png(1), "mode=beam&beam_size=4&num_captions=3&max_length=8", "image/png")
+    assert response.status_code == 200, response.get_json()
+    captions = response.get_json()["captions"]
+    assert len(captions) == 3
+    perplexities = [c["perplexity"] for c in captions]
+    assert perplexities == sorted(perplexities)  # beam search: best first
+    assert all(len(c["text"].split()) <= 8 for c in captions)
+
+
+def test_form_field_options_and_seeded_sampling_is_reproducible(client):
+    def sample(seed):
+        return post_file(client, png(2), mode="sample", num_captions="3", temperature="1.5", seed=str(seed))
+
+    first, again, other = sample(11), sample(11), sample(12)
+    assert first.status_code == 200, first.get_json()
+    assert len(first.get_json()["captions"]) == 3
+    assert first.get_json()["captions"] == again.get_json()["captions"]
+    assert first.get_json()["captions"] != other.get_json()["captions"]
+
+
+def test_request_id_is_taken_from_the_client_or_made(client):
+    response = client.post(
+        "/v1/captions",
+        data={"image": (io.BytesIO(png()), "a.png")},
+        headers={"X-Request-ID": "client-id.42"},
+    )
+    assert response.headers["X-Request-ID"] == "client-id.42" == response.get_json()["request_id"]
+    made = client.get("/healthz").headers["X-Request-ID"]
+    unsafe = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"}).headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made) and re.fullmatch(r"[0-9a-f]{32}", unsafe)
+    assert made != unsafe
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "size", "fmt"),
+    [
+        ("CMYK JPEG", lambda: encode(Image.new("CMYK", (16, 12), (0, 255, 255, 0)), "JPEG"), (16, 12), "JPEG"),
+        ("16-bit PNG", lambda: encode(Image.fromarray(np.full((9, 7), 40000, np.uint16)), "PNG"), (7, 9), "PNG"),
+        (
+            "animated GIF",
+            lambda: encode(noise(seed=1), "GIF", save_all=True, append_images=[noise(seed=2)], duration=50),
+            (40, 30),
+            "GIF",
+        ),
+        ("EXIF-rotated JPEG", exif_rotated_jpeg, (20, 40), "JPEG"),
+    ],
+)
+def test_odd_but_valid_images_are_captioned(client, name, make, size, fmt):
+    data = make()
+    if name == "CMYK JPEG":
+        assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    if name == "16-bit PNG":
+        assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    if name == "animated GIF":
+        assert Image.open(io.BytesIO(data)).n_frames == 2
+    response = post_file(client, data, filename="upload")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["image"] == {"width": size[0], "height": size[1], "format": fmt}
+
+
+# --- 400: bad options, no image -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "fragment"),
+    [
+        ("mode=fancy", "invalid_option", "unknown mode"),
+        ("mode=sample&temperature=0", "invalid_option", "temperature"),
+        ("mode=sample&temperature=-1", "invalid_option", "temperature"),
+        ("mode=sample&top_p=0", "invalid_option", "top_p"),
+        ("mode=sample&top_p=1.5", "invalid_option", "top_p"),
+        ("mode=beam&beam_size=0", "invalid_option", "beam_size"),
+        ("mode=beam&beam_size=17", "invalid_option", "beam_size"),
+        ("mode=greedy&num_captions=2", "invalid_option", "greedy decoding gives one caption"),
+        ("mode=beam&beam_size=2&num_captions=3", "invalid_option", "at most 2 captions"),
+        ("temperature=hot", "invalid_option", "temperature must be a number"),
+        ("num_captions=two", "invalid_option", "num_captions must be an integer"),
+        ("max_length=0", "invalid_option", "max_length"),
+        ("seed=-3", "invalid_option", "seed"),
+        ("mode=greedy&mode=beam", "invalid_option", "more than once"),
+        ("colour=red", "unknown_option", "unknown option 'colour'"),
+    ],
+)
+def test_bad_options_are_400(client, query, code, fragment):
+    assert fragment in error_of(post_image(client, png(), query), 400, code)
+
+
+def test_bad_option_in_a_form_field_is_400(client):
+    assert "top_k" in error_of(post_file(client, png(), mode="sample", top_k="-1"), 400, "invalid_option")
+    assert "unknown option" in error_of(post_file(client, png(), beams="3"), 400, "unknown_option")
+
+
+def test_empty_body_is_400(client):
+    error_of(client.post("/v1/captions"), 400, "missing_image")
+    assert "empty" in error_of(post_image(client, b"", content_type="image/jpeg"), 400, "missing_image")
+    assert "empty" in error_of(post_file(client, b"", filename="empty.png"), 400, "missing_image")
+
+
+def test_wrong_field_name_is_400(client):
+    message = error_of(post_file(client, png(), field="file"), 400, "missing_image")
+    assert '"file"' in message and '"image"' in message
+    text_field = client.post("/v1/captions", data={"image": "not a file"}, content_type="multipart/form-data")
+    assert "holds text" in error_of(text_field, 400, "missing_image")
+
+
+# --- 413, 415: what the image intake refuses -----------------------------------------------
+
+
+def test_upload_over_the_byte_limit_is_413_json(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=2000)
+    ready(app)
+    client = app.test_client()
+    big = png(size=(64, 64))  # random pixels do not compress: about 12 KB
+    assert len(big) > 2000
+    assert "2,000 bytes" in error_of(post_image(client, big), 413, "too_large")
+    error_of(post_file(client, big), 413, "too_large")
+
+
+def test_30000_by_30000_png_is_413_without_decoding(client):
+    data = blank_png(30_000, 30_000)
+    assert len(data) < 200_000  # small file, 900 million pixels
+    started = time.perf_counter()
+    message = error_of(post_file(client, data, filename="bomb.png"), 413, "too_many_pixels")
+    assert "too large" in message
+    assert time.perf_counter() - started < 5  # refused from the header
+
+
+def test_truncated_jpeg_is_415(client):
+    data = encode(noise((64, 64)), "JPEG", quality=90)
+    error_of(post_file(client, data[: len(data) // 2], filename="cut.jpg"), 415, "corrupt_image")
+
+
+def test_text_file_named_jpg_is_415(client):
+    data = b"these are not the pixels you are looking for\n" * 4
+    error_of(post_file(client, data, filename="holiday.jpg"), 415, "unsupported_format")
+    error_of(post_image(client, data, content_type="image/jpeg"), 415, "unsupported_format")
+
+
+def test_body_not_declared_an_image_is_415(client):
+    response = client.post("/v1/captions", data=b'{"image": "x"}', content_type="application/json")
+    assert "application/json" in error_of(response, 415, "unsupported_media_type")
+
+
+# --- 404, 405, 500: JSON too --------------------------------------------------------------
+
+
+def test_unknown_path_and_wrong_method_are_json(client):
+    error_of(client.get("/v2/nothing"), 404, "not_found")
+    error_of(client.get("/static/../../etc/passwd"), 404, "not_found")
+    response = client.get("/v1/captions")
+    error_of(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_model_failure_is_500_json_without_details(make_app, monkeypatch):
+    app = make_app()
+    batcher = ready(app)
+
+    def broken(batch):
+        raise RuntimeError("CUDA exploded in /srv/secret/model.py")
+
+    monkeypatch.setattr(batcher.model, "encode", broken)
+    response = post_file(app.test_client(), png())
+    message = error_of(response, 500, "internal_error")
+    assert "secret" not in message and "CUDA" not in message
+    monkeypatch.undo()
+    assert post_file(app.test_client(), png()).status_code == 200  # the worker survived
+
+
+# --- 503: not ready; 429: queue full ------------------------------------------------------
+
+
+def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, model_path):
+    import service.app
+
+    release = threading.Event()
+    real_load = service.app.load_model
+
+    def slow_load(*args):
+        assert release.wait(30)
+        return real_load(*args)
+
+    monkeypatch.setattr(service.app, "load_model", slow_load)
+    app = make_app()
+    client = app.test_client()
+    try:
+        assert client.get("/healthz").status_code == 200
+        error_of(client.get("/readyz"), 503, "not_ready")
+        error_of(post_file(client, png()), 503, "not_ready")
+        error_of(client.get("/v1/model"), 503, "not_ready")
+        assert metric(app, "captioner_model_ready") == 0
+    finally:
+        release.set()
+    ready(app)
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+    assert metric(app, "captioner_model_ready") == 1
+    assert post_file(client, png()).status_code == 200
+
+
+def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path):
+    app = make_app(MODEL_PATH=str(tmp_path / "missing" / "model.pt"))
+    batcher = app.extensions["captioner"].batcher
+    wait_until(lambda: batcher.load_error is not None)
+    assert "failed to load" in error_of(app.test_client().get("/readyz"), 503, "not_ready")
+
+
+def test_full_queue_is_429(make_app, monkeypatch):
+    app = make_app(MAX_QUEUE=1, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
+    batcher = ready(app)
+    entered, release = threading.Event(), threading.Event()
+    encode_now = batcher.model.encode
+
+    def paused_encode(batch):
+        entered.set()
+        assert release.wait(30)
+        return encode_now(batch)
+
+    monkeypatch.setattr(batcher.model, "encode", paused_encode)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            running = pool.submit(post_file, app.test_client(), png(1))
+            assert entered.wait(30)  # the worker is busy with the first request
+            waiting = pool.submit(post_file, app.test_client(), png(2))
+            wait_until(lambda: batcher.queue_depth() == 1)  # the second fills the queue
+            assert metric(app, "captioner_queue_depth") == 1
+            assert "busy" in error_of(post_file(app.test_client(), png(3)), 429, "queue_full")
+        finally:
+            release.set()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert metric(app, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="429"') == 1
+
+
+# --- micro-batching -----------------------------------------------------------------------
+
+
+def test_decode_groups_split_only_on_options_that_act_on_the_whole_call():
+    greedy = DecodeOptions(max_length=10)
+    assert decode_group(greedy) == decode_group(DecodeOptions(max_length=10, temperature=3.0, seed=5, beam_size=9))
+    assert decode_group(greedy) != decode_group(DecodeOptions(max_length=11))
+    sample = DecodeOptions(mode="sample", num_captions=2, seed=1)
+    assert decode_group(sample) == decode_group(DecodeOptions(mode="sample", num_captions=2, seed=2))
+    assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, temperature=0.5))
+    assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, top_p=0.9))
+    beam = DecodeOptions(mode="beam", beam_size=4, num_captions=2)
+    assert decode_group(beam) == decode_group(DecodeOptions(mode="beam", beam_size=4, num_captions=2, top_k=3))
+    assert decode_group(beam) != decode_group(DecodeOptions(mode="beam", beam_size=5, num_captions=2))
+
+
+def test_concurrent_requests_share_model_calls_and_keep_their_own_options(make_app):
+    solo, app = make_app(MAX_BATCH_SIZE=1), make_app(MAX_BATCH_SIZE=16, MAX_WAIT_MS=300)
+    ready(solo), ready(app)
+    queries = [
+        "mode=greedy",
+        "mode=sample&seed=3&num_captions=2",
+        "mode=sample&seed=4&temperature=0.3",
+        "mode=sample&seed=5&top_k=3&top_p=0.8",
+        "mode=beam&beam_size=3&num_captions=3",
+        "mode=greedy&max_length=5",
+    ] * 2
+    # Each request alone first: batch composition must not change anyone's captions.
+    alone = [post_image(solo.test_client(), png(i), q).get_json()["captions"] for i, q in enumerate(queries)]
+    assert metric(solo, "captioner_batch_size_count") == len(queries)
+
+    start = threading.Barrier(len(queries))
+
+    def fire(i):
+        client = app.test_client()
+        start.wait()
+        return post_image(client, png(i), queries[i])
+
+    with ThreadPoolExecutor(len(queries)) as pool:
+        together = list(pool.map(fire, range(len(queries))))
+    assert all(r.status_code == 200 for r in together), [r.get_json() for r in together]
+    for response, captions in zip(together, alone, strict=True):
+        batched = response.get_json()["captions"]
+        assert [c["text"] for c in batched] == [c["text"] for c in captions]
+        # Batched matrix products may differ from single ones in the last float digits.
+        assert [c["log_prob"] for c in batched] == pytest.approx([c["log_prob"] for c in captions], rel=1e-4)
+    assert metric(app, "captioner_batch_size_sum") == len(queries)  # images
+    assert metric(app, "captioner_batch_size_count") < len(queries)  # some model calls served several
+    assert metric(app, "captioner_batch_size_bucket", 'le="1.0"') < metric(app, "captioner_batch_size_count")
+
+
+# --- model card, health, metrics, page, logs ----------------------------------------------
+
+
+def test_model_card(client, model_path):
+    response = client.get("/v1/model")
+    card = response.get_json()
+    model = Captioner.load(model_path)
+    assert card["name"] == "captioner-resnet18-lstm"
+    assert card["version"] == file_digest(model_path) and re.fullmatch(r"[0-9a-f]{12}", card["version"])
+    assert card["created"] == model.info["created"]
+    assert card["vocab_size"] == len(model.vocab) > 4
+    assert card["encoder"]["name"] == "resnet18" and card["encoder"]["image_size"] == 32
+    assert card["encoder"]["feature_dim"] == model.encoder.feature_dim
+    assert card["embedding"]["source"] == "trained" and card["embedding"]["dim"] > 0
+    assert "val_perplexity" in card["training_metrics"]
+    assert str(model_path.parent) not in response.get_data(as_text=True)
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+
+
+def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app):
+    app, other = make_app(), make_app()
+    ready(app)
+    client = app.test_client()
+    post_file(client, png())
+    post_file(client, png())
+    client.get("/nowhere")
+    post_image(client, png(), "mode=bad")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert client.get("/metrics").mimetype == "text/plain"
+    assert 'captioner_http_requests_total{endpoint="/v1/captions",method="POST",status="200"} 2.0' in text
+    assert 'captioner_http_requests_total{endpoint="/v1/captions",method="POST",status="400"} 1.0' in text
+    assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
+    assert 'captioner_http_request_duration_seconds_count{endpoint="/v1/captions"} 3.0' in text
+    assert "captioner_queue_depth 0.0" in text
+    # A second app counts only its own requests.
+    assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == 0
+
+
+def test_page_is_served_with_its_script(client):
+    with client.get("/") as page:
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        html = page.get_data(as_text=True)
+    for needed in ('id="image-input"', 'id="mode"', 'id="captions"', "/static/app.js"):
+        assert needed in html
+    with client.get("/static/app.js") as script:
+        assert script.status_code == 200 and "/v1/captions" in script.get_data(as_text=True)
+
+
+def test_every_request_is_logged_as_one_json_line(client, capsys):
+    capsys.readouterr()
+    post_file(client, png())
+    client.post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png")}, headers={"X-Request-ID": "log-me-1"})
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    [entry] = [e for e in lines if e.get("request_id") == "log-me-1"]
+    assert entry["message"] == "request" and entry["status"] == 200 and entry["path"] == "/v1/captions"
+    assert entry["level"] == "info" and entry["duration_ms"] > 0
+
+
+# --- configuration and the development server ---------------------------------------------
+
+
+def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("CAPTIONER_MAX_WAIT_MS", "7")
+    app = make_app(MAX_WAIT_MS=9)
+    assert app.config["MAX_BATCH_SIZE"] == 3 and app.extensions["captioner"].batcher.max_batch_size == 3
+    assert app.config["MAX_WAIT_MS"] == 9 and app.config["MAX_QUEUE"] == 256
+    with pytest.raises(CaptionerError, match="MAX_BATCH_SIZE"):
+        make_app(MAX_BATCH_SIZE=0)
+
+
+def test_serve_reports_a_missing_model_at_once(tmp_path):
+    with pytest.raises(CaptionerError, match="model file not found"):
+        serve(tmp_path / "nothing.pt", port=1)

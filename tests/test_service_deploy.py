@@ -1,0 +1,150 @@
+"""Tests of how the service is deployed: gunicorn with our config as a real process, and Docker files."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers=None):
+    """(status, body bytes) of one loopback request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "gunicorn exited before it was ready"
+        try:
+            if request(port, "GET", "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise AssertionError("gunicorn did not become ready in time")
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_gunicorn_loads_the_model_after_fork_serves_and_stops_on_sigterm(trained_run, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "CAPTIONER_BIND": f"127.0.0.1:{port}",
+        "CAPTIONER_MODEL_PATH": str(trained_run / "model.pt"),
+        "CAPTIONER_THREADS": "4",
+        "CAPTIONER_TORCH_THREADS": "1",
+    }
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_ready(port, process)
+            # The master never imports torch: the model is loaded in the worker, after the fork.
+            master_libraries = Path(f"/proc/{process.pid}/maps").read_text()
+            assert "libtorch" not in master_libraries
+
+            headers = {"Content-Type": "image/png"}
+            status, body = request(port, "POST", "/v1/captions?mode=beam&num_captions=2", png(), headers)
+            assert status == 200, body
+            answer = json.loads(body)
+            assert answer["image"] == {"width": 24, "height": 16, "format": "PNG"}
+            assert len(answer["captions"]) == 2
+            status, body = request(port, "GET", "/metrics")
+            assert b"captioner_batch_size_count 1.0" in body
+
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = log_path.read_text()
+    assert "Traceback" not in output, output
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(e.get("path") == "/v1/captions" and e.get("status") == 200 for e in logged), output
+    assert "Shutting down: Master" in output  # gunicorn's own word for a clean exit
+
+
+# --- Docker -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_trains_into_a_volume_the_service_serves_from(compose):
+    train, service = compose["services"]["train"], compose["services"]["service"]
+    assert "models" in compose["volumes"]
+    mounts = {name: dict(v.split(":")[:2] for v in spec["volumes"]) for name, spec in compose["services"].items()}
+    assert mounts["train"]["models"] == mounts["service"]["models"] == "/models"  # one named volume, shared
+    model_path = service["environment"]["CAPTIONER_MODEL_PATH"]
+    assert model_path.startswith(mounts["service"]["models"] + "/")
+    command = " ".join(train["command"])
+    assert f"--out {Path(model_path).parent}" in command and f"test -f {model_path}" in command
+    # The service starts only once training has finished well, and reports ready on /readyz.
+    assert service["depends_on"]["train"]["condition"] == "service_completed_successfully"
+    assert any("/readyz" in part for part in service["healthcheck"]["test"])
+    assert "gunicorn.conf.py" in " ".join(service["command"])
+
+
+def test_docker_compose_accepts_the_file():
+    assert shutil.which("docker-compose"), "docker-compose is not installed (apt-get install docker-compose)"
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_runs_gunicorn_with_a_readiness_healthcheck():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    healthcheck = next(line for line in dockerfile.splitlines() if "urlopen" in line)
+    assert "/readyz" in healthcheck
+    assert 'CMD ["gunicorn", "-c", "service/gunicorn.conf.py"]' in dockerfile
+    assert "USER captioner" in dockerfile
+    # .dockerignore drops everything, then lets in only what the image installs.
+    patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert patterns[0] == "**"
+    let_in = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
+    assert let_in == {"pyproject.toml", "README.md", "scripts/setup.sh", "captioner", "service"}
