@@ -59,7 +59,7 @@ class TrainConfig:
     dropout: float = 0.3
     min_count: int = 5
     max_caption_length: int = 30
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0

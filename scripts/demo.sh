@@ -19,7 +19,7 @@ echo "== captions for five test images (beam search, 2 best each)"
 "$bin/python" - "$data/dataset.json" > "$run/demo-images.txt" <<'PY'
 import json, sys
 from pathlib import Path
-root = Path(sys.argv[1]).parent
+root = Path(sys.argv[1]).resolve().parent
 images = [i for i in json.load(open(sys.argv[1]))["images"] if i["split"] == "test"][:5]
 print("\n".join(str(root / i["filepath"] / i["filename"]) for i in images))
 PY
