@@ -21,7 +21,7 @@ from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig
 
 FORMAT = "captioner"
-VERSION = 1
+VERSION = 2  # 2: the decoder attends with cell positions, in layers
 
 
 def model_state(model: Captioner, **extra) -> dict:
@@ -66,9 +66,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CaptionerError(f"{path.name} is not a captioner model: it cannot be read as a checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CaptionerError(f"{path.name} is not a captioner model (a PyTorch file of some other kind)")
-    if not isinstance(state.get("version"), int) or state["version"] > VERSION:
+    if state.get("version") != VERSION:
         raise CaptionerError(
-            f"{path.name} has checkpoint format version {state.get('version')}; this captioner reads up to {VERSION}"
+            f"{path.name} has checkpoint format version {state.get('version')}; this captioner reads "
+            f"version {VERSION} (retrain older models)"
         )
     missing = [k for k in ("encoder", "decoder", "vocab") if k not in state]
     if missing:

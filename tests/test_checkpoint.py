@@ -9,7 +9,7 @@ from captioner.models.captioner import Captioner
 def test_checkpoint_is_plain_data_and_round_trips_to_identical_captions(trained_run, shapes, tmp_path):
     path = trained_run / "model.pt"
     state = torch.load(path, weights_only=True)  # plain data: no pickled classes
-    assert state["format"] == "captioner" and state["version"] == 1
+    assert state["format"] == "captioner" and state["version"] == 2
     assert state["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert state["embedding"]["source"] == "trained" and "coverage_words" in state["embedding"]
     assert state["encoder"]["config"]["name"] == "resnet18" and state["encoder"]["weights"] == "none"
@@ -32,6 +32,7 @@ def test_checkpoint_is_plain_data_and_round_trips_to_identical_captions(trained_
         (b"\x89PNG\r\n\x1a\n garbage", "cannot be read"),
         ("foreign", "not a captioner model"),
         ("future", "format version 99"),
+        ("old", "format version 1; .*retrain"),
         ("incomplete", "incomplete captioner model: no decoder"),
     ],
 )
@@ -39,9 +40,9 @@ def test_bad_model_files_are_clear_errors(tmp_path, trained_run, content, messag
     path = tmp_path / "model.pt"
     if content == "foreign":
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    elif content in ("future", "incomplete"):
+    elif content in ("future", "old", "incomplete"):
         state = torch.load(trained_run / "model.pt", weights_only=True)
-        state["version"] = 99 if content == "future" else 1
+        state["version"] = {"future": 99, "old": 1}.get(content, state["version"])
         if content == "incomplete":
             del state["decoder"]
         torch.save(state, path)

@@ -103,3 +103,19 @@ def test_sampling_filters_collapse_to_greedy(decoder, features, options):
 def test_bad_options_are_refused(options, message):
     with pytest.raises(CaptionerError, match=message):
         DecodeOptions(**options)
+
+
+def test_decoder_knows_where_each_cell_is():
+    # Without a position per cell, attention and the mean-pooled initial state are blind to
+    # the order of cells: a scene and its mirror image would get the same caption.
+    torch.manual_seed(0)
+    config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
+    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    cells = torch.randn(1, 4, 9)  # channel-major, as the encoder lays out its grid
+    mirrored = cells.view(1, 4, 3, 3).flip(-1).reshape(1, 4, 9)
+    tokens = torch.tensor([[IDS.start, 5, 6]])
+    with torch.no_grad():
+        logits = decoder(cells.flatten(1), tokens)
+        assert not torch.allclose(logits, decoder(mirrored.flatten(1), tokens), atol=1e-4)
+        decoder.position.zero_()
+        assert torch.allclose(decoder(cells.flatten(1), tokens), decoder(mirrored.flatten(1), tokens), atol=1e-5)

@@ -65,18 +65,16 @@ class LSTMDecoder(nn.Module):
         # Frozen word2vec vectors: no gradient, so never in the optimizer either.
         self.embed = nn.Embedding.from_pretrained(embedding.float(), freeze=True, padding_idx=pad_id)
         self.feature_norm = nn.LayerNorm(cell_dim)
-        self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.word_lstm = nn.LSTM(config.embed_dim, hidden, batch_first=True)
         self.memory = nn.Linear(cell_dim, hidden)  # what attention reads from each cell
-        self.query = nn.Linear(hidden, hidden)
-        self.score = nn.Linear(hidden, 1)
-        self.lstm = nn.LSTM(
-            2 * hidden,
-            hidden,
-            num_layers=config.num_layers,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            batch_first=True,
-        )
+        # Where each cell is: a context vector is a weighted sum of cell contents, which says what
+        # was looked at but not where; relations ("left of", "above") need the where.
+        self.position = nn.Parameter(0.1 * torch.randn(config.cells, hidden))
+        # Every language layer attends anew, with a query from the layer below: the word LSTM
+        # knows only the words, while a language layer knows where the previous layer looked,
+        # so the next one can find "the object right of the one just described".
+        self.layers = nn.ModuleList(_AttentionLayer(hidden) for _ in range(config.num_layers))
+        self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(hidden, config.vocab_size)
 
@@ -88,21 +86,18 @@ class LSTMDecoder(nn.Module):
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
         init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
-        return self.memory(x), (h[:1], c[:1], h[1:], c[1:])
-
-    def attend(self, memory: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Soft attention: memory (B, N, H) and queries (B, T, H) -> contexts (B, T, H)."""
-        keys = memory.unsqueeze(1) + self.query(queries).unsqueeze(2)  # (B, T, N, H)
-        weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, T, N)
-        return weights @ memory  # (B, T, H)
+        return self.memory(x) + self.position, (h[:1], c[:1], h[1:], c[1:])
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them."""
         word_h, word_c, h, c = state
-        queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
-        x = torch.cat([queries, self.attend(memory, queries)], dim=-1)  # (B, T, 2H)
-        output, (h, c) = self.lstm(x, (h, c))  # (B, T, H)
-        return self.out(self.dropout(output)), (word_h, word_c, h, c)
+        x, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
+        hs, cs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (h_i, c_i) = layer(self.dropout(x) if i else x, memory, (h[i : i + 1], c[i : i + 1]))
+            hs.append(h_i)
+            cs.append(c_i)
+        return self.out(self.dropout(x)), (word_h, word_c, torch.cat(hs), torch.cat(cs))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (B, F) features and (B, T) input ids -> (B, T, V) next-word logits."""
@@ -113,3 +108,18 @@ class LSTMDecoder(nn.Module):
         """One word: (B,) last ids -> (B, V) next-word logits and the new state."""
         logits, state = self.run(tokens.unsqueeze(1), state, memory)
         return logits.squeeze(1), state
+
+
+class _AttentionLayer(nn.Module):
+    """Soft attention over the cells with queries (B, T, H), then an LSTM over [query, context]."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.score = nn.Linear(hidden, 1)
+        self.lstm = nn.LSTM(2 * hidden, hidden, batch_first=True)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        keys = memory.unsqueeze(1) + self.query(queries).unsqueeze(2)  # (B, T, N, H)
+        weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, T, N)
+        return self.lstm(torch.cat([queries, weights @ memory], dim=-1), state)
