@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, decode_image
-from captioner.decoding import DecodeOptions
+from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import EncoderConfig, image_to_tensor

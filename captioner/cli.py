@@ -1,4 +1,4 @@
-"""The ``captioner`` command: synth, train, caption, evaluate, serve.
+"""The ``captioner`` command: synth, train, caption, evaluate, plot, serve.
 
 A user error prints one line, ``captioner: error: ...``, and exits with status 1 (2 for bad
 command-line usage); never a traceback.
@@ -17,7 +17,7 @@ from captioner.errors import CaptionerError
 
 
 def _decode_args(parser: argparse.ArgumentParser) -> None:
-    from captioner.decoding import DecodeOptions
+    from captioner.options import DecodeOptions
 
     d = DecodeOptions()
     g = parser.add_argument_group("decoding")
@@ -32,7 +32,7 @@ def _decode_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _decode_options(args):
-    from captioner.decoding import DecodeOptions
+    from captioner.options import DecodeOptions
 
     return DecodeOptions(
         mode=args.mode,
@@ -81,7 +81,7 @@ TRAIN_HELP = {
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    from captioner.training import TrainConfig
+    from captioner.options import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -127,9 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true")
     p.add_argument("--split", default="test")
     p.add_argument("--output", help="also write the JSON report here")
+    p.add_argument("--save-captions", metavar="FILE", help='write the captions as COCO results, [{"image_id", "caption"}]')
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     _decode_args(p)
+
+    p = sub.add_parser("plot", help="draw a run's training curves (loss, perplexity, gradient norm, BLEU-4, CIDEr)")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG file (default: RUN_DIR/curves.png)")
 
     p = sub.add_parser("serve", help="serve a model over HTTP (development server; production: gunicorn -c service/gunicorn.conf.py)")
     p.add_argument("model")
@@ -153,7 +158,8 @@ def cmd_synth(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from captioner.training import TrainConfig, train
+    from captioner.options import TrainConfig
+    from captioner.training import train
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
     best = train(TrainConfig.from_dict(values))
@@ -192,20 +198,28 @@ def cmd_caption(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from captioner.data.datasets import load_dataset
-    from captioner.evaluation import evaluate
+    from captioner.evaluation import coco_results, evaluate_split, summary_table
     from captioner.models.captioner import Captioner
     from captioner.training import resolve_device
 
     options = _decode_options(args)
     dataset = load_dataset(args.data, format=args.format, images=args.images, skip_missing=args.skip_missing)
-    records = dataset.split(args.split)
+    dataset.split(args.split)  # an absent split is an error before the model loads
     model = Captioner.load(args.model, resolve_device(args.device))
-    report, _ = evaluate(model, records, options=options, batch_size=args.batch_size, progress=True)
-    report = {"split": args.split, **report}
+    report, captions = evaluate_split(model, dataset, args.split, options=options, batch_size=args.batch_size, progress=True)
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    if args.save_captions:
+        Path(args.save_captions).write_text(json.dumps(coco_results(captions), indent=1) + "\n")
+    print(summary_table(report), file=sys.stderr)  # for people; standard output stays one JSON object
     print(text)
+
+
+def cmd_plot(args) -> None:
+    from captioner.plotting import plot_run
+
+    print(plot_run(args.run_dir, args.output))
 
 
 def cmd_serve(args) -> None:
@@ -214,7 +228,7 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port)
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate, "serve": cmd_serve}
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate, "plot": cmd_plot, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

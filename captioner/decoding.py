@@ -7,58 +7,12 @@ model (sum over its words and ``<end>``) and its perplexity ``exp(-log_prob / le
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from captioner.errors import CaptionerError
-
-MODES = ("greedy", "sample", "beam")
-MAX_CAPTIONS = 10
-MAX_BEAM_SIZE = 16
-MAX_LENGTH = 100
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How to generate; validated on construction so every entry point gives the same errors."""
-
-    mode: str = "greedy"
-    num_captions: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filtering
-    top_p: float = 1.0  # 1: no nucleus filtering
-    beam_size: int = 3
-    max_length: int = 30
-    seed: int | None = None
-
-    def __post_init__(self):
-        def bad(message):
-            raise CaptionerError(message)
-
-        if self.mode not in MODES:
-            bad(f"unknown mode {self.mode!r}: use greedy, sample or beam")
-        if not 1 <= self.num_captions <= MAX_CAPTIONS:
-            bad(f"num_captions must be between 1 and {MAX_CAPTIONS}")
-        if self.mode == "greedy" and self.num_captions != 1:
-            bad("greedy decoding gives one caption; use sample or beam for more")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            bad("temperature must be a number greater than 0")
-        if self.top_k < 0:
-            bad("top_k must be 0 (off) or a positive number of words")
-        if not (0 < self.top_p <= 1):
-            bad("top_p must be in (0, 1]")
-        if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
-            bad(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
-        if self.mode == "beam" and self.num_captions > self.beam_size:
-            bad(f"beam search with beam_size {self.beam_size} gives at most {self.beam_size} captions")
-        if not 1 <= self.max_length <= MAX_LENGTH:
-            bad(f"max_length must be between 1 and {MAX_LENGTH}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from captioner.options import DecodeOptions
 
 @dataclass
 class Hypothesis:

@@ -14,7 +14,7 @@ import json
 import sys
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,67 +25,16 @@ from captioner.checkpoint import build_captioner, model_state, read_checkpoint, 
 from captioner.data.datasets import Dataset, ImageRecord, load_dataset
 from captioner.data.synth import GRID
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.decoding import DecodeOptions
+from captioner.options import DecodeOptions
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
 from captioner.features import cached_features, default_cache_dir
 from captioner.metrics import caption_metrics
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.models.encoder import BACKBONES, Encoder, EncoderConfig, load_encoder_weights
+from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights
+from captioner.options import TrainConfig
 from captioner.pretrain import pretrain_encoder
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``captioner train``; unknown keys are errors (``from_dict``)."""
-
-    data: str
-    out: str
-    format: str = "auto"
-    images: str | None = None
-    skip_missing: bool = False
-    # None picks by data: for the shapes world a small CNN pretrained on its scenes whose last
-    # map is pooled to the scene grid; for photos ResNet-50 with ImageNet weights, globally pooled.
-    encoder: str | None = None
-    encoder_weights: str = "auto"  # auto: auxiliary pretraining on the shapes world, else imagenet
-    image_size: int | None = None
-    pool_grid: int | None = None
-    pretrain_epochs: int = 6
-    word2vec: str | None = None
-    embed_dim: int | None = None
-    hidden_size: int = 256
-    num_layers: int = 1
-    dropout: float = 0.3
-    min_count: int = 5
-    max_caption_length: int = 30
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    clip_norm: float = 5.0
-    seed: int = 0
-    device: str = "auto"
-    feature_cache: str | None = None
-    num_workers: int = 0
-    val_images: int = 1000  # validation images captioned each epoch for BLEU-4/CIDEr
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        # Refuse bad options before any work is done.
-        if self.encoder is not None and self.encoder not in BACKBONES:
-            raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
-            raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CaptionerError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,8 +102,11 @@ def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: tor
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def train_one_epoch(decoder, features, captions, optimizer, *, pad, batch_size, clip_norm, device, generator, progress):
-    """One pass over ``captions`` in a seeded random order.
+def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batch_size, clip_norm, device, generator, progress):
+    """One pass over ``captions`` in a seeded random order; mixed precision (float16) on CUDA.
+
+    Args:
+        scaler: a ``torch.amp.GradScaler``, enabled on CUDA; disabled it changes nothing.
 
     Returns:
         ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max"}``; the gradient norms are
@@ -162,23 +114,28 @@ def train_one_epoch(decoder, features, captions, optimizer, *, pad, batch_size, 
     """
     decoder.train()
     total_loss, total_words, norms = 0.0, 0, []
+    params = [p for p in decoder.parameters() if p.requires_grad]
     for batch in tqdm(_length_buckets(captions.ids, pad, batch_size, generator), desc="training", unit="batch", disable=not progress, leave=False):
         ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
-        loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
         optimizer.zero_grad(set_to_none=True)
-        (loss / words).backward()
-        params = [p for p in decoder.parameters() if p.requires_grad]
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip_norm)))
-        optimizer.step()
+        scaler.scale(loss / words).backward()
+        scaler.unscale_(optimizer)  # clip and log the true norm, not the scaled one
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+        if math.isfinite(norm):  # a float16 overflow: the scaler skips this step and lowers its scale
+            norms.append(norm)
+        scaler.step(optimizer)
+        scaler.update()
         total_loss += loss.item()
         total_words += words
     mean = total_loss / max(total_words, 1)
     return {
         "train_loss": mean,
         "train_perplexity": math.exp(mean),
-        "grad_norm": sum(norms) / len(norms),
-        "grad_norm_max": max(norms),
+        "grad_norm": sum(norms) / max(len(norms), 1),
+        "grad_norm_max": max(norms, default=0.0),
     }
 
 
@@ -319,10 +276,13 @@ def train(config: TrainConfig) -> dict:
     params = [p for p in model.decoder.parameters() if p.requires_grad]  # the frozen embedding is not here
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.lr * 0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start_epoch, best, history = 1, None, []
     if resumed:
         optimizer.load_state_dict(resumed["training"]["optimizer"])
         schedule.load_state_dict(resumed["training"]["schedule"])
+        if resumed["training"].get("scaler"):
+            scaler.load_state_dict(resumed["training"]["scaler"])
         start_epoch = resumed["training"]["epoch"] + 1
         best = resumed["training"]["best"]
         history = resumed["training"]["history"]
@@ -342,6 +302,7 @@ def train(config: TrainConfig) -> dict:
             train_features,
             train_captions,
             optimizer,
+            scaler,
             pad=vocab.pad,
             batch_size=config.batch_size,
             clip_norm=config.clip_norm,
@@ -366,6 +327,7 @@ def train(config: TrainConfig) -> dict:
             "config": settings,
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(),
         }
         save_checkpoint(model_state(model, metrics=row, training=training), last_path)

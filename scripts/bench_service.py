@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
     """A shapes-world model trained for two epochs: good enough to time, not to read."""
     from captioner.data.synth import write_shapes_dataset
-    from captioner.training import TrainConfig, train
+    from captioner.options import TrainConfig
+    from captioner.training import train
 
     data = write_shapes_dataset(folder / "shapes", num_images=64, seed=1, image_size=64)
     config = TrainConfig(
@@ -93,7 +94,7 @@ def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Names
     import torch
 
     from captioner.batch import caption_paths
-    from captioner.decoding import DecodeOptions
+    from captioner.options import DecodeOptions
     from captioner.models.captioner import Captioner
 
     torch.set_num_threads(args.torch_threads)

@@ -9,8 +9,8 @@ data=runs/shapes-data
 run=runs/shapes
 bin=.venv/bin
 
-echo "== generating the shapes world in $data"
-"$bin/captioner" synth "$data"
+echo "== generating the shapes world in $data (green triangles and red stars held out of training)"
+"$bin/captioner" synth "$data" --holdout green:triangle red:star
 echo "== training (CNN pretraining, word2vec, LSTM decoder) into $run"
 resume=()
 [ -f "$run/last.pt" ] && resume=(--resume)

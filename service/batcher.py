@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from captioner.decoding import DecodeOptions
+from captioner.options import DecodeOptions
 from captioner.models.captioner import Captioner
 
 log = logging.getLogger("captioner.service")

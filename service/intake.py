@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Request
 
-from captioner.decoding import DecodeOptions
+from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from service.errors import ServiceError
 

@@ -6,7 +6,8 @@ import pytest
 
 from captioner.data.datasets import load_dataset
 from captioner.data.synth import write_shapes_dataset
-from captioner.training import TrainConfig, train
+from captioner.options import TrainConfig
+from captioner.training import train
 
 TINY = dict(
     encoder="resnet18",

@@ -65,8 +65,11 @@ def test_caption_errors(capsys, tmp_path, trained_run, shapes):
     assert exit_info.value.code == 2
 
 
-def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run, shapes_json):
-    code, out, err = run(capsys, "evaluate", trained_run / "model.pt", "--data", shapes_json, "--output", tmp_path / "r.json")
+def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run, shapes_json, shapes):
+    code, out, err = run(
+        capsys, "evaluate", trained_run / "model.pt", "--data", shapes_json,
+        "--output", tmp_path / "r.json", "--save-captions", tmp_path / "captions.json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report == json.loads((tmp_path / "r.json").read_text())
@@ -74,6 +77,66 @@ def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run
         assert isinstance(report[key], float), key
     assert report["split"] == "test" and report["images"] == 6
     assert 0 <= report["truthfulness"] <= report["grammaticality"] <= 1
+    # The held-out combinations are scored apart, on their own split.
+    held = report["holdout"]
+    assert held["pairs"] == ["green:triangle"] and held["images"] == len(shapes.split("holdout"))
+    assert 0 <= held["held_out_named"] <= 1 and isinstance(held["truthfulness"], float)
+    assert "held_out_named" not in report  # no test image shows a held-out pair
+    # A short table for people on standard error, one row per part.
+    table = err.strip().splitlines()[-3:]
+    assert table[0].split()[:2] == ["split", "images"] and "truthfulness" in table[0]
+    assert table[1].split()[:2] == ["test", "6"] and table[2].split()[:2] == ["holdout", str(held["images"])]
+    assert f"{report['bleu_4']:.3f}" in table[1]
+
+    # COCO results format, which anyone can re-score with pycocoevalcap itself.
+    results = json.loads((tmp_path / "captions.json").read_text())
+    test = shapes.split("test")
+    assert [r["image_id"] for r in results] == [r.image_id for r in test]
+    assert all(set(r) == {"image_id", "caption"} and r["caption"] for r in results)
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({r.image_id: [{"caption": c} for c in r.captions] for r in test})
+    res = tokenizer.tokenize({r["image_id"]: [{"caption": r["caption"]}] for r in results})
+    assert Bleu(4).compute_score(gts, res, verbose=0)[0][3] == pytest.approx(report["bleu_4"], abs=1e-6)
+    assert Cider().compute_score(gts, res)[0] == pytest.approx(report["cider"], abs=1e-6)
+
+
+def test_coco_results_use_integer_ids_where_coco_has_them():
+    from captioner.evaluation import coco_results
+
+    assert coco_results({"391895": "a man", "a.jpg": "a dog"}) == [
+        {"image_id": 391895, "caption": "a man"},
+        {"image_id": "a.jpg", "caption": "a dog"},
+    ]
+
+
+def test_plot_draws_the_training_curves(capsys, tmp_path, trained_run):
+    code, out, err = run(capsys, "plot", trained_run, "--output", tmp_path / "curves.png")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "curves.png")
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"), dtype=float)
+    assert image.shape == (750, 1100) and image.std() > 10  # drawn, not blank
+    # The picture comes from metrics.jsonl: the same numbers draw the same picture, others another.
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    pictures = []
+    for folder, bump in (("same", 0), ("changed", 1)):
+        run_dir = tmp_path / folder / trained_run.name  # the run's name is the title
+        run_dir.mkdir(parents=True)
+        changed = [{**r, "train_loss": r["train_loss"] + bump * (r["epoch"] == 2)} for r in rows]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+        assert run(capsys, "plot", run_dir)[0] == 0
+        pictures.append(np.asarray(Image.open(run_dir / "curves.png").convert("L"), dtype=float))
+    assert np.array_equal(pictures[0], image)
+    assert (pictures[1] != image).sum() > 100
+
+
+def test_plot_errors_are_one_line(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "plot", tmp_path)[::2], "no metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.0}\nnot json\n')
+    assert_one_line_error(*run(capsys, "plot", tmp_path)[::2], "line 2")
 
 
 def _train_args(data, out, cache, **extra):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from captioner.decoding import DecodeOptions, SpecialIds, beam_search, generate
+from captioner.decoding import SpecialIds, beam_search, generate
+from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 

@@ -6,7 +6,8 @@ import torchvision
 
 from captioner.errors import CaptionerError
 from captioner.features import cached_features
-from captioner.models.encoder import BACKBONES, Encoder, EncoderConfig, load_encoder_weights
+from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights
+from captioner.options import BACKBONES
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.decoding import DecodeOptions
+from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from service import create_app, serve

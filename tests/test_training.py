@@ -1,11 +1,14 @@
 import json
+import math
 
 import pytest
 import torch
 
 import captioner.training as training
 from captioner.checkpoint import build_captioner, read_checkpoint
+from captioner.data.datasets import load_dataset
 from captioner.errors import CaptionerError
+from captioner.models.captioner import Captioner
 from captioner.models.decoder import LSTMDecoder
 from captioner.training import encode_captions, evaluate_loss, train, train_one_epoch
 
@@ -38,6 +41,8 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
     untrained_ppl = evaluate_loss(untrained, features, captions, **args)["perplexity"]
     assert trained_ppl < 0.8 * untrained_ppl
 
+NO_AMP = torch.amp.GradScaler("cuda", enabled=False)  # what training uses on a CPU
+
 
 def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):
     model = build_captioner(read_checkpoint(trained_run / "model.pt"))
@@ -52,7 +57,7 @@ def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, sha
     features = cached_features(model.encoder, [r.path for r in train_records], cache_dir=feature_cache, device=torch.device("cpu"))
     optimizer = torch.optim.Adam(params, lr=1e-2)
     train_one_epoch(
-        model.decoder, features, encode_captions(train_records, model.vocab, 30), optimizer, pad=model.vocab.pad,
+        model.decoder, features, encode_captions(train_records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
         batch_size=16, clip_norm=5.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
     )
     assert torch.equal(model.decoder.embed.weight, embedding)
@@ -70,7 +75,7 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes
     before = torch.cat([p.detach().flatten().clone() for p in params])
     optimizer = torch.optim.SGD(params, lr=1.0)  # the step is minus the (clipped) gradient
     stats = train_one_epoch(
-        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, pad=model.vocab.pad,
+        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
         batch_size=1000, clip_norm=1e-3, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
     )
     step = torch.cat([p.detach().flatten() for p in params]) - before
@@ -106,3 +111,15 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, shapes_json, featur
 def test_nothing_to_resume_is_a_clear_error(tmp_path, shapes_json, feature_cache):
     with pytest.raises(CaptionerError, match="nothing to resume"):
         train(tiny_config(shapes_json, tmp_path / "new", feature_cache, resume=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_precision_training_on_cuda_learns_and_loads_on_cpu(tmp_path, shapes_json, feature_cache, trained_run):
+    best = train(tiny_config(shapes_json, tmp_path / "gpu", feature_cache, device="cuda"))
+    history = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in history)
+    assert read_checkpoint(tmp_path / "gpu" / "last.pt")["training"]["scaler"]  # float16 loss scaling was on
+    model = Captioner.load(tmp_path / "gpu" / "model.pt", "cpu")  # a GPU-trained model serves on a CPU
+    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+    assert best["val_perplexity"] > 1

@@ -11,7 +11,8 @@ from torch import nn
 
 from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
-from captioner.decoding import DecodeOptions, Hypothesis, SpecialIds, generate
+from captioner.decoding import Hypothesis, SpecialIds, generate
+from captioner.options import DecodeOptions
 from captioner.models.decoder import LSTMDecoder
 from captioner.models.encoder import Encoder, image_to_tensor
 

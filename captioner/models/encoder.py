@@ -17,16 +17,8 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from captioner.errors import CaptionerError
+from captioner.options import BACKBONES
 
-BACKBONES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,0 +1,66 @@
+"""scripts/recipe_gpu.sh, the real-data recipe, run end to end on tiny stand-ins: the Flickr8k
+fixture in Karpathy's format for the data, a word2vec binary written by gensim here for the
+GoogleNews vectors, and a saved ResNet state_dict for the ImageNet weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from gensim.models import Word2Vec
+from PIL import Image
+
+from captioner.data.datasets import load_dataset
+from captioner.data.vocab import tokenize
+from captioner.models.captioner import Captioner
+
+ROOT = Path(__file__).parent.parent
+FLICKR8K = Path(__file__).parent / "fixtures" / "datasets" / "flickr8k"
+
+
+def test_recipe_trains_evaluates_and_plots_with_stand_in_files(tmp_path):
+    dataset = load_dataset(FLICKR8K / "dataset_flickr8k.json")
+    sentences = [tokenize(c) for r in dataset.records for c in r.captions]
+    vectors = tmp_path / "GoogleNews-stand-in.bin"
+    Word2Vec(sentences, vector_size=300, min_count=1, seed=0, workers=1).wv.save_word2vec_format(str(vectors), binary=True)
+    weights = tmp_path / "resnet18-stand-in.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "DATA": str(FLICKR8K / "dataset_flickr8k.json"),
+        "IMAGES": str(FLICKR8K / "Flicker8k_Dataset"),
+        "VECTORS": str(vectors),
+        "WEIGHTS": str(weights),
+        "OUT": str(out),
+        "ENCODER": "resnet18",
+        "IMAGE_SIZE": "64",
+        "HIDDEN": "32",
+        "EPOCHS": "2",
+        "BATCH": "4",
+        "MIN_COUNT": "1",
+        "DEVICE": "cuda" if torch.cuda.is_available() else "cpu",
+        "WORKERS": "0",
+        "PYTHON": sys.executable,
+        "CAPTIONER_CACHE": str(tmp_path / "cache"),
+    }
+    result = subprocess.run(["bash", "scripts/recipe_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model = Captioner.load(out / "model.pt")
+    assert model.info["encoder_weights"] == f"file:{weights.name}"
+    assert model.info["embedding"]["file"] == vectors.name and model.info["embedding"]["dim"] == 300
+    assert model.info["embedding"]["coverage_words"] > 0.5
+    assert model.encoder.config.name == "resnet18" and model.decoder.config.hidden_size == 32
+    report = json.loads((out / "test-report.json").read_text())
+    assert report["split"] == "test" and report["images"] == 1 and 0 <= report["bleu_4"] <= 1
+    results = json.loads((out / "test-captions.json").read_text())
+    assert [r["image_id"] for r in results] == [r.image_id for r in dataset.split("test")]
+    with Image.open(out / "curves.png") as curves:
+        assert curves.size == (1100, 750)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
