@@ -1,11 +1,23 @@
-"""Offline batch captioning: many image files in, one JSON record per image out, in input order.
+"""Offline batch captioning: many image files in, one record per image out, in input order.
 
 Images are decoded in DataLoader worker processes while the model runs; an image that cannot be
 decoded becomes an error record and never stops the run.
+
+A run writing to a file can be killed at any moment and started again with the same command:
+records are appended whole and in input order, so the file is always a prefix of the finished
+output, give or take a torn last line, which a restart cuts off before going on after the last
+complete record. Under ``torchrun`` each rank captions one contiguous slice of the inputs into its
+own part file (resumable the same way) and rank 0 joins the parts, in rank order, into the output
+one process would have written.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
+import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,20 +26,22 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data.images import ImageError, decode_image
-from captioner.options import DecodeOptions
+from captioner.distributed import Process
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import EncoderConfig, image_to_tensor
+from captioner.options import DecodeOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Image paths from files, folders (recursively, sorted) and text files listing images.
+    """Image paths from files, folders (recursively, sorted), globs and text files listing images.
 
     Args:
         inputs: what the user named. A file with an image suffix is an image; another file is a
-            list of images, one per line (relative to the list's folder; ``#`` starts a comment).
+            list of images, one per line (relative to the list's folder; ``#`` starts a comment);
+            a name that is not a file but has ``*``, ``?`` or ``[`` is a glob (``**`` recurses).
 
     Returns:
         The image paths, in the order given.
@@ -35,7 +49,13 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for name in inputs:
         path = Path(name)
-        if path.is_dir():
+        if not path.exists() and glob.has_magic(name):
+            matches = sorted(Path(p) for p in glob.glob(name, recursive=True))
+            images = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                raise CaptionerError(f"no images match {name}")
+            paths += images
+        elif path.is_dir():
             paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(path)
@@ -80,7 +100,6 @@ def caption_paths(
     *,
     batch_size: int = 32,
     num_workers: int = 0,
-    progress: bool = False,
 ) -> Iterator[dict]:
     """Captions ``paths`` in batches, yielding one record per path in order.
 
@@ -93,7 +112,6 @@ def caption_paths(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    bar = tqdm(total=len(paths), desc="captioning", unit="img", disable=not progress)
     for items in loader:
         good = [(i, x) for i, x, _ in items if x is not None]
         described = {}
@@ -106,5 +124,172 @@ def caption_paths(
             record = {"image": str(paths[i])}
             record |= {"error": error} if error else {"captions": described[i]}
             yield record
-        bar.update(len(items))
+
+
+class RecordFile:
+    """The output of a batch job, JSON lines or CSV, appended one whole record at a time.
+
+    Args:
+        path: the file.
+        format: ``jsonl`` or ``csv``.
+        num_captions: captions per image (the CSV's columns).
+    """
+
+    def __init__(self, path: Path, format: str, num_captions: int):
+        if format not in ("jsonl", "csv"):
+            raise CaptionerError(f"unknown output format {format!r}: use jsonl or csv")
+        self.path, self.format = Path(path), format
+        numbered = (lambda name, k: f"{name}_{k}") if num_captions > 1 else (lambda name, k: name)
+        self.columns = ["image"]
+        for k in range(1, num_captions + 1):
+            self.columns += [numbered("caption", k), numbered("log_prob", k), numbered("perplexity", k)]
+        self.columns += ["error_code", "error_message"]
+
+    def line(self, record: dict) -> str:
+        """One record as one line, newline included."""
+        if self.format == "jsonl":
+            return json.dumps(record) + "\n"
+        row = [record["image"]]
+        for caption in record.get("captions", []):
+            row += [caption["text"], caption["log_prob"], caption["perplexity"]]
+        row += [""] * (len(self.columns) - 2 - len(row))
+        error = record.get("error") or {}
+        row += [error.get("code", ""), error.get("message", "")]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(row)
+        return text.getvalue()
+
+    def header(self) -> str:
+        if self.format == "jsonl":
+            return ""
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerow(self.columns)
+        return text.getvalue()
+
+    def done(self, paths: Sequence[Path]) -> int:
+        """How many of ``paths`` the file already holds, after cutting off a torn last line.
+
+        Raises:
+            CaptionerError: if the file holds records of other images, or of another format.
+        """
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            with open(self.path, "r+b") as f:  # a record torn by a kill: it is written again
+                f.truncate(len(complete))
+        images = self._images(complete.decode("utf-8", errors="replace"))
+        expected = [str(p) for p in paths[: len(images)]]
+        if len(images) > len(paths) or images != expected:
+            raise CaptionerError(
+                f"{self.path.name} already holds captions of other images or in another format; "
+                "to resume, repeat the command that wrote it, else choose another --output"
+            )
+        return len(images)
+
+    def _images(self, text: str) -> list[str]:
+        if self.format == "jsonl":
+            try:
+                return [json.loads(line)["image"] for line in text.splitlines()]
+            except (ValueError, KeyError, TypeError):
+                return [None]  # not ours: never matches
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return []
+        if rows[0] != self.columns:
+            return [None]
+        return [row[0] for row in rows[1:]]
+
+    def append(self, lines: Iterator[str], fresh: bool) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            if fresh:
+                f.write(self.header())
+            for line in lines:
+                f.write(line)  # one write per record: a kill can tear only the last line
+                f.flush()
+
+
+def run_batch_job(
+    model: Captioner,
+    paths: Sequence[Path],
+    options: DecodeOptions,
+    output: Path,
+    *,
+    format: str = "jsonl",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    process: Process = Process(),
+    progress: bool = False,
+) -> dict:
+    """Captions ``paths`` into ``output``, resuming what an earlier run of the same job wrote.
+
+    Args:
+        model: the captioner.
+        paths: the inputs, in output order.
+        options: decoding options.
+        output: the JSONL or CSV file.
+        format: ``jsonl`` or ``csv``.
+        batch_size: images per model call.
+        num_workers: DataLoader workers decoding images.
+        process: this process's rank among ``world_size`` (torchrun); each captions its slice.
+        progress: show a progress bar (rank 0).
+
+    Returns:
+        ``{"images", "resumed", "captioned"}`` for this process's share.
+    """
+    final = RecordFile(output, format, options.num_captions)
+    parts = [_part_path(output, Process(r, process.world_size)) for r in range(process.world_size)]
+    if process.distributed and output.exists():
+        if final.done(paths) == len(paths):  # finished already; perhaps killed before the parts went
+            process.barrier()
+            if process.is_main:
+                for stale in parts:
+                    stale.unlink(missing_ok=True)
+            return {"images": 0, "resumed": 0, "captioned": 0}
+        raise CaptionerError(
+            f"{output.name} holds an unfinished single-process run: resume it without torchrun, or delete it"
+        )
+    # Contiguous slices, so the joined parts keep input order; sizes differ by at most one image
+    # and no image is repeated to even them out (as DistributedSampler's padding would).
+    start = len(paths) * process.rank // process.world_size
+    stop = len(paths) * (process.rank + 1) // process.world_size
+    mine = paths[start:stop]
+    part = RecordFile(parts[process.rank] if process.distributed else output, format, options.num_captions)
+    done = part.done(mine)
+    bar = tqdm(total=len(mine), initial=done, desc="captioning", unit="img", disable=not (progress and process.is_main))
+    records = caption_paths(model, mine[done:], options, batch_size=batch_size, num_workers=num_workers)
+
+    def lines():
+        for record in records:
+            bar.update()
+            yield part.line(record)
+
+    part.append(lines(), fresh=not part.path.exists())
     bar.close()
+    if process.distributed:
+        process.barrier()
+        if process.is_main:
+            _join_parts(final, parts)
+        process.barrier()
+    return {"images": len(mine), "resumed": done, "captioned": len(mine) - done}
+
+
+def _part_path(output: Path, process: Process) -> Path:
+    return output.with_name(f"{output.name}.part{process.rank}-of-{process.world_size}")
+
+
+def _join_parts(final: RecordFile, parts: list[Path]) -> None:
+    """Concatenates the parts (CSV: one header) into ``final`` atomically, then removes them."""
+    header = final.header().encode()
+    tmp = final.path.with_name(final.path.name + ".joining")
+    with open(tmp, "wb") as out:
+        out.write(header)
+        for part in parts:
+            with open(part, "rb") as f:
+                f.seek(len(header))
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+    os.replace(tmp, final.path)
+    for part in parts:
+        part.unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images (files, folders, or text files listing images)")
     p.add_argument("model")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--output", help="write JSON lines here instead of standard output")
+    p.add_argument("--output", help="write here instead of standard output; a rerun resumes an unfinished file")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="JSON lines (default) or CSV")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
     p.add_argument("--device", default="auto")
@@ -163,6 +165,8 @@ def cmd_train(args) -> None:
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
     best = train(TrainConfig.from_dict(values))
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all
+        return
     out = Path(args.out)
     print(
         f"best epoch {best['epoch']}: val perplexity {best['val_perplexity']:.3f}, "
@@ -171,29 +175,30 @@ def cmd_train(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from captioner.batch import caption_paths, collect_inputs
+    from captioner.batch import RecordFile, caption_paths, collect_inputs, run_batch_job
+    from captioner.distributed import init_process, process_device, shutdown
     from captioner.models.captioner import Captioner
     from captioner.training import resolve_device
 
     options = _decode_options(args)
     paths = collect_inputs(args.inputs)
-    model = Captioner.load(args.model, resolve_device(args.device))
-    out = open(args.output, "w") if args.output else sys.stdout
+    device = resolve_device(process_device(args.device))
+    process = init_process(device)
     try:
-        records = caption_paths(
-            model,
-            paths,
-            options,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            progress=args.output is not None,
-        )
-        for record in records:
-            out.write(json.dumps(record) + "\n")
-            out.flush()
+        if process.distributed and not args.output:
+            raise CaptionerError("under torchrun, --output is needed: each process writes its part of it")
+        model = Captioner.load(args.model, device)
+        settings = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+        if args.output:
+            run_batch_job(model, paths, options, Path(args.output), format=args.format, process=process, progress=True, **settings)
+            return
+        out = RecordFile(Path("-"), args.format, options.num_captions)
+        sys.stdout.write(out.header())
+        for record in caption_paths(model, paths, options, **settings):
+            sys.stdout.write(out.line(record))
+            sys.stdout.flush()
     finally:
-        if out is not sys.stdout:
-            out.close()
+        shutdown()
 
 
 def cmd_evaluate(args) -> None:

@@ -1,0 +1,67 @@
+"""torch.distributed for the command line: a process started by ``torchrun`` joins its group.
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in the environment;
+without them a command runs as a single process and nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where this process stands: rank ``rank`` of ``world_size``, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process(device: torch.device) -> Process:
+    """Joins the process group when started by torchrun: nccl for CUDA, gloo on CPU.
+
+    Args:
+        device: the device this process computes on.
+
+    Returns:
+        This process's place; a lone process (no torchrun) is rank 0 of 1.
+    """
+    if not launched_by_torchrun():
+        return Process()
+    process = Process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if process.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return process
+
+
+def process_device(name: str) -> str:
+    """Under torchrun, ``auto`` or ``cuda`` means this process's own GPU, ``cuda:LOCAL_RANK``."""
+    if launched_by_torchrun() and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return name
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

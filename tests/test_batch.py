@@ -1,0 +1,145 @@
+"""Offline batch captioning at scale: globs, CSV, resuming after SIGKILL, sharding under torchrun."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_cli import assert_one_line_error, run
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, shapes):
+    """300 test images (copies of the tiny world's test split) in nested folders, and one broken."""
+    root = tmp_path_factory.mktemp("many")
+    sources = [r.path for r in shapes.split("test")]
+    for i in range(300):
+        folder = root / f"part{i // 100}"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(sources[i % len(sources)], folder / f"{i:04d}.png")
+    (root / "part1" / "0150.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")  # undecodable, mid-run
+    return root
+
+
+def command(model, *args):
+    return [sys.executable, "-m", "captioner", "caption", str(model), *map(str, args)]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, trained_run, images):
+    """The JSONL one uninterrupted process writes for the 300 images with beam search."""
+    out = tmp_path_factory.mktemp("reference") / "captions.jsonl"
+    args = command(trained_run / "model.pt", images, "--mode", "beam", "--batch-size", "4", "--output", out)
+    subprocess.run(args, check=True, env=env(), capture_output=True, timeout=300)
+    return out.read_text()
+
+
+def test_reference_run_has_every_image_once_in_order_with_the_error_in_place(reference, images):
+    records = [json.loads(line) for line in reference.splitlines()]
+    assert [r["image"] for r in records] == [str(p) for p in sorted(images.rglob("*.png"))]
+    assert records[150]["error"]["code"] == "corrupt_image"
+    assert all(r["captions"][0]["text"] for i, r in enumerate(records) if i != 150)
+
+
+def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_once(tmp_path, trained_run, images, reference):
+    out = tmp_path / "captions.jsonl"
+    args = command(trained_run / "model.pt", images, "--mode", "beam", "--batch-size", "4", "--output", out)
+    killed_at = []
+    for _ in range(2):  # killed twice, at different points
+        start = len(out.read_text().splitlines()) if out.exists() else 0
+        proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.stat().st_size and len(out.read_bytes().splitlines()) >= start + 60:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at.append(len(out.read_bytes().splitlines()))
+    assert 0 < killed_at[0] < killed_at[1] < 300
+    finished = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert out.read_text() == reference  # none lost, none twice, no torn line, same order
+    again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)  # finished: nothing to do
+    assert again.returncode == 0 and out.read_text() == reference
+
+
+def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_run, images, reference):
+    out = tmp_path / "captions.jsonl"
+    lines = reference.splitlines(keepends=True)
+    out.write_text("".join(lines[:200]) + lines[200][:17])  # as a kill mid-write leaves it
+    code, _, err = run(capsys, "caption", trained_run / "model.pt", images, "--mode", "beam", "--batch-size", "4", "--output", out)
+    assert code == 0, err
+    assert out.read_text() == reference
+
+
+def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trained_run, images, reference):
+    out = tmp_path / "captions.jsonl"
+    out.write_text("".join(reference.splitlines(keepends=True)[1:5]))  # other images
+    before = out.read_text()
+    assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", images, "--output", out)[::2], "other images")
+    assert out.read_text() == before
+
+
+def test_csv_output_and_globs(capsys, tmp_path, trained_run, images, reference):
+    out = tmp_path / "captions.csv"
+    code, _, err = run(
+        capsys, "caption", trained_run / "model.pt", f"{images}/**/*.png", "--mode", "beam", "--num-captions", "2",
+        "--batch-size", "4", "--format", "csv", "--output", out,
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    expected = [json.loads(line) for line in reference.splitlines()]
+    assert [r["image"] for r in rows] == [e["image"] for e in expected]
+    assert list(rows[0]) == [
+        "image", "caption_1", "log_prob_1", "perplexity_1", "caption_2", "log_prob_2", "perplexity_2", "error_code", "error_message",
+    ]
+    assert rows[0]["caption_1"] == expected[0]["captions"][0]["text"]  # beam's best is the same
+    assert float(rows[0]["log_prob_1"]) >= float(rows[0]["log_prob_2"])
+    assert rows[150]["error_code"] == "corrupt_image" and rows[150]["caption_1"] == ""
+    assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", f"{images}/*.jpeg")[::2], "no images match")
+
+
+def test_csv_to_standard_output(capsys, trained_run, shapes):
+    image = shapes.split("test")[0].path
+    code, out, err = run(capsys, "caption", trained_run / "model.pt", image, "--format", "csv")
+    assert code == 0, err
+    rows = list(csv.reader(out.splitlines()))
+    assert rows[0] == ["image", "caption", "log_prob", "perplexity", "error_code", "error_message"]
+    assert rows[1][0] == str(image) and rows[1][1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_run, images, reference, fmt):
+    out = tmp_path / f"captions.{fmt}"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    caption = ["-m", "captioner", "caption", str(trained_run / "model.pt"), str(images), "--mode", "beam",
+               "--batch-size", "4", "--format", fmt, "--output", str(out)]
+    result = subprocess.run(torchrun + caption, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the parts are gone
+    if fmt == "jsonl":
+        assert out.read_text() == reference
+    else:
+        assert [r["image"] for r in csv.DictReader(out.read_text().splitlines())] == [json.loads(line)["image"] for line in reference.splitlines()]

@@ -1,0 +1,95 @@
+"""Training under a real ``torchrun`` with two CPU processes (gloo), on the tiny shapes world."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import captioner.training as training
+from captioner.checkpoint import read_checkpoint
+from captioner.data.datasets import load_dataset
+from captioner.distributed import Process
+from captioner.errors import CaptionerError
+from captioner.models.captioner import Captioner
+
+from .conftest import TINY, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args, processes=2):
+    """Runs ``torchrun --nproc-per-node PROCESSES ARGS`` on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, shapes_json, feature_cache):
+    """A 1-epoch 2-process run (tests/ddp_probe.py): the run folder and each rank's decoder weights."""
+    root = tmp_path_factory.mktemp("ddp")
+    config = {**TINY, "data": str(shapes_json), "out": str(root / "run"), "feature_cache": str(feature_cache), "epochs": 1}
+    result = torchrun("-m", "tests.ddp_probe", root, json.dumps(config))
+    return root / "run", [torch.load(root / f"rank{r}.pt") for r in (0, 1)], result.stderr
+
+
+def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_json):
+    run, (rank0, rank1), log = ddp_run
+    assert rank0["ddp"] and rank1["ddp"]
+    # Rank 1 had shifted every weight before DDP took the decoder: DDP broadcast rank 0's,
+    # the frozen embedding included, so both started alike...
+    for key, value in rank0["initial"].items():
+        assert torch.equal(rank1["initial"][key], value), key
+    # ...and stay alike after their steps on different batches.
+    for key, value in rank0["final"].items():
+        assert torch.equal(rank1["final"][key], value), key
+    assert not torch.equal(rank0["final"]["out.weight"], rank0["initial"]["out.weight"])
+    assert torch.equal(rank0["final"]["embed.weight"], rank0["initial"]["embed.weight"])
+
+    saved = read_checkpoint(run / "model.pt")["decoder"]["state_dict"]  # the plain decoder, no "module." prefix
+    assert saved.keys() == rank0["final"].keys()
+    assert all(torch.equal(saved[k], v) for k, v in rank0["final"].items())
+    [row] = rows(run)
+    assert row["epoch"] == 1 and row["world_size"] == 2 and row["effective_batch_size"] == 2 * TINY["batch_size"]
+    model = Captioner.load(run / "model.pt", "cpu")
+    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+    assert log.count("DistributedDataParallel: 2 processes (gloo), batch size 16 per process, 32 in all") == 1
+    assert log.count("epoch 1/1:") == 1  # rank 0 alone logs
+
+
+def test_command_line_resumes_a_distributed_run(ddp_run, tmp_path, shapes_json, feature_cache):
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run[0], run)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
+    result = torchrun("-m", "captioner", "train", "--data", shapes_json, "--out", run, "--feature-cache", feature_cache,
+                      *flags, "--no-progress", "--epochs", "2", "--resume")
+    assert result.stdout.count("best epoch") == 1  # rank 0 speaks for all
+    history = rows(run)
+    assert [r["epoch"] for r in history] == [1, 2] and {r["world_size"] for r in history} == {2}
+    assert history[0] == rows(ddp_run[0])[0]
+    last = read_checkpoint(run / "last.pt")["training"]
+    assert last["epoch"] == 2 and len(last["rng_ranks"]) == 2  # each rank's dropout continues on resume
+    model = Captioner.load(run / "model.pt", "cpu")
+    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+
+
+def test_too_few_batches_for_the_processes_is_a_clear_error(tmp_path, shapes_json, feature_cache, monkeypatch):
+    monkeypatch.setattr(training, "init_process", lambda device: Process(rank=0, world_size=64))
+    with pytest.raises(CaptionerError, match="cannot be shared by 64 processes"):
+        training.train(tiny_config(shapes_json, tmp_path / "run", feature_cache))
