@@ -155,16 +155,10 @@ class RecordFile:
         row += [""] * (len(self.columns) - 2 - len(row))
         error = record.get("error") or {}
         row += [error.get("code", ""), error.get("message", "")]
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(row)
-        return text.getvalue()
+        return _csv_line(row)
 
     def header(self) -> str:
-        if self.format == "jsonl":
-            return ""
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow(self.columns)
-        return text.getvalue()
+        return "" if self.format == "jsonl" else _csv_line(self.columns)
 
     def done(self, paths: Sequence[Path]) -> int:
         """How many of ``paths`` the file already holds, after cutting off a torn last line.
@@ -176,9 +170,6 @@ class RecordFile:
             return 0
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as f:  # a record torn by a kill: it is written again
-                f.truncate(len(complete))
         images = self._images(complete.decode("utf-8", errors="replace"))
         expected = [str(p) for p in paths[: len(images)]]
         if len(images) > len(paths) or images != expected:
@@ -186,6 +177,9 @@ class RecordFile:
                 f"{self.path.name} already holds captions of other images or in another format; "
                 "to resume, repeat the command that wrote it, else choose another --output"
             )
+        if len(complete) < len(data):  # a record torn by a kill (only now known to be ours): written again
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
         return len(images)
 
     def _images(self, text: str) -> list[str]:
@@ -273,6 +267,12 @@ def run_batch_job(
             _join_parts(final, parts)
         process.barrier()
     return {"images": len(mine), "resumed": done, "captioned": len(mine) - done}
+
+
+def _csv_line(row: list) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerow(row)
+    return text.getvalue()
 
 
 def _part_path(output: Path, process: Process) -> Path:

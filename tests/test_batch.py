@@ -90,7 +90,7 @@ def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_r
 
 def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
-    out.write_text("".join(reference.splitlines(keepends=True)[1:5]))  # other images
+    out.write_text("".join(reference.splitlines(keepends=True)[1:5])[:-9])  # other images, last line unfinished
     before = out.read_text()
     assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", images, "--output", out)[::2], "other images")
     assert out.read_text() == before
