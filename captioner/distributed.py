@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from captioner.errors import CaptionerError
+
 
 @dataclass(frozen=True)
 class Process:
@@ -56,9 +58,27 @@ def init_process(device: torch.device) -> Process:
 
 
 def process_device(name: str) -> str:
-    """Under torchrun, ``auto`` or ``cuda`` means this process's own GPU, ``cuda:LOCAL_RANK``."""
-    if launched_by_torchrun() and name in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    """Under torchrun, ``auto`` or ``cuda`` means this process's own GPU, ``cuda:LOCAL_RANK``.
+
+    nccl needs one GPU per process and fails with an obscure error when two share one, so an
+    explicit ``cuda:N`` with several processes on this machine, or more processes than GPUs, is a
+    CaptionerError here.
+    """
+    if not launched_by_torchrun():
+        return name
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if name.startswith("cuda:") and local_processes > 1:
+        raise CaptionerError(
+            f"--device {name} under torchrun would put all {local_processes} processes on this machine "
+            "on the same GPU: pass --device cuda or auto, and each process takes cuda:LOCAL_RANK"
+        )
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        if local_processes > torch.cuda.device_count():
+            raise CaptionerError(
+                f"{local_processes} processes on this machine but {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (--nproc-per-node), or pass --device cpu"
+            )
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return name
 
 

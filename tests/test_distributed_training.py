@@ -14,7 +14,7 @@ import torch
 import captioner.training as training
 from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
-from captioner.distributed import Process
+from captioner.distributed import Process, process_device
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 
@@ -93,3 +93,37 @@ def test_too_few_batches_for_the_processes_is_a_clear_error(tmp_path, shapes_jso
     monkeypatch.setattr(training, "init_process", lambda device: Process(rank=0, world_size=64))
     with pytest.raises(CaptionerError, match="cannot be shared by 64 processes"):
         training.train(tiny_config(shapes_json, tmp_path / "run", feature_cache))
+
+
+def torchrun_env(monkeypatch, *, rank=1, world_size=2, local_rank=1, local_world_size=2):
+    """The variables torchrun sets, without starting a process group."""
+    for name, value in dict(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=local_rank, LOCAL_WORLD_SIZE=local_world_size).items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_one_gpu_for_several_local_processes_is_a_clear_error(tmp_path, monkeypatch):
+    # The check does not depend on a GPU being here, nor on how many there are.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    torchrun_env(monkeypatch)
+    with pytest.raises(CaptionerError, match=r"--device cuda:0 .* same GPU: pass --device cuda or auto"):
+        process_device("cuda:0")
+    # cuda and auto give each process its own GPU, cpu stays cpu.
+    assert process_device("cuda") == process_device("auto") == "cuda:1"
+    assert process_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CaptionerError, match="2 processes on this machine but 1 GPU"):
+        process_device("cuda")
+    # train stops before it joins a process group or reads the data.
+    with pytest.raises(CaptionerError, match="same GPU"):
+        training.train(tiny_config(tmp_path / "missing.json", tmp_path / "run", tmp_path / "cache", device="cuda:1"))
+
+
+def test_an_explicit_gpu_is_kept_for_one_process_per_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    torchrun_env(monkeypatch, rank=1, world_size=2, local_rank=0, local_world_size=1)  # 2 machines, 1 process each
+    assert process_device("cuda:1") == "cuda:1"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert process_device("cuda:1") == "cuda:1"  # no torchrun
