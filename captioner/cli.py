@@ -168,9 +168,10 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all
         return
     out = Path(args.out)
+    truthful = f", truthful {best['val_truthfulness']:.1%}" if "val_truthfulness" in best else ""
     print(
         f"best epoch {best['epoch']}: val perplexity {best['val_perplexity']:.3f}, "
-        f"BLEU-4 {best['val_bleu_4']:.3f}, CIDEr {best['val_cider']:.3f}\nmodel: {out / 'model.pt'}"
+        f"BLEU-4 {best['val_bleu_4']:.3f}, CIDEr {best['val_cider']:.3f}{truthful}\nmodel: {out / 'model.pt'}"
     )
 
 

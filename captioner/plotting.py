@@ -13,7 +13,11 @@ PANELS = (
     ("loss (cross-entropy per word)", [("train_loss", "train"), ("val_loss", "validation")], False),
     ("perplexity", [("train_perplexity", "train"), ("val_perplexity", "validation")], True),
     ("gradient norm before clipping", [("grad_norm", "mean"), ("grad_norm_max", "max")], True),
-    ("validation captions (greedy)", [("val_bleu_4", "BLEU-4"), ("val_cider", "CIDEr")], False),
+    (
+        "validation captions (greedy)",
+        [("val_bleu_4", "BLEU-4"), ("val_cider", "CIDEr"), ("val_truthfulness", "truthful (shapes world)")],
+        False,
+    ),
 )
 
 

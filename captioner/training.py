@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from captioner.checkpoint import build_captioner, model_state, read_checkpoint, save_checkpoint
 from captioner.data.datasets import Dataset, ImageRecord, load_dataset
-from captioner.data.synth import GRID
+from captioner.data.synth import GRID, Scene, check_caption
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.distributed import Process, init_process, process_device, shutdown
 from captioner.options import DecodeOptions
@@ -176,7 +176,8 @@ def evaluate_loss(decoder, features, captions, *, pad, batch_size, device) -> di
 
 @torch.inference_mode()
 def generated_metrics(model: Captioner, features, records, *, batch_size) -> dict:
-    """BLEU-4 and CIDEr of greedy captions (not teacher-forced) against the references."""
+    """BLEU-4 and CIDEr of greedy captions (not teacher-forced) against the references, and on the
+    shapes world their truthfulness: the share whose every fact holds in the image's scene."""
     model.eval()
     options = DecodeOptions()
     candidates, references = {}, {}
@@ -186,7 +187,20 @@ def generated_metrics(model: Captioner, features, records, *, batch_size) -> dic
             candidates[record.image_id] = model.vocab.decode(hyp.tokens)
             references[record.image_id] = list(record.captions)
     scores = caption_metrics(candidates, references, tokenizer="simple", meteor=False)
-    return {"bleu_4": scores["bleu_4"], "cider": scores["cider"]}
+    metrics = {"bleu_4": scores["bleu_4"], "cider": scores["cider"]}
+    if records and all(r.scene for r in records):
+        truthful = [check_caption(candidates[r.image_id], Scene.from_dict(r.scene)).truthful for r in records]
+        metrics["truthfulness"] = sum(truthful) / len(truthful)
+    return metrics
+
+
+def selection_key(row: dict) -> tuple[float, float]:
+    """What makes an epoch the best: validation truthfulness where scenes tell it, then CIDEr.
+
+    On the shapes world a caption with a false relation can still share most n-grams with the
+    references, so CIDEr alone may prefer a model that says more untrue things.
+    """
+    return row.get("val_truthfulness", 0.0), row["val_cider"]
 
 
 def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
@@ -416,7 +430,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device, process: Proces
             row |= {f"val_{k}": v for k, v in generated_metrics(model, val_features, val_records, batch_size=512).items()}
             row["seconds"] = round(time.monotonic() - started, 2)
             history.append(row)
-            is_best = best is None or row["val_cider"] > best["val_cider"]
+            is_best = best is None or selection_key(row) > selection_key(best)
             best = row if is_best else best
             training = {
                 "epoch": epoch,
@@ -436,9 +450,10 @@ def _train(config: TrainConfig, out: Path, device: torch.device, process: Proces
                 save_checkpoint(model_state(model, metrics=row, training=model_training), best_path)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
             log(
                 f"epoch {epoch}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
-                f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}, "
+                f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
                 f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
             )
         if process.distributed:

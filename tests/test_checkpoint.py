@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.checkpoint import read_checkpoint
+from captioner.checkpoint import VERSION, read_checkpoint
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 
@@ -9,7 +9,7 @@ from captioner.models.captioner import Captioner
 def test_checkpoint_is_plain_data_and_round_trips_to_identical_captions(trained_run, shapes, tmp_path):
     path = trained_run / "model.pt"
     state = torch.load(path, weights_only=True)  # plain data: no pickled classes
-    assert state["format"] == "captioner" and state["version"] == 2
+    assert state["format"] == "captioner" and state["version"] == VERSION
     assert state["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert state["embedding"]["source"] == "trained" and "coverage_words" in state["embedding"]
     assert state["encoder"]["config"]["name"] == "resnet18" and state["encoder"]["weights"] == "none"

@@ -68,8 +68,11 @@ class LSTMDecoder(nn.Module):
         self.word_lstm = nn.LSTM(config.embed_dim, hidden, batch_first=True)
         self.memory = nn.Linear(cell_dim, hidden)  # what attention reads from each cell
         # Where each cell is: a context vector is a weighted sum of cell contents, which says what
-        # was looked at but not where; relations ("left of", "above") need the where.
-        self.position = nn.Parameter(0.1 * torch.randn(config.cells, hidden))
+        # was looked at but not where; relations ("left of", "above") need the where. The cells'
+        # (row, column) coordinates, projected, rather than a free vector per cell: "left of" is
+        # then a comparison along one direction, which the decoder learns in a few epochs.
+        self.register_buffer("coordinates", _grid_coordinates(config.cells), persistent=False)
+        self.position = nn.Linear(2, hidden)
         # Every language layer attends anew, with a query from the layer below: the word LSTM
         # knows only the words, while a language layer knows where the previous layer looked,
         # so the next one can find "the object right of the one just described".
@@ -86,7 +89,7 @@ class LSTMDecoder(nn.Module):
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
         init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
-        return self.memory(x) + self.position, (h[:1], c[:1], h[1:], c[1:])
+        return self.memory(x) + self.position(self.coordinates), (h[:1], c[:1], h[1:], c[1:])
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them."""
@@ -108,6 +111,15 @@ class LSTMDecoder(nn.Module):
         """One word: (B,) last ids -> (B, V) next-word logits and the new state."""
         logits, state = self.run(tokens.unsqueeze(1), state, memory)
         return logits.squeeze(1), state
+
+
+def _grid_coordinates(cells: int) -> torch.Tensor:
+    """(cells, 2) row and column of each cell of a square grid, row-major, scaled to [-1, 1]."""
+    side = round(cells**0.5)
+    if side * side != cells:
+        raise CaptionerError(f"{cells} cells do not form a square grid")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1).float() * (2 / max(side - 1, 1)) - 1
 
 
 class _AttentionLayer(nn.Module):
