@@ -81,7 +81,7 @@ class TrainConfig:
     encoder_weights: str = "auto"  # auto: auxiliary pretraining on the shapes world, else imagenet
     image_size: int | None = None
     pool_grid: int | None = None
-    pretrain_epochs: int = 6
+    pretrain_epochs: int = 9
     word2vec: str | None = None
     embed_dim: int | None = None
     hidden_size: int = 256
@@ -89,7 +89,7 @@ class TrainConfig:
     dropout: float = 0.3
     min_count: int = 5
     max_caption_length: int = 30
-    epochs: int = 10
+    epochs: int = 7
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0

@@ -9,9 +9,10 @@ Like ImageNet beside COCO, the pretraining images are not the captioning data: e
 fresh scenes of the same world (held-out combinations excluded), so the CNN never sees an image
 twice and cannot overfit; the data set's validation images measure it.
 
-The CNN's last feature map is average-pooled to the scene grid and one small classifier, shared
-by all cells, reads each cell: every cell of every image trains the same weights, which learns
-far faster on a CPU than a separate head per cell.
+The CNN's last feature map is average-pooled to the scene grid and one small classifier, the
+encoder's cell head, shared by all cells, reads each cell: every cell of every image trains the
+same weights, which learns far faster on a CPU than a separate head per cell. The head stays with
+the encoder: its class probabilities per cell are the features the decoder reads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
 from captioner.data.images import decode_image
+from captioner.errors import CaptionerError
 from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets, parse_holdout, render_scene, sample_scene
 from captioner.models.encoder import Encoder, image_to_tensor
 
@@ -44,18 +46,22 @@ def cell_labels(scene: Scene) -> torch.Tensor:
     return torch.stack(labels, dim=-1)
 
 
+CELL_CLASSES = tuple(count + 1 for _, count in ATTRIBUTES)  # the encoder's cell head for the shapes world
+
+
 class CellClassifier(nn.Module):
-    """Encoder feature map -> per-cell logits for every attribute, (B, GRID*GRID, sum(count + 1))."""
+    """Encoder with its cell head -> per-cell logits for every attribute, (B, GRID*GRID, sum(count + 1))."""
 
     def __init__(self, encoder: Encoder):
         super().__init__()
+        if encoder.config.cell_classes != CELL_CLASSES or encoder.config.pool_grid != GRID:
+            raise CaptionerError(
+                f"auxiliary pretraining needs an encoder with pool grid {GRID} and cell classes {CELL_CLASSES}"
+            )
         self.encoder = encoder
-        channels = encoder.feature_dim // encoder.config.pool_grid**2
-        self.head = nn.Linear(channels, sum(count + 1 for _, count in ATTRIBUTES))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        cells = F.adaptive_avg_pool2d(self.encoder.feature_map(images), GRID)  # (B, C, G, G)
-        return self.head(cells.flatten(2).transpose(1, 2))  # (B, G*G, classes)
+        return self.encoder.cell_logits(images)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total, start = 0.0, 0
@@ -128,7 +134,8 @@ def pretrain_encoder(
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
     encoder.requires_grad_(True)
-    model = CellClassifier(encoder).to(device)
+    # Channels-last convolutions train a third faster on CPUs (oneDNN) and are no slower on GPUs.
+    model = CellClassifier(encoder).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((images_per_epoch + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -137,7 +144,7 @@ def pretrain_encoder(
         model.train()
         train_x, train_y = _fresh_scenes(encoder, world, images_per_epoch, rng)
         for x, y in zip(train_x.split(batch_size), train_y.split(batch_size)):
-            loss = model.loss(model(x.to(device)), y.to(device))
+            loss = model.loss(model(x.to(device, memory_format=torch.channels_last)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -152,5 +159,5 @@ def pretrain_encoder(
     result = {"epochs": epochs, "val_cell_accuracy": right.all(-1).float().mean().item()}
     for j, (name, _) in enumerate(ATTRIBUTES):
         result[f"val_{name}_accuracy"] = right[..., j].float().mean().item()
-    encoder.cpu().freeze()
+    encoder.to("cpu", memory_format=torch.contiguous_format).freeze()
     return result

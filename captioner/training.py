@@ -43,7 +43,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights, weights_fingerprint
 from captioner.options import TrainConfig
-from captioner.pretrain import pretrain_encoder
+from captioner.pretrain import CELL_CLASSES, pretrain_encoder
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,40 +194,35 @@ def generated_metrics(model: Captioner, features, records, *, batch_size) -> dic
     return metrics
 
 
-def selection_key(row: dict) -> tuple[float, float]:
-    """What makes an epoch the best: validation truthfulness where scenes tell it, then CIDEr.
-
-    On the shapes world a caption with a false relation can still share most n-grams with the
-    references, so CIDEr alone may prefer a model that says more untrue things.
-    """
-    return row.get("val_truthfulness", 0.0), row["val_cider"]
-
-
 def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
     """The frozen encoder: pretrained on the shapes world's scenes, or with the weights asked for."""
     shapes = dataset.meta.get("shapes_world")
     # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the scene grid.
     name, image_size, grid = ("mobilenet_v3_small", 96, GRID) if shapes else ("resnet50", 224, 1)
     torch.manual_seed(config.seed)  # a randomly initialised encoder (weights none) is repeatable too
+    weights = config.encoder_weights
+    if weights == "auto":
+        weights = "auxiliary" if shapes else "imagenet"
+    auxiliary = weights == "auxiliary"
+    if auxiliary and (not shapes or not all(r.scene for r in dataset.records)):
+        raise CaptionerError("--encoder-weights auxiliary needs a shapes-world data set (made by captioner synth)")
+    if auxiliary and config.pool_grid not in (None, GRID):
+        raise CaptionerError(f"--encoder-weights auxiliary reads the scene grid: the pool grid must be {GRID}")
     encoder = Encoder(
         EncoderConfig(
             name=config.encoder or name,
             image_size=config.image_size or image_size,
-            pool_grid=config.pool_grid or grid,
+            pool_grid=GRID if auxiliary else config.pool_grid or grid,
+            cell_classes=CELL_CLASSES if auxiliary else (),
         )
     )
-    weights = config.encoder_weights
-    if weights == "auto":
-        weights = "auxiliary" if shapes else "imagenet"
-    if weights != "auxiliary":
+    if not auxiliary:
         encoder.info = {"weights": load_encoder_weights(encoder, weights)}
         return encoder.freeze()
-    if not shapes or not all(r.scene for r in dataset.records):
-        raise CaptionerError("--encoder-weights auxiliary needs a shapes-world data set (made by captioner synth)")
     saved = out / "encoder-pretrained.pt"
     if saved.exists():  # resumed run: the CNN was pretrained already
         state = torch.load(saved, map_location="cpu", weights_only=True)
-        encoder.backbone.load_state_dict(state["state_dict"])
+        encoder.load_state_dict(state["state_dict"])
         encoder.info = state["info"]
         return encoder.freeze()
     result = pretrain_encoder(
@@ -241,7 +236,7 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
         progress=config.progress,
     )
     encoder.info = {"weights": "auxiliary:shapes-world", "pretraining": result}
-    save_checkpoint({"state_dict": encoder.backbone.state_dict(), "info": encoder.info}, saved)
+    save_checkpoint({"state_dict": encoder.state_dict(), "info": encoder.info}, saved)
     return encoder
 
 
@@ -430,7 +425,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device, process: Proces
             row |= {f"val_{k}": v for k, v in generated_metrics(model, val_features, val_records, batch_size=512).items()}
             row["seconds"] = round(time.monotonic() - started, 2)
             history.append(row)
-            is_best = best is None or selection_key(row) > selection_key(best)
+            # Not truthfulness: a model that leaves the third object out says fewer false things.
+            is_best = best is None or row["val_cider"] > best["val_cider"]
             best = row if is_best else best
             training = {
                 "epoch": epoch,

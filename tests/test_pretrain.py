@@ -4,7 +4,7 @@ import torch
 
 from captioner.data.synth import GRID, Scene
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.pretrain import ATTRIBUTES, _fresh_scenes, cell_labels, pretrain_encoder
+from captioner.pretrain import ATTRIBUTES, CELL_CLASSES, _fresh_scenes, cell_labels, pretrain_encoder
 
 
 def test_cell_labels_read_the_scene_grid():
@@ -29,7 +29,7 @@ def test_fresh_scenes_keep_held_out_pairs_out():
 
 def test_pretraining_trains_then_freezes_the_encoder(shapes):
     torch.manual_seed(0)
-    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32, pool_grid=GRID))
+    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32, pool_grid=GRID, cell_classes=CELL_CLASSES))
     before = encoder.backbone.conv1.weight.clone()
     world = {"image_size": 32, "holdout": ["green:triangle"]}
     result = pretrain_encoder(

@@ -32,19 +32,25 @@ class EncoderConfig:
     pool_grid: int = 1  # 1: global average pool; G > 1: average over a G x G grid, keeping layout
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Sizes of the groups of classes a per-cell classifier head predicts (auxiliary pretraining on
+    # the shapes world); with a head, each cell's feature is its class probabilities, not its channels.
+    cell_classes: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.name not in BACKBONES:
             raise CaptionerError(f"unknown encoder {self.name!r}; choose one of {', '.join(BACKBONES)}")
         if self.image_size < 32 or self.pool_grid < 1:
             raise CaptionerError("encoder image size must be at least 32 and the pool grid at least 1")
+        if any(count < 2 for count in self.cell_classes):
+            raise CaptionerError("every group of cell classes needs at least 2 classes")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "cell_classes": list(self.cell_classes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        tuples = {key: tuple(d[key]) for key in ("mean", "std", "cell_classes") if key in d}
+        return cls(**{**d, **tuples})
 
 
 class Encoder(nn.Module):
@@ -66,7 +72,8 @@ class Encoder(nn.Module):
             channels = self.backbone.classifier[0].in_features
             self.backbone.classifier = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(config.pool_grid)
-        self.feature_dim = channels * config.pool_grid**2
+        self.head = nn.Linear(channels, sum(config.cell_classes)) if config.cell_classes else None
+        self.feature_dim = (sum(config.cell_classes) or channels) * config.pool_grid**2
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
@@ -76,9 +83,25 @@ class Encoder(nn.Module):
             return b.layer4(b.layer3(b.layer2(b.layer1(x))))
         return b.features(images)
 
+    def cell_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, G * G, sum(cell_classes)) logits of the cell head."""
+        if self.head is None:
+            raise CaptionerError("this encoder has no per-cell classifier head")
+        return self.head(self.pool(self.feature_map(images)).flatten(2).transpose(1, 2))
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, F) features."""
-        return self.pool(self.feature_map(images)).flatten(1)  # (B, C * G * G)
+        """(B, 3, H, W) normalised images -> (B, F) features, channel-major: (B, C, G * G) flattened.
+
+        With a cell head, C is the classes and each cell's feature its probabilities per group:
+        what is in the cell, as the pretraining task taught the CNN to say it, which a decoder reads
+        far more easily than hundreds of channels (semantic attributes as image features, as in
+        Wu et al. 2016, "What value do explicit high level concepts have in vision to language problems?").
+        """
+        if self.head is None:
+            return self.pool(self.feature_map(images)).flatten(1)  # (B, C * G * G)
+        groups = self.cell_logits(images).split(list(self.config.cell_classes), dim=-1)
+        probabilities = torch.cat([group.softmax(dim=-1) for group in groups], dim=-1)  # (B, G*G, C)
+        return probabilities.transpose(1, 2).flatten(1)
 
     forward = forward_features
 
