@@ -110,7 +110,7 @@ def test_csv_output_and_globs(capsys, tmp_path, trained_run, images, reference):
         "image", "caption_1", "log_prob_1", "perplexity_1", "caption_2", "log_prob_2", "perplexity_2", "error_code", "error_message",
     ]
     assert rows[0]["caption_1"] == expected[0]["captions"][0]["text"]  # beam's best is the same
-    assert float(rows[0]["log_prob_1"]) >= float(rows[0]["log_prob_2"])
+    assert float(rows[0]["perplexity_1"]) <= float(rows[0]["perplexity_2"])  # ranked length-normalised
     assert rows[150]["error_code"] == "corrupt_image" and rows[150]["caption_1"] == ""
     assert_one_line_error(*run(capsys, "caption", trained_run / "model.pt", f"{images}/*.jpeg")[::2], "no images match")
 
@@ -140,6 +140,16 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the parts are gone
     if fmt == "jsonl":
-        assert out.read_text() == reference
+        # The same records; scores agree to float precision (a rank's last batch is smaller, and
+        # matrix kernels round differently for another batch size).
+        got, expected = ([json.loads(line) for line in text.splitlines()] for text in (out.read_text(), reference))
+
+        def texts(record):
+            return record["image"], record.get("error"), [c["text"] for c in record.get("captions", [])]
+
+        assert [texts(g) for g in got] == [texts(e) for e in expected]
+        for g, e in zip(got, expected):
+            scores = [c["log_prob"] for c in e.get("captions", [])]
+            assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)
     else:
         assert [r["image"] for r in csv.DictReader(out.read_text().splitlines())] == [json.loads(line)["image"] for line in reference.splitlines()]

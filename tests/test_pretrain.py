@@ -1,10 +1,17 @@
 import random
 
+import pytest
 import torch
+from PIL import Image
 
 from captioner.data.synth import GRID, Scene
+from captioner.errors import CaptionerError
+from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.pretrain import ATTRIBUTES, CELL_CLASSES, _fresh_scenes, cell_labels, pretrain_encoder
+from captioner.training import train
+
+from .conftest import tiny_config
 
 
 def test_cell_labels_read_the_scene_grid():
@@ -39,3 +46,26 @@ def test_pretraining_trains_then_freezes_the_encoder(shapes):
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
     for key in ("val_cell_accuracy", "val_shape_accuracy", "val_colour_accuracy", "val_size_accuracy"):
         assert 0.0 <= result[key] <= 1.0
+
+
+def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, shapes_json, shapes):
+    run = tmp_path / "run"
+    overrides = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1)
+    train(tiny_config(shapes_json, run, tmp_path / "cache", **overrides))
+    model = Captioner.load(run / "model.pt")
+    classes = sum(CELL_CLASSES)
+    assert model.encoder.config.cell_classes == CELL_CLASSES
+    assert (model.decoder.config.cells, model.decoder.config.feature_dim) == (GRID * GRID, classes * GRID * GRID)
+    # Each cell's feature is a probability distribution per attribute.
+    images = []
+    for record in shapes.split("test")[:2]:
+        with Image.open(record.path) as image:
+            images.append(image.convert("RGB"))
+    features = model.encode(model.images_to_batch(images)).view(2, classes, GRID * GRID)
+    sums = torch.stack([group.sum(dim=1) for group in features.split(list(CELL_CLASSES), dim=1)])
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    # The head in the model is the one pretraining trained and saved for resuming.
+    saved = torch.load(run / "encoder-pretrained.pt", weights_only=True)["state_dict"]
+    assert torch.equal(saved["head.weight"], model.encoder.head.weight)
+    with pytest.raises(CaptionerError, match=f"pool grid must be {GRID}"):
+        train(tiny_config(shapes_json, tmp_path / "other", tmp_path / "cache", **{**overrides, "pool_grid": 1}))
