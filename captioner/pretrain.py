@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
 from captioner.data.images import decode_image
-from captioner.errors import CaptionerError
 from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets, parse_holdout, render_scene, sample_scene
+from captioner.errors import CaptionerError
 from captioner.models.encoder import Encoder, image_to_tensor
 
 # Each attribute is a classification over its values plus "empty cell".

@@ -222,7 +222,13 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
     saved = out / "encoder-pretrained.pt"
     if saved.exists():  # resumed run: the CNN was pretrained already
         state = torch.load(saved, map_location="cpu", weights_only=True)
-        encoder.load_state_dict(state["state_dict"])
+        try:
+            encoder.load_state_dict(state["state_dict"])
+        except (RuntimeError, KeyError, TypeError):
+            raise CaptionerError(
+                f"{saved} does not fit this encoder (another --encoder or an older captioner): "
+                "delete it to pretrain again"
+            ) from None
         encoder.info = state["info"]
         return encoder.freeze()
     result = pretrain_encoder(

@@ -67,5 +67,12 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
     # The head in the model is the one pretraining trained and saved for resuming.
     saved = torch.load(run / "encoder-pretrained.pt", weights_only=True)["state_dict"]
     assert torch.equal(saved["head.weight"], model.encoder.head.weight)
+    # A run stopped before its first epoch keeps only its pretrained CNN; started again with another
+    # encoder, that file is refused, not loaded half.
+    for name in ("last.pt", "model.pt", "metrics.jsonl"):
+        (run / name).unlink()
+    other = tiny_config(shapes_json, run, tmp_path / "cache", **{**overrides, "encoder": "resnet34"})
+    with pytest.raises(CaptionerError, match="does not fit this encoder"):
+        train(other)
     with pytest.raises(CaptionerError, match=f"pool grid must be {GRID}"):
         train(tiny_config(shapes_json, tmp_path / "other", tmp_path / "cache", **{**overrides, "pool_grid": 1}))
