@@ -21,7 +21,7 @@ from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig
 
 FORMAT = "captioner"
-VERSION = 3  # 2: the decoder attends with cell positions, in layers; 3: positions from grid coordinates
+VERSION = 4  # 2: attention with cell positions; 3: positions from grid coordinates; 4: input feeding, coverage
 
 
 def model_state(model: Captioner, **extra) -> dict:

@@ -62,7 +62,7 @@ TRAIN_HELP = {
     "word2vec": "pretrained word2vec file (binary or text); default: train on the captions",
     "embed_dim": "word vector size (must match --word2vec's)",
     "hidden_size": "LSTM hidden size",
-    "num_layers": "language LSTM layers, each attending to the image anew",
+    "num_layers": "layers of the language LSTM",
     "dropout": "dropout on features and LSTM outputs",
     "min_count": "words seen fewer times become <unk>",
     "max_caption_length": "training captions are cut to this many words",

@@ -86,13 +86,20 @@ def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Te
 
 
 def _fresh_scenes(encoder: Encoder, world: dict, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` newly drawn and rendered scenes of ``world`` (the data set's generation settings)."""
+    """``count`` images of ``world`` (the data set's generation settings), in random order: half
+    newly drawn and rendered scenes, half their mirror images.
+
+    Rendering costs half as much as a training step on the CNN, and a mirrored scene is as good
+    as a new one: every shape is left-right symmetric and the grid mirrors onto itself, so only
+    the cells' columns change.
+    """
     holdout = parse_holdout(world.get("holdout", []))
-    scenes = [sample_scene(rng, holdout=holdout) for _ in range(count)]
-    images = [render_scene(scene, world["image_size"], rng) for scene in scenes]
-    return torch.stack([image_to_tensor(im, encoder.config) for im in images]), torch.stack(
-        [cell_labels(scene) for scene in scenes]
-    )
+    scenes = [sample_scene(rng, holdout=holdout) for _ in range((count + 1) // 2)]
+    images = torch.stack([image_to_tensor(render_scene(s, world["image_size"], rng), encoder.config) for s in scenes])
+    labels = torch.stack([cell_labels(scene) for scene in scenes])  # (n, G*G, 3), cells row-major
+    mirrored = labels.view(-1, GRID, GRID, labels.size(-1)).flip(2).flatten(1, 2)
+    order = torch.randperm(2 * len(scenes), generator=torch.Generator().manual_seed(rng.getrandbits(63)))[:count]
+    return torch.cat([images, images.flip(-1)])[order], torch.cat([labels, mirrored])[order]
 
 
 def pretrain_encoder(

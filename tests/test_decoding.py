@@ -120,3 +120,36 @@ def test_decoder_knows_where_each_cell_is():
         assert not torch.allclose(logits, decoder(mirrored.flatten(1), tokens), atol=1e-4)
         decoder.position.weight.zero_()  # the bias is the same for every cell
         assert torch.allclose(decoder(cells.flatten(1), tokens), decoder(mirrored.flatten(1), tokens), atol=1e-5)
+
+
+def test_attention_remembers_where_it_looked():
+    # The query adds the previous context and each cell's coverage. Both are empty at the first
+    # word, so cutting them out changes nothing there, and every word after it.
+    torch.manual_seed(0)
+    config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
+    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    features, tokens = torch.randn(2, 4 * 9), torch.tensor([[IDS.start, 5, 6, 7]] * 2)
+    with torch.no_grad():
+        decoder.attention.coverage.normal_()
+        logits = decoder(features, tokens)
+        decoder.attention.coverage.zero_()
+        decoder.attention.feed.weight.zero_()
+        forgetful = decoder(features, tokens)
+    assert torch.allclose(logits[:, 0], forgetful[:, 0], atol=1e-6)
+    assert all(not torch.allclose(logits[:, t], forgetful[:, t], atol=1e-4) for t in range(1, 4))
+
+
+def test_one_step_at_a_time_equals_teacher_forcing():
+    # Generation carries the attention's context and coverage in the state from step to step.
+    torch.manual_seed(0)
+    config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
+    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    torch.nn.init.normal_(decoder.attention.coverage)
+    features, tokens = torch.randn(3, 4 * 9), torch.randint(3, VOCAB, (3, 6))
+    with torch.no_grad():
+        memory, state = decoder.start(features)
+        steps = []
+        for t in range(tokens.size(1)):
+            logits, state = decoder.step(tokens[:, t], state, memory)
+            steps.append(logits)
+        assert torch.allclose(torch.stack(steps, dim=1), decoder(features, tokens), atol=1e-5)

@@ -34,6 +34,15 @@ def test_fresh_scenes_keep_held_out_pairs_out():
     assert not green_triangle.any()
 
 
+def test_half_of_the_fresh_scenes_are_mirror_images_of_the_others():
+    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32))
+    images, labels = _fresh_scenes(encoder, {"image_size": 32}, 40, random.Random(0))
+    mirrored_labels = labels.view(-1, GRID, GRID, 3).flip(2).flatten(1, 2)
+    for i in range(len(images)):
+        twins = [j for j in range(len(images)) if torch.equal(images[j], images[i].flip(-1))]
+        assert len(twins) == 1 and torch.equal(labels[twins[0]], mirrored_labels[i])
+
+
 def test_pretraining_trains_then_freezes_the_encoder(shapes):
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=32, pool_grid=GRID, cell_classes=CELL_CLASSES))

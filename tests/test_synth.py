@@ -299,6 +299,15 @@ def test_rendered_objects_are_visible_in_their_colour():
         render_scene(SCENE, 16, rng)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_left_right_symmetric(shape):
+    # CNN pretraining takes a mirrored image for a new scene: true only for symmetric shapes.
+    outline = np.array(synth._outline(shape, 10.0, 10.0, 4.0))
+    mirrored = outline * [-1, 1] + [20, 0]
+    by_position = lambda points: points[np.lexsort(points.round(6).T)]  # noqa: E731
+    assert np.allclose(by_position(outline), by_position(mirrored), atol=1e-6)
+
+
 def test_scene_from_dict_rejects_malformed_input():
     good = SCENE.to_dict()
     assert Scene.from_dict(good) == SCENE

@@ -2,13 +2,17 @@
 
 The image sets the LSTMs' initial states (Show and Tell; Karpathy & Fei-Fei) and, at every step,
 soft attention over the cells of the CNN's pooled feature map feeds the language LSTM what it
-needs for the next word (Show, Attend and Tell, Xu et al. 2015; two LSTMs as in Anderson et al.
-2018). Without attention a single initial state must carry every object of a scene through a long
-caption, and the decoder blends the attributes of different objects. With a globally pooled
-encoder there is one cell, and attention reduces to feeding the image feature at every step.
+needs for the next word (Show, Attend and Tell, Xu et al. 2015). Without attention a single
+initial state must carry every object of a scene through a long caption, and the decoder blends
+the attributes of different objects. With a globally pooled encoder there is one cell, and
+attention reduces to feeding the image feature at every step.
 
-The attention query comes from a word LSTM that reads the caption so far, so in training both
-LSTMs run over whole sequences in PyTorch's fused kernels instead of a Python loop over steps.
+The attention remembers where it looked: its query adds the previous step's context (input
+feeding, Luong et al. 2015) and each cell's coverage, the attention the cell has had so far (Tu et
+al. 2016; See et al. 2017). Without them, the query for "a red circle left of a ..." knows the
+words but not where the red circle is, nor that it was described already, and the decoder names
+the same object twice. Only the attention runs step by step; both LSTMs read whole sequences in
+PyTorch's fused kernels in training.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from torch import nn
 
 from captioner.errors import CaptionerError
 
-State = tuple[torch.Tensor, ...]  # (word h, word c, language h, language c), each (layers, B, H)
+# (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
+# every tensor has the batch in dimension 1, so beam search reorders them all alike.
+State = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,9 @@ class LSTMDecoder(nn.Module):
         # then a comparison along one direction, which the decoder learns in a few epochs.
         self.register_buffer("coordinates", _grid_coordinates(config.cells), persistent=False)
         self.position = nn.Linear(2, hidden)
-        # Every language layer attends anew, with a query from the layer below: the word LSTM
-        # knows only the words, while a language layer knows where the previous layer looked,
-        # so the next one can find "the object right of the one just described".
-        self.layers = nn.ModuleList(_AttentionLayer(hidden) for _ in range(config.num_layers))
+        self.attention = _Attention(hidden)
+        between_layers = config.dropout if config.num_layers > 1 else 0.0
+        self.language_lstm = nn.LSTM(2 * hidden, hidden, config.num_layers, batch_first=True, dropout=between_layers)
         self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(hidden, config.vocab_size)
@@ -89,18 +94,17 @@ class LSTMDecoder(nn.Module):
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
         init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
-        return self.memory(x) + self.position(self.coordinates), (h[:1], c[:1], h[1:], c[1:])
+        memory = self.memory(x) + self.position(self.coordinates)
+        context, coverage = memory.new_zeros(1, batch, hidden), memory.new_zeros(1, batch, cells)
+        return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them."""
-        word_h, word_c, h, c = state
-        x, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
-        hs, cs = [], []
-        for i, layer in enumerate(self.layers):
-            x, (h_i, c_i) = layer(self.dropout(x) if i else x, memory, (h[i : i + 1], c[i : i + 1]))
-            hs.append(h_i)
-            cs.append(c_i)
-        return self.out(self.dropout(x)), (word_h, word_c, torch.cat(hs), torch.cat(cs))
+        word_h, word_c, h, c, context, coverage = state
+        queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
+        contexts, context, coverage = self.attention(queries, memory, context[0], coverage[0])
+        x, (h, c) = self.language_lstm(torch.cat([queries, contexts], dim=-1), (h, c))
+        return self.out(self.dropout(x)), (word_h, word_c, h, c, context[None], coverage[None])
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (B, F) features and (B, T) input ids -> (B, T, V) next-word logits."""
@@ -122,16 +126,24 @@ def _grid_coordinates(cells: int) -> torch.Tensor:
     return torch.stack([rows.flatten(), cols.flatten()], dim=1).float() * (2 / max(side - 1, 1)) - 1
 
 
-class _AttentionLayer(nn.Module):
-    """Soft attention over the cells with queries (B, T, H), then an LSTM over [query, context]."""
+class _Attention(nn.Module):
+    """Additive attention over the cells (Bahdanau et al. 2015) that knows where it looked."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
+        self.feed = nn.Linear(hidden, hidden, bias=False)  # the previous context
+        self.coverage = nn.Parameter(torch.zeros(hidden))  # zero: starts as plain attention
         self.score = nn.Linear(hidden, 1)
-        self.lstm = nn.LSTM(2 * hidden, hidden, batch_first=True)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        keys = memory.unsqueeze(1) + self.query(queries).unsqueeze(2)  # (B, T, N, H)
-        weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, T, N)
-        return self.lstm(torch.cat([queries, weights @ memory], dim=-1), state)
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
+        """(B, T, H) queries over (B, N, H) memory, from the (B, H) context and (B, N) coverage
+        left by the steps before -> (B, T, H) contexts, the last context and the coverage after."""
+        contexts = []
+        for query in self.query(queries).unbind(1):  # the only loop over steps in training
+            keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage
+            weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, N)
+            context = (weights.unsqueeze(1) @ memory).squeeze(1)
+            coverage = coverage + weights
+            contexts.append(context)
+        return torch.stack(contexts, dim=1), context, coverage
