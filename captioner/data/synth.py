@@ -219,14 +219,17 @@ def sample_scene(
     *,
     holdout: frozenset[tuple[str, str]] = frozenset(),
     require_holdout: bool = False,
+    max_objects: int = _MAX_OBJECTS,
 ) -> Scene:
-    """Draws a random scene of 1-3 objects in distinct cells with distinct (colour, shape).
+    """Draws a random scene of 1 to ``max_objects`` objects in distinct cells with distinct (colour, shape).
 
     Args:
         rng: the only source of randomness.
         holdout: (colour, shape) pairs kept out of ordinary scenes.
         require_holdout: if True, the scene contains at least one held-out pair;
             if False, it contains none.
+        max_objects: at most GRID * GRID; captions describe scenes of up to 3 objects, but the
+            CNN's pretraining learns more from each image of a fuller scene.
 
     Returns:
         The scene, objects in row-major cell order.
@@ -238,7 +241,9 @@ def sample_scene(
     unknown = set(holdout) - set(all_pairs)
     if unknown:
         raise CaptionerError(f"unknown held-out pairs: {sorted(unknown)}")
-    count = rng.randint(1, _MAX_OBJECTS)
+    if not 1 <= max_objects <= GRID * GRID:
+        raise CaptionerError(f"a scene holds 1 to {GRID * GRID} objects, got at most {max_objects}")
+    count = rng.randint(1, max_objects)
     if require_holdout:
         if not holdout:
             raise CaptionerError("cannot require a held-out pair: no pairs are held out")
@@ -247,8 +252,8 @@ def sample_scene(
         pairs = [first, *rng.sample([p for p in all_pairs if p != first], count - 1)]
     else:
         allowed = [p for p in all_pairs if p not in holdout]
-        if len(allowed) < _MAX_OBJECTS:
-            raise CaptionerError(f"too many held-out pairs: at least {_MAX_OBJECTS} pairs must remain")
+        if len(allowed) < max_objects:
+            raise CaptionerError(f"too many held-out pairs: at least {max_objects} pairs must remain")
         pairs = rng.sample(allowed, count)
     cells = sorted(rng.sample(range(GRID * GRID), count))
     objects = []
