@@ -4,11 +4,18 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.synth import GRID, Scene
+from captioner.data.synth import GRID, SHAPES, Scene
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.pretrain import ATTRIBUTES, CELL_CLASSES, _fresh_scenes, cell_labels, pretrain_encoder
+from captioner.pretrain import (
+    ATTRIBUTES,
+    CELL_CLASSES,
+    PRETRAINING_OBJECTS,
+    _fresh_scenes,
+    cell_labels,
+    pretrain_encoder,
+)
 from captioner.training import train
 
 from .conftest import tiny_config
@@ -32,6 +39,8 @@ def test_fresh_scenes_keep_held_out_pairs_out():
     assert images.shape == (200, 3, 32, 32) and labels.shape == (200, GRID * GRID, 3)
     green_triangle = (labels[..., 0] == 2) & (labels[..., 1] == 1)
     assert not green_triangle.any()
+    objects = (labels[..., 0] < len(SHAPES)).sum(-1)  # occupied cells per image
+    assert objects.min() >= 1 and objects.max() == PRETRAINING_OBJECTS  # fuller than captioned scenes
 
 
 def test_half_of_the_fresh_scenes_are_mirror_images_of_the_others():

@@ -46,9 +46,10 @@ def _scenes(count, seed=0, **kwargs):
     return [sample_scene(rng, **kwargs) for _ in range(count)]
 
 
-def test_sampled_scenes_respect_the_world_rules():
+@pytest.mark.parametrize("max_objects", [3, 7])
+def test_sampled_scenes_respect_the_world_rules(max_objects):
     counts = set()
-    for scene in _scenes(500):
+    for scene in _scenes(500, max_objects=max_objects):
         objects = scene.objects
         counts.add(len(objects))
         assert len({(o.row, o.col) for o in objects}) == len(objects)
@@ -58,7 +59,14 @@ def test_sampled_scenes_respect_the_world_rules():
             assert o.col / GRID <= o.x - half and o.x + half <= (o.col + 1) / GRID
             assert o.row / GRID <= o.y - half and o.y + half <= (o.row + 1) / GRID
         assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
-    assert counts == {1, 2, 3}
+    assert counts == set(range(1, max_objects + 1))
+
+
+def test_default_scenes_stay_captionable_and_bad_object_counts_are_refused():
+    assert _scenes(50) == _scenes(50, max_objects=3)  # the default draws exactly as before
+    for bad in (0, GRID * GRID + 1):
+        with pytest.raises(CaptionerError, match="a scene holds 1 to 9 objects"):
+            sample_scene(random.Random(0), max_objects=bad)
 
 
 def test_every_reference_caption_is_grammatical_and_true():
