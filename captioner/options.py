@@ -81,7 +81,7 @@ class TrainConfig:
     encoder_weights: str = "auto"  # auto: auxiliary pretraining on the shapes world, else imagenet
     image_size: int | None = None
     pool_grid: int | None = None
-    pretrain_epochs: int = 9
+    pretrain_epochs: int = 10
     word2vec: str | None = None
     embed_dim: int | None = None
     hidden_size: int = 128

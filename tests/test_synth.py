@@ -62,8 +62,7 @@ def test_sampled_scenes_respect_the_world_rules(max_objects):
     assert counts == set(range(1, max_objects + 1))
 
 
-def test_default_scenes_stay_captionable_and_bad_object_counts_are_refused():
-    assert _scenes(50) == _scenes(50, max_objects=3)  # the default draws exactly as before
+def test_bad_object_counts_are_refused():
     for bad in (0, GRID * GRID + 1):
         with pytest.raises(CaptionerError, match="a scene holds 1 to 9 objects"):
             sample_scene(random.Random(0), max_objects=bad)
