@@ -124,19 +124,21 @@ def test_decoder_knows_where_each_cell_is():
 
 def test_attention_remembers_where_it_looked():
     # The query adds the previous context and each cell's coverage. Both are empty at the first
-    # word, so cutting them out changes nothing there, and every word after it.
+    # word, so cutting either out changes nothing there, and every word after it.
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
     decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
     features, tokens = torch.randn(2, 4 * 9), torch.tensor([[IDS.start, 5, 6, 7]] * 2)
     with torch.no_grad():
-        decoder.attention.coverage.normal_()
+        decoder.attention.coverage_weight.normal_()
         logits = decoder(features, tokens)
-        decoder.attention.coverage.zero_()
-        decoder.attention.feed.weight.zero_()
-        forgetful = decoder(features, tokens)
-    assert torch.allclose(logits[:, 0], forgetful[:, 0], atol=1e-6)
-    assert all(not torch.allclose(logits[:, t], forgetful[:, t], atol=1e-4) for t in range(1, 4))
+        for forget in (decoder.attention.coverage_weight, decoder.attention.feed.weight):
+            kept = forget.clone()
+            forget.zero_()
+            forgetful = decoder(features, tokens)
+            forget.copy_(kept)
+            assert torch.allclose(logits[:, 0], forgetful[:, 0], atol=1e-6)
+            assert all(not torch.allclose(logits[:, t], forgetful[:, t], atol=1e-4) for t in range(1, 4))
 
 
 def test_one_step_at_a_time_equals_teacher_forcing():
@@ -144,7 +146,7 @@ def test_one_step_at_a_time_equals_teacher_forcing():
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
     decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
-    torch.nn.init.normal_(decoder.attention.coverage)
+    torch.nn.init.normal_(decoder.attention.coverage_weight)
     features, tokens = torch.randn(3, 4 * 9), torch.randint(3, VOCAB, (3, 6))
     with torch.no_grad():
         memory, state = decoder.start(features)

@@ -133,7 +133,7 @@ class _Attention(nn.Module):
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
         self.feed = nn.Linear(hidden, hidden, bias=False)  # the previous context
-        self.coverage = nn.Parameter(torch.zeros(hidden))  # zero: starts as plain attention
+        self.coverage_weight = nn.Parameter(torch.zeros(hidden))  # zero: starts as plain attention
         self.score = nn.Linear(hidden, 1)
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
@@ -141,7 +141,7 @@ class _Attention(nn.Module):
         left by the steps before -> (B, T, H) contexts, the last context and the coverage after."""
         contexts = []
         for query in self.query(queries).unbind(1):  # the only loop over steps in training
-            keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage
+            keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
             weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, N)
             context = (weights.unsqueeze(1) @ memory).squeeze(1)
             coverage = coverage + weights
