@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.data.images import ImageError, decode_image
-from captioner.distributed import Process
+from captioner.data.images import ImageError
+from captioner.runtime import Process
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
-from captioner.models.encoder import EncoderConfig, image_to_tensor
+from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -76,15 +76,15 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 class _DecodedImages(Dataset):
     """(index, tensor or None, error or None) per path; decoding errors are data, not exceptions."""
 
-    def __init__(self, paths: Sequence[Path], config: EncoderConfig):
-        self.paths, self.config = list(paths), config
+    def __init__(self, paths: Sequence[Path], transform: ImageTransform):
+        self.paths, self.transform = list(paths), transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, image_to_tensor(decode_image(self.paths[i]).image, self.config), None
+            return i, self.transform.load(self.paths[i]), None
         except ImageError as exc:
             return i, None, {"code": exc.code, "message": str(exc)}
 
@@ -107,7 +107,7 @@ def caption_paths(
         ``{"image", "captions": [{"text", "log_prob", "perplexity"}]}`` or ``{"image", "error": {"code", "message"}}``.
     """
     loader = DataLoader(
-        _DecodedImages(paths, model.encoder.config),
+        _DecodedImages(paths, model.transform),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -1,12 +1,13 @@
-"""One-file checkpoints of plain data: ``torch.load(path, weights_only=True)`` reads them.
+"""Checkpoint files: saving atomically, reading back, checking format and version.
 
-A checkpoint carries everything inference needs (configs, weights, vocabulary) and what a reader
-wants to know (where the embeddings and encoder weights came from, training metrics), so a model
-is rebuilt from the file alone.
+File work only: what goes into a checkpoint is the model's business (``Captioner.to_checkpoint``,
+``Captioner.from_checkpoint``). A checkpoint is plain data that ``torch.load(path,
+weights_only=True)`` reads, stamped here with the format, its version and when it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -14,41 +15,26 @@ from pathlib import Path
 
 import torch
 
-from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.models.captioner import Captioner
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.models.encoder import Encoder, EncoderConfig
 
 FORMAT = "captioner"
 VERSION = 4  # 2: attention with cell positions; 3: positions from grid coordinates; 4: input feeding, coverage
 
 
-def model_state(model: Captioner, **extra) -> dict:
-    """The checkpoint dictionary of ``model``; ``extra`` adds top-level entries (metrics, training state)."""
-    return {
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Writes ``state``, stamped with format, version and time, atomically: a crash mid-write
+    never leaves a torn file at ``path``."""
+    stamped = {
         "format": FORMAT,
         "version": VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "encoder": {
-            "config": model.encoder.config.to_dict(),
-            "weights": model.info.get("encoder_weights", "none"),
-            "state_dict": model.encoder.state_dict(),
-        },
-        "decoder": {"config": model.decoder.config.to_dict(), "state_dict": model.decoder.state_dict()},
-        "vocab": list(model.vocab.words),
-        "embedding": model.info.get("embedding", {}),
-        **extra,
+        **state,
     }
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Writes ``state`` atomically: a crash mid-write never leaves a torn file at ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        torch.save(stamped, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,7 +42,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dictionary in ``path``, checked to be ours and of a version we read."""
+    """The dictionary in ``path``, checked to be a captioner checkpoint of the version this code reads."""
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"model file not found: {path}")
@@ -71,35 +57,13 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path.name} has checkpoint format version {state.get('version')}; this captioner reads "
             f"version {VERSION} (retrain older models)"
         )
-    missing = [k for k in ("encoder", "decoder", "vocab") if k not in state]
-    if missing:
-        raise CaptionerError(f"{path.name} is an incomplete captioner model: no {', '.join(missing)}")
     return state
 
 
-def build_captioner(state: dict) -> Captioner:
-    """A captioner rebuilt from a checkpoint dictionary."""
-    try:
-        vocab = Vocabulary(state["vocab"])
-        encoder = Encoder(EncoderConfig.from_dict(state["encoder"]["config"]))
-        encoder.load_state_dict(state["encoder"]["state_dict"])
-        config = DecoderConfig(**state["decoder"]["config"])
-        decoder_state = state["decoder"]["state_dict"]
-        decoder = LSTMDecoder(config, decoder_state["embed.weight"], pad_id=vocab.pad)
-        decoder.load_state_dict(decoder_state)
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CaptionerError(f"the checkpoint's model does not fit together ({type(exc).__name__})") from None
-    info = {
-        "encoder_weights": state["encoder"].get("weights", "none"),
-        "embedding": state.get("embedding", {}),
-        "metrics": state.get("metrics", {}),
-        "created": state.get("created"),
-    }
-    return Captioner(encoder, decoder, vocab, info)
-
-
-def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Captioner:
-    """Reads ``path`` and rebuilds its captioner in eval mode on ``device``."""
-    model = build_captioner(read_checkpoint(path))
-    model.info["name"] = Path(path).name
-    return model.to(device).eval()
+def file_digest(path: str | Path, length: int = 12) -> str:
+    """Short SHA-256 of a file: a model's version, which changes whenever its weights do."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]

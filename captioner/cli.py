@@ -177,9 +177,8 @@ def cmd_train(args) -> None:
 
 def cmd_caption(args) -> None:
     from captioner.batch import RecordFile, caption_paths, collect_inputs, run_batch_job
-    from captioner.distributed import init_process, process_device, shutdown
     from captioner.models.captioner import Captioner
-    from captioner.training import resolve_device
+    from captioner.runtime import init_process, process_device, resolve_device, shutdown
 
     options = _decode_options(args)
     paths = collect_inputs(args.inputs)
@@ -206,7 +205,7 @@ def cmd_evaluate(args) -> None:
     from captioner.data.datasets import load_dataset
     from captioner.evaluation import coco_results, evaluate_split, summary_table
     from captioner.models.captioner import Captioner
-    from captioner.training import resolve_device
+    from captioner.runtime import resolve_device
 
     options = _decode_options(args)
     dataset = load_dataset(args.data, format=args.format, images=args.images, skip_missing=args.skip_missing)

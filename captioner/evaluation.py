@@ -1,20 +1,87 @@
-"""Evaluation of a trained captioner on a split: caption metrics, perplexity and, on the shapes
-world, whether the captions are true of their scenes (GTD: grammaticality, truthfulness, diversity)."""
+"""Generating and scoring captions, the one place it is done: loss and perplexity under teacher
+forcing, the caption metrics of generated captions and, on the shapes world, whether they are true
+of their scenes (GTD: grammaticality, truthfulness, diversity). ``captioner evaluate`` and the
+validation of every training epoch both call ``score``."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from captioner.data.datasets import Dataset, ImageRecord
 from captioner.data.synth import Scene, check_caption, parse_holdout
-from captioner.data.vocab import tokenize
-from captioner.options import DecodeOptions
+from captioner.data.vocab import Vocabulary, tokenize
 from captioner.features import compute_features
 from captioner.metrics import caption_metrics, java_available
 from captioner.models.captioner import Captioner
-from captioner.training import encode_captions, evaluate_loss
+from captioner.models.decoder import LSTMDecoder
+from captioner.options import DecodeOptions
+
+
+@dataclass
+class CaptionTensors:
+    """Every (image, caption) pair of a split as padded ids."""
+
+    ids: torch.Tensor  # (N, T) <start> ... <end> <pad>...
+    image_index: torch.Tensor  # (N,) row of the split's feature matrix
+
+
+def encode_captions(records: Sequence[ImageRecord], vocab: Vocabulary, max_length: int) -> CaptionTensors:
+    """Ids of every caption of ``records``, cut to ``max_length`` words."""
+    rows, index = [], []
+    for i, record in enumerate(records):
+        for caption in record.captions:
+            ids = vocab.encode(caption)
+            rows.append(ids[: max_length + 1] + [vocab.end] if len(ids) > max_length + 2 else ids)
+            index.append(i)
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), vocab.pad, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        padded[r, : len(ids)] = torch.tensor(ids)
+    return CaptionTensors(padded, torch.tensor(index))
+
+
+def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of next-word prediction under teacher forcing, and the number of words.
+
+    Padding is masked out, so a batch's loss does not depend on how it was padded.
+    """
+    logits = decoder(features, ids[:, :-1])  # (B, T-1, V)
+    targets = ids[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad, reduction="sum")
+    return loss, int((targets != pad).sum())
+
+
+@torch.inference_mode()
+def evaluate_loss(decoder, features, captions: CaptionTensors, *, pad: int, batch_size: int, device) -> dict:
+    """Teacher-forced loss (per word) and perplexity of ``captions``."""
+    decoder.eval()
+    total_loss, total_words = 0.0, 0
+    for batch in torch.arange(len(captions.ids)).split(batch_size):
+        ids = captions.ids[batch].to(device)
+        loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
+        total_loss += loss.item()
+        total_words += words
+    mean = total_loss / max(total_words, 1)
+    return {"loss": mean, "perplexity": math.exp(mean)}
+
+
+@torch.inference_mode()
+def generate_captions(
+    model: Captioner, features: torch.Tensor, records: Sequence[ImageRecord], options: DecodeOptions, batch_size: int
+) -> dict[str, str]:
+    """The best caption of each image (``features`` row i is ``records[i]``), by image id."""
+    model.eval()
+    captions = {}
+    for start in range(0, len(records), batch_size):
+        hyps = model.generate(features[start : start + batch_size], options)
+        for record, best in zip(records[start : start + batch_size], hyps):
+            captions[record.image_id] = model.vocab.decode(best[0].tokens)
+    return captions
 
 
 def shapes_report(
@@ -59,61 +126,62 @@ def shapes_report(
     return report
 
 
-@torch.inference_mode()
-def evaluate(
+def score(
     model: Captioner,
+    features: torch.Tensor,
     records: Sequence[ImageRecord],
     *,
     options: DecodeOptions | None = None,
     batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = False,
     held_out: frozenset[tuple[str, str]] = frozenset(),
+    max_length: int = 1000,
+    full: bool = True,
 ) -> tuple[dict, dict[str, str]]:
-    """Scores ``model``'s captions of ``records`` against their references.
+    """Generates captions from ``features`` (row i is ``records[i]``) and scores them.
 
     Args:
         model: the captioner.
+        features: (N, F) features of the records' images.
         records: the images with their reference captions.
         options: decoding options (default: greedy).
         batch_size: images per batch.
-        num_workers: DataLoader workers decoding images.
-        progress: show a progress bar.
         held_out: the shapes world's held-out (colour, shape) pairs, for ``held_out_named``.
+        max_length: references are cut to this many words for the perplexity.
+        full: PTB tokenisation (where Java is present) and METEOR, as papers report; off, the
+            quick scores of a training epoch (simple tokenisation, no METEOR).
 
     Returns:
-        The report (``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``, ``cider``, ``perplexity`` of the
-        references, and for the shapes world its truth report) and the generated captions by image id.
+        The report (``images``, ``tokenizer``, ``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``,
+        ``cider``, ``loss`` and ``perplexity`` of the references, and for the shapes world its
+        truth report) and the generated captions by image id.
     """
-    model.eval()
-    options = options or DecodeOptions()
-    features = torch.cat(
-        list(
-            compute_features(
-                model.encoder,
-                [r.path for r in records],
-                device=model.device,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=progress,
-            )
-        )
-    )
-    captions = {}
-    for start in range(0, len(records), batch_size):
-        hyps = model.generate(features[start : start + batch_size], options)
-        for record, best in zip(records[start : start + batch_size], hyps):
-            captions[record.image_id] = model.vocab.decode(best[0].tokens)
+    captions = generate_captions(model, features, records, options or DecodeOptions(), batch_size)
     references = {r.image_id: list(r.captions) for r in records}
-    tokenizer = "ptb" if java_available() else "simple"
+    tokenizer = "ptb" if full and java_available() else "simple"
     report = {"images": len(records), "tokenizer": tokenizer}
-    report |= caption_metrics(captions, references, tokenizer=tokenizer)
-    refs = encode_captions(list(records), model.vocab, max_length=1000)
-    loss = evaluate_loss(model.decoder, features, refs, pad=model.vocab.pad, batch_size=512, device=model.device)
-    report["perplexity"] = loss["perplexity"]
+    report |= caption_metrics(captions, references, tokenizer=tokenizer, meteor=full)
+    refs = encode_captions(records, model.vocab, max_length)
+    report |= evaluate_loss(model.decoder, features, refs, pad=model.vocab.pad, batch_size=512, device=model.device)
     if all(r.scene for r in records):
         report |= shapes_report(captions, records, held_out)
     return report, captions
+
+
+def evaluate(
+    model: Captioner,
+    records: Sequence[ImageRecord],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    **score_args,
+) -> tuple[dict, dict[str, str]]:
+    """Runs the encoder over ``records``' images, then :func:`score` (``score_args`` go to it)."""
+    model.eval()
+    paths = [r.path for r in records]
+    args = dict(device=model.device, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    features = torch.cat(list(compute_features(model.encoder, paths, **args)))
+    return score(model, features, records, batch_size=batch_size, **score_args)
 
 
 def evaluate_split(model: Captioner, dataset: Dataset, split: str, **kwargs) -> tuple[dict, dict[str, str]]:

@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.data.images import decode_image
-from captioner.models.encoder import Encoder, EncoderConfig, image_to_tensor, weights_fingerprint
+from captioner.models.encoder import Encoder, ImageTransform, weights_fingerprint
 
 SHARD_SIZE = 2048
 
@@ -36,14 +35,14 @@ def default_cache_dir() -> Path:
 class ImageTensors(Dataset):
     """Decodes image files to normalised tensors (in DataLoader workers)."""
 
-    def __init__(self, paths: Sequence[Path], config: EncoderConfig):
-        self.paths, self.config = list(paths), config
+    def __init__(self, paths: Sequence[Path], transform: ImageTransform):
+        self.paths, self.transform = list(paths), transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return image_to_tensor(decode_image(self.paths[i]).image, self.config)
+        return self.transform.load(self.paths[i])
 
 
 def _image_key(path: Path) -> str:
@@ -68,7 +67,7 @@ def compute_features(
     progress: bool = False,
 ):
     """Yields (B, F) float32 feature batches of ``paths``, in order."""
-    loader = DataLoader(ImageTensors(paths, encoder.config), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ImageTensors(paths, encoder.transform), batch_size=batch_size, num_workers=num_workers)
     encoder = encoder.to(device).eval()
     for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device, non_blocking=True)

@@ -27,10 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
-from captioner.data.images import decode_image
 from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets, parse_holdout, render_scene, sample_scene
 from captioner.errors import CaptionerError
-from captioner.models.encoder import Encoder, image_to_tensor
+from captioner.models.encoder import Encoder
 
 # Each attribute is a classification over its values plus "empty cell".
 ATTRIBUTES = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("size", len(SIZES)))
@@ -85,7 +84,7 @@ class CellClassifier(nn.Module):
 
 
 def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([image_to_tensor(decode_image(r.path).image, encoder.config) for r in records])
+    images = torch.stack([encoder.transform.load(r.path) for r in records])
     labels = torch.stack([cell_labels(Scene.from_dict(r.scene)) for r in records])
     return images, labels
 
@@ -99,7 +98,7 @@ def _fresh_scenes(encoder: Encoder, world: dict, count: int, rng: random.Random)
     """
     holdout = parse_holdout(world.get("holdout", []))
     scenes = [sample_scene(rng, holdout=holdout, max_objects=PRETRAINING_OBJECTS) for _ in range((count + 1) // 2)]
-    images = torch.stack([image_to_tensor(render_scene(s, world["image_size"], rng), encoder.config) for s in scenes])
+    images = torch.stack([encoder.transform(render_scene(s, world["image_size"], rng)) for s in scenes])
     labels = torch.stack([cell_labels(scene) for scene in scenes])  # (n, G*G, 3), cells row-major
     mirrored = labels.view(-1, GRID, GRID, labels.size(-1)).flip(2).flatten(1, 2)
     order = torch.randperm(2 * len(scenes), generator=torch.Generator().manual_seed(rng.getrandbits(63)))[:count]

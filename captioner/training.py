@@ -1,11 +1,12 @@
 """Training: cached CNN features -> LSTM decoder with cross-entropy, checkpoints and resume.
 
-``train(config)`` runs the whole job: read the data set, build the vocabulary and the frozen
-word2vec embedding, get a frozen encoder (ImageNet weights, a file, or auxiliary pretraining on the
-shapes world), cache its features, then train the decoder epoch by epoch. Each epoch logs train and
-validation loss/perplexity, the gradient norm before clipping and validation BLEU-4/CIDEr of
-greedy captions; ``model.pt`` keeps the best epoch by validation CIDEr, ``last.pt`` the latest
-with its optimizer, and ``metrics.jsonl`` one line per epoch.
+``train(config)`` runs the whole job, as torchvision's reference ``main`` does: read the data set,
+build the model (vocabulary, frozen word2vec embedding, a frozen encoder with ImageNet weights, a
+file, or auxiliary pretraining on the shapes world), cache the encoder's features, then train the
+decoder epoch by epoch. Each epoch logs train and validation loss/perplexity, the gradient norm
+before clipping and the validation scores of greedy captions (``evaluation.score``); ``model.pt``
+keeps the best epoch, ``last.pt`` the latest with its optimizer, and ``metrics.jsonl`` one line
+per epoch.
 
 Started by ``torchrun`` the same job trains with DistributedDataParallel: every process takes its
 share of each epoch's batches, so the effective batch is ``batch_size`` times the number of
@@ -16,83 +17,116 @@ the feature cache first, evaluates, and writes the run folder.
 from __future__ import annotations
 
 import json
-import sys
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioner.checkpoint import build_captioner, model_state, read_checkpoint, save_checkpoint
-from captioner.data.datasets import Dataset, ImageRecord, load_dataset
-from captioner.data.synth import GRID, Scene, check_caption
+from captioner.checkpoint import read_checkpoint, save_checkpoint
+from captioner.data.datasets import Dataset, load_dataset
+from captioner.data.synth import GRID
 from captioner.data.vocab import Vocabulary, tokenize
-from captioner.distributed import Process, init_process, process_device, shutdown
-from captioner.options import DecodeOptions
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
+from captioner.evaluation import caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
-from captioner.metrics import caption_metrics
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights, weights_fingerprint
+from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import TrainConfig
 from captioner.pretrain import CELL_CLASSES, pretrain_encoder
+from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
+
+# Rank 0 prepares (CNN pretraining, feature extraction) while the others wait: hours on a large data
+# set, far past a collective's default timeout (10 minutes with nccl), so the waits between
+# processes outside the training steps go through a gloo group of their own with a long one.
+HOST_TIMEOUT = timedelta(hours=24)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def train(config: TrainConfig) -> dict:
+    """Runs a whole training job; returns the best epoch's metrics.
+
+    Under ``torchrun`` every process calls this with the same options and trains its share of each
+    epoch with DistributedDataParallel (gloo on CPU, nccl on CUDA); all return the same metrics.
+
+    Args:
+        config: the options.
+
+    Returns:
+        The metrics of the epoch saved as ``model.pt``.
+    """
+    out = Path(config.out)
+    if (out / "last.pt").exists() and not config.resume:
+        raise CaptionerError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if config.resume and not (out / "last.pt").exists():
+        raise CaptionerError(f"nothing to resume: {out / 'last.pt'} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(process_device(config.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl works on the current device
+    process = init_process(device)
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CaptionerError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaptionerError(f"device {name} asked for, but CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CaptionerError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
+        return _main(replace(config, progress=config.progress and process.is_main), out, device, process)
+    finally:
+        shutdown()
 
 
 @dataclass
-class CaptionTensors:
-    """Every (image, caption) pair of a split as padded ids."""
+class Progress:
+    """Where a run stands: the next epoch, the best so far and every epoch's metrics."""
 
-    ids: torch.Tensor  # (N, T) <start> ... <end> <pad>...
-    image_index: torch.Tensor  # (N,) row of the split's feature matrix
-
-
-def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_length: int) -> CaptionTensors:
-    """Ids of every caption of ``records``, cut to ``max_length`` words."""
-    rows, index = [], []
-    for i, record in enumerate(records):
-        for caption in record.captions:
-            ids = vocab.encode(caption)
-            rows.append(ids[: max_length + 1] + [vocab.end] if len(ids) > max_length + 2 else ids)
-            index.append(i)
-    width = max(len(r) for r in rows)
-    padded = torch.full((len(rows), width), vocab.pad, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        padded[r, : len(ids)] = torch.tensor(ids)
-    return CaptionTensors(padded, torch.tensor(index))
+    start_epoch: int = 1
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
 
 
-def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of next-word prediction under teacher forcing, and the number of words.
-
-    Padding is masked out, so a batch's loss does not depend on how it was padded.
-    """
-    logits = decoder(features, ids[:, :-1])  # (B, T-1, V)
-    targets = ids[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad, reduction="sum")
-    return loss, int((targets != pad).sum())
+def _main(config: TrainConfig, out: Path, device: torch.device, process: Process) -> dict:
+    """The job: data, model and features, optimizer, then the epoch loop."""
+    dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
+    val_records = dataset.split("val")[: config.val_images or None]
+    host = _join(config, dataset, process)
+    resumed = read_checkpoint(out / "last.pt") if config.resume else None
+    model, train_features, val_features = _rank_zero_first(
+        process, host, lambda: _prepare(config, dataset, val_records, out, device, resumed)
+    )
+    _check_agreement(model, process, host)
+    train_captions = encode_captions(dataset.split("train"), model.vocab, config.max_caption_length)
+    optimizer, schedule, scaler = _optimizer(model, config, device)
+    progress = _restore(resumed, optimizer, schedule, scaler) if resumed else Progress()
+    if resumed:
+        torch.set_rng_state(_rng_state(resumed, process))
+    else:  # dropout does not depend on what the feature cache held; each rank draws its own masks
+        torch.manual_seed(config.seed + process.rank)
+    if process.is_main:  # the log rewritten from the saved history: an epoch that was not saved is dropped
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+    decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
+    if process.distributed:
+        decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
+    for epoch in range(progress.start_epoch, config.epochs + 1):
+        started = time.monotonic()
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "world_size": process.world_size}
+        row["effective_batch_size"] = config.batch_size * process.world_size
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        row |= train_one_epoch(
+            decoder, train_features, train_captions, optimizer, scaler, pad=model.vocab.pad,
+            batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, generator=generator,
+            progress=config.progress, shard=(process.rank, process.world_size),
+        )  # fmt: skip
+        schedule.step()
+        rngs = _gather_rng_states(process, host)
+        if process.is_main:
+            row |= validate(model, val_features, val_records, config.max_caption_length)
+            row["seconds"] = round(time.monotonic() - started, 2)
+            _save_epoch(model, row, progress, config, out, (optimizer, schedule, scaler), rngs)
+        progress.best = _broadcast(progress.best, process, host)
+    return progress.best
 
 
 def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -160,41 +194,98 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
     }
 
 
-@torch.inference_mode()
-def evaluate_loss(decoder, features, captions, *, pad, batch_size, device) -> dict:
-    """Teacher-forced loss and perplexity of ``captions``."""
-    decoder.eval()
-    total_loss, total_words = 0.0, 0
-    for batch in torch.arange(len(captions.ids)).split(batch_size):
-        ids = captions.ids[batch].to(device)
-        loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
-        total_loss += loss.item()
-        total_words += words
-    mean = total_loss / max(total_words, 1)
-    return {"loss": mean, "perplexity": math.exp(mean)}
-
 
 @torch.inference_mode()
-def generated_metrics(model: Captioner, features, records, *, batch_size) -> dict:
-    """BLEU-4 and CIDEr of greedy captions (not teacher-forced) against the references, and on the
-    shapes world their truthfulness: the share whose every fact holds in the image's scene."""
-    model.eval()
-    options = DecodeOptions()
-    candidates, references = {}, {}
-    for start in range(0, len(records), batch_size):
-        hyps = model.generate(features[start : start + batch_size], options)
-        for record, (hyp,) in zip(records[start : start + batch_size], hyps):
-            candidates[record.image_id] = model.vocab.decode(hyp.tokens)
-            references[record.image_id] = list(record.captions)
-    scores = caption_metrics(candidates, references, tokenizer="simple", meteor=False)
-    metrics = {"bleu_4": scores["bleu_4"], "cider": scores["cider"]}
-    if records and all(r.scene for r in records):
-        truthful = [check_caption(candidates[r.image_id], Scene.from_dict(r.scene)).truthful for r in records]
-        metrics["truthfulness"] = sum(truthful) / len(truthful)
-    return metrics
+def validate(model: Captioner, features: torch.Tensor, records, max_length: int) -> dict:
+    """The validation columns of an epoch's row: teacher-forced loss and perplexity, and BLEU-4,
+    CIDEr and (shapes world) truthfulness of greedy captions, with the quick scores of ``score``."""
+    report, _ = score(model, features, records, batch_size=512, max_length=max_length, full=False)
+    keys = ("loss", "perplexity", "bleu_4", "cider", "truthfulness")
+    return {f"val_{key}": report[key] for key in keys if key in report}
 
 
-def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
+def _log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def _join(config: TrainConfig, dataset: Dataset, process: Process):
+    """Checks that every process gets batches; returns the gloo group for waits between them (or None)."""
+    num_batches = math.ceil(sum(len(r.captions) for r in dataset.split("train")) / config.batch_size)
+    if num_batches < process.world_size:
+        raise CaptionerError(
+            f"{num_batches} batch(es) of {config.batch_size} training captions cannot be shared by "
+            f"{process.world_size} processes: lower --batch-size or start fewer processes"
+        )
+    if not process.distributed:
+        return None
+    if process.is_main:
+        _log(
+            f"DistributedDataParallel: {process.world_size} processes ({dist.get_backend()}), batch size "
+            f"{config.batch_size} per process, {config.batch_size * process.world_size} in all; "
+            f"lr {config.lr} as given (not scaled with the number of processes); "
+            f"{num_batches // process.world_size} steps per epoch, {num_batches % process.world_size} batch(es) left out"
+        )
+    return dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+
+
+def _rank_zero_first(process: Process, host, prepare):
+    """``prepare()`` on rank 0, then on the others: rank 0 writes out/encoder-pretrained.pt and the
+    feature cache, which the others then read instead of racing it to write them."""
+    if process.is_main:
+        result = prepare()
+    if process.distributed:
+        dist.barrier(group=host)
+    if not process.is_main:
+        result = prepare()
+    return result
+
+
+def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, device: torch.device, resumed):
+    """The model (restored, or built anew) on ``device`` and the cached features of train and validation."""
+    if resumed:
+        model = Captioner.from_checkpoint(resumed, source="last.pt")
+        if config.progress:
+            _log(f"resuming {out} after epoch {resumed['training']['epoch']}")
+    else:
+        model = build_model(config, dataset, out, device)
+    model.to(device)
+    cache_dir = Path(config.feature_cache) if config.feature_cache else default_cache_dir()
+    args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
+    train_features = cached_features(model.encoder, [r.path for r in dataset.split("train")], **args)
+    val_features = cached_features(model.encoder, [r.path for r in val_records], **args)
+    return model, train_features, val_features
+
+
+def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Captioner:
+    """A new captioner: vocabulary and frozen word2vec embedding of the training captions, the
+    frozen encoder, and a randomly initialised decoder (seeded)."""
+    captions = [c for r in dataset.split("train") for c in r.captions]
+    vocab = Vocabulary.build(captions, config.min_count)
+    embedding = word_embedding(
+        vocab, [tokenize(c) for c in captions], vectors_path=config.word2vec, dim=config.embed_dim, seed=config.seed
+    )
+    info = embedding.info
+    if config.progress:
+        _log(
+            f"vocabulary {len(vocab)} words; word2vec {info['source']} {info['dim']}-d, coverage "
+            f"{info['coverage_words']:.1%} of words, {info['coverage_tokens']:.1%} of tokens"
+        )
+    encoder = build_encoder(config, dataset, out, device)
+    torch.manual_seed(config.seed)
+    decoder_config = DecoderConfig(
+        feature_dim=encoder.feature_dim,
+        vocab_size=len(vocab),
+        embed_dim=embedding.matrix.size(1),
+        cells=encoder.config.pool_grid**2,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        dropout=config.dropout,
+    )
+    decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
+    return Captioner(encoder, decoder, vocab, embedding=info)
+
+
+def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
     """The frozen encoder: pretrained on the shapes world's scenes, or with the weights asked for."""
     shapes = dataset.meta.get("shapes_world")
     # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the scene grid.
@@ -216,24 +307,29 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
             cell_classes=CELL_CLASSES if auxiliary else (),
         )
     )
-    if not auxiliary:
-        encoder.info = {"weights": load_encoder_weights(encoder, weights)}
-        return encoder.freeze()
+    if auxiliary:
+        return _pretrained_on_shapes(encoder, config, dataset, out, device)
+    encoder.load_weights(weights)
+    return encoder.freeze()
+
+
+def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Dataset, out: Path, device) -> Encoder:
+    """``encoder`` pretrained on the shapes world's scenes, or read back from an earlier run's
+    ``out/encoder-pretrained.pt`` (a resumed run, or another rank)."""
     saved = out / "encoder-pretrained.pt"
-    if saved.exists():  # resumed run: the CNN was pretrained already
-        state = torch.load(saved, map_location="cpu", weights_only=True)
+    if saved.exists():
         try:
-            encoder.load_state_dict(state["state_dict"])
-        except (RuntimeError, KeyError, TypeError):
+            encoder.load_state_dict(read_checkpoint(saved)["state_dict"])
+        except (CaptionerError, RuntimeError, KeyError, TypeError):
             raise CaptionerError(
                 f"{saved} does not fit this encoder (another --encoder or an older captioner): "
                 "delete it to pretrain again"
             ) from None
-        encoder.info = state["info"]
+        encoder.weights = "auxiliary:shapes-world"
         return encoder.freeze()
     result = pretrain_encoder(
         encoder,
-        shapes,
+        dataset.meta["shapes_world"],
         dataset.split("val"),
         epochs=config.pretrain_epochs,
         images_per_epoch=len(dataset.split("train")),
@@ -241,226 +337,103 @@ def _encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.dev
         seed=config.seed,
         progress=config.progress,
     )
-    encoder.info = {"weights": "auxiliary:shapes-world", "pretraining": result}
-    save_checkpoint({"state_dict": encoder.state_dict(), "info": encoder.info}, saved)
+    encoder.weights = "auxiliary:shapes-world"
+    save_checkpoint({"state_dict": encoder.state_dict(), "pretraining": result}, saved)
     return encoder
 
 
-def _log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+def _check_agreement(model: Captioner, process: Process, host) -> None:
+    """Under torchrun: every rank built the same vocabulary and encoder.
 
-
-# Rank 0 prepares (CNN pretraining, feature extraction) while the others wait: hours on a large data
-# set, far past a collective's default timeout (10 minutes with nccl), so the waits between
-# processes outside the training steps go through a gloo group of their own with a long one.
-HOST_TIMEOUT = timedelta(hours=24)
-
-
-def train(config: TrainConfig) -> dict:
-    """Runs a whole training job; returns the best epoch's metrics.
-
-    Under ``torchrun`` every process calls this with the same options and trains its share of each
-    epoch with DistributedDataParallel (gloo on CPU, nccl on CUDA); all return the same metrics.
-
-    Args:
-        config: the options.
-
-    Returns:
-        The metrics of the epoch saved as ``model.pt``.
+    DDP gives every rank rank 0's decoder, the frozen embedding included (it is a parameter), but the
+    vocabulary and the features must agree already; they do when every process read the same data
+    set and the same encoder-pretrained.pt.
     """
-    out = Path(config.out)
-    if (out / "last.pt").exists() and not config.resume:
-        raise CaptionerError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if config.resume and not (out / "last.pt").exists():
-        raise CaptionerError(f"nothing to resume: {out / 'last.pt'} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(process_device(config.device))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # nccl works on the current device
-    process = init_process(device)
-    try:
-        return _train(config, out, device, process)
-    finally:
-        shutdown()
-
-
-def _train(config: TrainConfig, out: Path, device: torch.device, process: Process) -> dict:
-    last_path, best_path, metrics_path = out / "last.pt", out / "model.pt", out / "metrics.jsonl"
-    log = _log if process.is_main else (lambda message: None)
-    config = replace(config, progress=config.progress and process.is_main)
-    dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
-    train_records, val_records = dataset.split("train"), dataset.split("val")
-    val_records = val_records[: config.val_images] if config.val_images else val_records
-    num_batches = math.ceil(sum(len(r.captions) for r in train_records) / config.batch_size)
-    if num_batches < process.world_size:
+    if not process.distributed:
+        return
+    everyone = [None] * process.world_size
+    dist.all_gather_object(everyone, (model.vocab.words, weights_fingerprint(model.encoder)), group=host)
+    if any(theirs != everyone[0] for theirs in everyone):
         raise CaptionerError(
-            f"{num_batches} batch(es) of {config.batch_size} training captions cannot be shared by "
-            f"{process.world_size} processes: lower --batch-size or start fewer processes"
-        )
-    host = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT) if process.distributed else None
-    if process.distributed:
-        log(
-            f"DistributedDataParallel: {process.world_size} processes ({dist.get_backend()}), batch size "
-            f"{config.batch_size} per process, {config.batch_size * process.world_size} in all; "
-            f"lr {config.lr} as given (not scaled with the number of processes); "
-            f"{num_batches // process.world_size} steps per epoch, {num_batches % process.world_size} batch(es) left out"
+            "the processes built different vocabularies or encoders: every machine needs the "
+            "same --data, and --out in a folder they all share"
         )
 
-    resumed = read_checkpoint(last_path) if config.resume else None
 
-    def prepare() -> tuple[Captioner, torch.Tensor, torch.Tensor]:
-        if resumed:
-            model = build_captioner(resumed)
-            log(f"resuming {out} after epoch {resumed['training']['epoch']}")
-        else:
-            vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_count)
-            sentences = [tokenize(c) for r in train_records for c in r.captions]
-            embedding = word_embedding(
-                vocab, sentences, vectors_path=config.word2vec, dim=config.embed_dim, seed=config.seed
-            )
-            log(
-                f"vocabulary {len(vocab)} words; word2vec {embedding.info['source']} {embedding.info['dim']}-d, "
-                f"coverage {embedding.info['coverage_words']:.1%} of words, {embedding.info['coverage_tokens']:.1%} of tokens"
-            )
-            encoder = _encoder(config, dataset, out, device)
-            torch.manual_seed(config.seed)
-            decoder_config = DecoderConfig(
-                feature_dim=encoder.feature_dim,
-                vocab_size=len(vocab),
-                embed_dim=embedding.matrix.size(1),
-                cells=encoder.config.pool_grid**2,
-                hidden_size=config.hidden_size,
-                num_layers=config.num_layers,
-                dropout=config.dropout,
-            )
-            decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
-            info = {"encoder_weights": encoder.info["weights"], "embedding": embedding.info}
-            model = Captioner(encoder, decoder, vocab, info)
-        model.to(device)
-        cache_dir = Path(config.feature_cache) if config.feature_cache else default_cache_dir()
-        feature_args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
-        train_features = cached_features(model.encoder, [r.path for r in train_records], **feature_args)
-        val_features = cached_features(model.encoder, [r.path for r in val_records], **feature_args)
-        return model, train_features, val_features
-
-    # Rank 0 first: it writes out/encoder-pretrained.pt and the feature cache, which the others then
-    # read instead of racing it to write them.
-    if process.is_main:
-        model, train_features, val_features = prepare()
-    if process.distributed:
-        dist.barrier(group=host)
-    if not process.is_main:
-        model, train_features, val_features = prepare()
-    vocab = model.vocab
-    if process.distributed:
-        # DDP gives every rank rank 0's decoder, the frozen embedding included (it is a parameter),
-        # but the vocabulary and the features must agree already; they do when every process read
-        # the same data set and the same encoder-pretrained.pt.
-        mine = (vocab.words, weights_fingerprint(model.encoder))
-        everyone = [None] * process.world_size
-        dist.all_gather_object(everyone, mine, group=host)
-        if any(theirs != everyone[0] for theirs in everyone):
-            raise CaptionerError(
-                "the processes built different vocabularies or encoders: every machine needs the "
-                "same --data, and --out in a folder they all share"
-            )
-    train_captions = encode_captions(train_records, vocab, config.max_caption_length)
-    val_captions = encode_captions(val_records, vocab, config.max_caption_length)
-
-    params = [p for p in model.decoder.parameters() if p.requires_grad]  # the frozen embedding is not here
+def _optimizer(model: Captioner, config: TrainConfig, device: torch.device):
+    """Adam over the parameters that train (the frozen embedding and encoder are not among them),
+    a cosine learning-rate schedule, and float16 loss scaling on CUDA."""
+    params = [p for p in model.decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.lr * 0.05)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    start_epoch, best, history = 1, None, []
-    if resumed:
-        optimizer.load_state_dict(resumed["training"]["optimizer"])
-        schedule.load_state_dict(resumed["training"]["schedule"])
-        if resumed["training"].get("scaler"):
-            scaler.load_state_dict(resumed["training"]["scaler"])
-        start_epoch = resumed["training"]["epoch"] + 1
-        best = resumed["training"]["best"]
-        history = resumed["training"]["history"]
-        # Dropout masks continue as if never stopped; under torchrun each rank's own, as long as the
-        # number of processes is the same.
-        rngs = resumed["training"].get("rng_ranks") or [resumed["training"]["rng"]]
-        torch.set_rng_state(rngs[process.rank] if process.rank < len(rngs) else rngs[0])
-    else:
-        # Dropout does not depend on what the feature cache held; under torchrun each rank draws its own masks.
-        torch.manual_seed(config.seed + process.rank)
-    if process.is_main:
-        # Rewrite the log from the saved history: lines of an epoch that was not saved are dropped.
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    return optimizer, schedule, scaler
 
-    decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
-    if process.distributed:
-        decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+def _restore(resumed: dict, optimizer, schedule, scaler) -> Progress:
+    """The optimizer, schedule and scaler of ``last.pt``, and where its run stood."""
+    training = resumed["training"]
+    optimizer.load_state_dict(training["optimizer"])
+    schedule.load_state_dict(training["schedule"])
+    if training.get("scaler"):
+        scaler.load_state_dict(training["scaler"])
+    return Progress(training["epoch"] + 1, training["best"], training["history"])
+
+
+def _rng_state(resumed: dict, process: Process) -> torch.Tensor:
+    """The random state to go on with: dropout masks continue as if never stopped; under torchrun
+    each rank's own, as long as the number of processes is the same."""
+    rngs = resumed["training"].get("rng_ranks") or [resumed["training"]["rng"]]
+    return rngs[process.rank] if process.rank < len(rngs) else rngs[0]
+
+
+def _gather_rng_states(process: Process, host) -> list | None:
+    """Every rank's random state, on rank 0 (None on the others, and for a single process)."""
+    if not process.distributed:
+        return None
+    rngs = [None] * process.world_size if process.is_main else None
+    dist.gather_object(torch.get_rng_state(), rngs, dst=0, group=host)
+    return rngs
+
+
+def _broadcast(best: dict | None, process: Process, host) -> dict | None:
+    """Rank 0's best epoch on every rank (the others wait here while rank 0 evaluates and saves)."""
+    if not process.distributed:
+        return best
+    shared = [best]
+    dist.broadcast_object_list(shared, src=0, group=host)
+    return shared[0]
+
+
+def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainConfig, out: Path, optimization, rngs) -> None:
+    """Records the epoch: ``last.pt`` to resume from, ``model.pt`` if it is the best, a log line."""
+    progress.history.append(row)
+    # Not truthfulness: a model that leaves the third object out says fewer false things.
+    is_best = progress.best is None or row["val_cider"] > progress.best["val_cider"]
+    progress.best = row if is_best else progress.best
     settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}
-    for epoch in range(start_epoch, config.epochs + 1):
-        started = time.monotonic()
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        row = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "world_size": process.world_size,
-            "effective_batch_size": config.batch_size * process.world_size,
-        }
-        row |= train_one_epoch(
-            decoder,
-            train_features,
-            train_captions,
-            optimizer,
-            scaler,
-            pad=vocab.pad,
-            batch_size=config.batch_size,
-            clip_norm=config.clip_norm,
-            device=device,
-            generator=generator,
-            progress=config.progress,
-            shard=(process.rank, process.world_size),
-        )
-        schedule.step()
-        rngs = None
-        if process.distributed:
-            rngs = [None] * process.world_size if process.is_main else None
-            dist.gather_object(torch.get_rng_state(), rngs, dst=0, group=host)
-        if process.is_main:
-            val = evaluate_loss(
-                model.decoder, val_features, val_captions, pad=vocab.pad, batch_size=512, device=device
-            )
-            row |= {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
-            row |= {f"val_{k}": v for k, v in generated_metrics(model, val_features, val_records, batch_size=512).items()}
-            row["seconds"] = round(time.monotonic() - started, 2)
-            history.append(row)
-            # Not truthfulness: a model that leaves the third object out says fewer false things.
-            is_best = best is None or row["val_cider"] > best["val_cider"]
-            best = row if is_best else best
-            training = {
-                "epoch": epoch,
-                "best": best,
-                "history": history,
-                "config": settings,
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": torch.get_rng_state(),
-            }
-            if rngs:
-                training["rng_ranks"] = rngs
-            save_checkpoint(model_state(model, metrics=row, training=training), last_path)
-            if is_best:
-                model_training = {"epoch": epoch, "config": settings, "history": history}
-                save_checkpoint(model_state(model, metrics=row, training=model_training), best_path)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
-            log(
-                f"epoch {epoch}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
-                f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
-                f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
-            )
-        if process.distributed:
-            # The others wait here while rank 0 evaluates and saves, and return the same best epoch.
-            shared = [best]
-            dist.broadcast_object_list(shared, src=0, group=host)
-            best = shared[0]
-    return best
+    optimizer, schedule, scaler = optimization
+    training = {
+        "epoch": row["epoch"],
+        "best": progress.best,
+        "history": progress.history,
+        "config": settings,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    if rngs:
+        training["rng_ranks"] = rngs
+    save_checkpoint(model.to_checkpoint(metrics=row, training=training), out / "last.pt")
+    if is_best:
+        model_training = {"epoch": row["epoch"], "config": settings, "history": progress.history}
+        save_checkpoint(model.to_checkpoint(metrics=row, training=model_training), out / "model.pt")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
+    _log(
+        f"epoch {row['epoch']}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
+        f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
+        f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
+    )

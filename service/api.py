@@ -9,7 +9,6 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from captioner.data.images import ImageError, decode_image
-from captioner.models.encoder import image_to_tensor
 from service.batcher import MicroBatcher, NotReady, QueueFull
 from service.errors import ServiceError, error_response
 from service.intake import read_image_bytes, read_options
@@ -47,7 +46,7 @@ def captions():
     except ImageError as exc:
         raise ServiceError(exc.status, exc.code, str(exc)) from None
     # Preparing the tensor here keeps the batcher's thread for the model alone.
-    pixels = image_to_tensor(decoded.image, batcher.model.encoder.config)  # (3, S, S)
+    pixels = batcher.model.transform(decoded.image)  # (3, S, S)
     read_ms = _ms(time.perf_counter() - started)
     try:
         future = batcher.submit(pixels, options)
@@ -66,7 +65,7 @@ def captions():
     return jsonify(
         {
             "request_id": g.request_id,
-            "model": {"name": model.info["name"], "version": model.info["version"]},
+            "model": {"name": model.name, "version": model.version},
             "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
             "captions": result.captions,
             "timing_ms": {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)},

@@ -14,7 +14,7 @@ import torch
 import captioner.training as training
 from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
-from captioner.distributed import Process, process_device
+from captioner.runtime import Process, process_device
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 

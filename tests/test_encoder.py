@@ -6,7 +6,7 @@ import torchvision
 
 from captioner.errors import CaptionerError
 from captioner.features import cached_features
-from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights
+from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import BACKBONES
 
 
@@ -37,7 +37,7 @@ def test_state_dict_file_loads_into_backbone(tmp_path):
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     encoder = Encoder(EncoderConfig(name="resnet18"))
-    assert load_encoder_weights(encoder, str(tmp_path / "resnet18.pth")) == "file:resnet18.pth"
+    assert encoder.load_weights(str(tmp_path / "resnet18.pth")) == "file:resnet18.pth"
     assert torch.equal(encoder.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(encoder.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
 
@@ -45,12 +45,12 @@ def test_state_dict_file_loads_into_backbone(tmp_path):
 def test_weights_of_another_architecture_or_file_are_refused(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(CaptionerError, match="do not fit resnet34"):
-        load_encoder_weights(Encoder(EncoderConfig(name="resnet34")), str(tmp_path / "r18.pth"))
+        Encoder(EncoderConfig(name="resnet34")).load_weights(str(tmp_path / "r18.pth"))
     (tmp_path / "junk.pth").write_text("not a tensor file")
     with pytest.raises(CaptionerError, match="not a PyTorch state_dict"):
-        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), str(tmp_path / "junk.pth"))
+        Encoder(EncoderConfig(name="resnet18")).load_weights(str(tmp_path / "junk.pth"))
     with pytest.raises(CaptionerError, match="not found"):
-        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), str(tmp_path / "absent.pth"))
+        Encoder(EncoderConfig(name="resnet18")).load_weights(str(tmp_path / "absent.pth"))
 
 
 def test_imagenet_weights_offline_say_how_to_pass_a_local_file(monkeypatch, tmp_path):
@@ -61,7 +61,7 @@ def test_imagenet_weights_offline_say_how_to_pass_a_local_file(monkeypatch, tmp_
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(CaptionerError) as error:
-        load_encoder_weights(Encoder(EncoderConfig(name="resnet18")), "imagenet")
+        Encoder(EncoderConfig(name="resnet18")).load_weights("imagenet")
     message = str(error.value)
     assert "resnet18-f37072fd.pth" in message and "--encoder-weights /path/to/" in message
 

@@ -52,9 +52,9 @@ def test_recipe_trains_evaluates_and_plots_with_stand_in_files(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     model = Captioner.load(out / "model.pt")
-    assert model.info["encoder_weights"] == f"file:{weights.name}"
-    assert model.info["embedding"]["file"] == vectors.name and model.info["embedding"]["dim"] == 300
-    assert model.info["embedding"]["coverage_words"] > 0.5
+    assert model.encoder.weights == f"file:{weights.name}"
+    assert model.embedding["file"] == vectors.name and model.embedding["dim"] == 300
+    assert model.embedding["coverage_words"] > 0.5
     assert model.encoder.config.name == "resnet18" and model.decoder.config.hidden_size == 32
     report = json.loads((out / "test-report.json").read_text())
     assert report["split"] == "test" and report["images"] == 1 and 0 <= report["bleu_4"] <= 1

@@ -20,7 +20,7 @@ from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from service import create_app, serve
 from service.batcher import decode_group
-from service.model import file_digest
+from captioner.checkpoint import file_digest
 
 CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
 
@@ -454,7 +454,7 @@ def test_model_card(client, model_path):
     model = Captioner.load(model_path)
     assert card["name"] == "captioner-resnet18-lstm"
     assert card["version"] == file_digest(model_path) and re.fullmatch(r"[0-9a-f]{12}", card["version"])
-    assert card["created"] == model.info["created"]
+    assert card["created"] == model.created
     assert card["vocab_size"] == len(model.vocab) > 4
     assert card["encoder"]["name"] == "resnet18" and card["encoder"]["image_size"] == 32
     assert card["encoder"]["feature_dim"] == model.encoder.feature_dim

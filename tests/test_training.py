@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import captioner.training as training
-from captioner.checkpoint import build_captioner, read_checkpoint
+from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import LSTMDecoder
-from captioner.training import encode_captions, evaluate_loss, train, train_one_epoch
+from captioner.evaluation import encode_captions, evaluate_loss
+from captioner.training import train, train_one_epoch
 
 from .conftest import tiny_config
 
@@ -29,7 +30,7 @@ def test_run_writes_metrics_every_epoch_and_keeps_the_best(trained_run):
 
 
 def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_run, shapes, feature_cache):
-    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    model = Captioner.load(trained_run / "model.pt")
     from captioner.features import cached_features
 
     val = shapes.split("val")
@@ -46,7 +47,7 @@ NO_AMP = torch.amp.GradScaler("cuda", enabled=False)  # what training uses on a 
 
 
 def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):
-    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    model = Captioner.load(trained_run / "model.pt")
     embedding = model.decoder.embed.weight.clone()
     encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     out_weight = model.decoder.out.weight.clone()
@@ -67,7 +68,7 @@ def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, sha
 
 
 def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes, feature_cache):
-    model = build_captioner(read_checkpoint(trained_run / "model.pt"))
+    model = Captioner.load(trained_run / "model.pt")
     from captioner.features import cached_features
 
     records = shapes.split("train")[:8]

@@ -1,4 +1,5 @@
-"""The captioner: encoder + decoder + vocabulary, and the one place captions are generated."""
+"""The captioner: encoder + decoder + vocabulary, the one place captions are generated, and the
+owner of its checkpoint (what goes in, and how the model is rebuilt from it)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from captioner.checkpoint import file_digest, read_checkpoint
 from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Hypothesis, SpecialIds, generate
+from captioner.errors import CaptionerError
+from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import DecodeOptions
-from captioner.models.decoder import LSTMDecoder
-from captioner.models.encoder import Encoder, image_to_tensor
 
 
 class Captioner(nn.Module):
@@ -24,32 +27,94 @@ class Captioner(nn.Module):
         encoder: the (frozen) CNN.
         decoder: the LSTM decoder.
         vocab: the decoder's vocabulary.
-        info: plain-data facts kept with the model (embedding source, encoder weights, metrics).
+        embedding: where the word vectors came from (source, file, dimension, coverage).
+        metrics: the training metrics of the epoch that was saved.
+        created: when its checkpoint was written (UTC, ISO 8601).
+
+    Attributes:
+        name: shown to people (the service's MODEL_NAME replaces it).
+        version: the short digest of the checkpoint file it was loaded from (None if not loaded).
     """
 
-    def __init__(self, encoder: Encoder, decoder: LSTMDecoder, vocab: Vocabulary, info: dict | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: LSTMDecoder,
+        vocab: Vocabulary,
+        *,
+        embedding: dict | None = None,
+        metrics: dict | None = None,
+        created: str | None = None,
+    ):
         super().__init__()
         self.encoder = encoder.freeze()
         self.decoder = decoder
         self.vocab = vocab
-        self.info = info or {}
+        self.embedding = embedding or {}
+        self.metrics = metrics or {}
+        self.created = created
+        self.name = f"captioner-{encoder.config.name}-lstm"
+        self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
+
+    def to_checkpoint(self, **extra) -> dict:
+        """The checkpoint dictionary (plain data); ``extra`` adds top-level entries (metrics, training state)."""
+        return {
+            "encoder": {
+                "config": self.encoder.config.to_dict(),
+                "weights": self.encoder.weights,
+                "state_dict": self.encoder.state_dict(),
+            },
+            "decoder": {"config": self.decoder.config.to_dict(), "state_dict": self.decoder.state_dict()},
+            "vocab": list(self.vocab.words),
+            "embedding": self.embedding,
+            **extra,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, source: str = "the checkpoint") -> Captioner:
+        """A captioner rebuilt from a checkpoint dictionary alone; ``source`` names it in errors."""
+        missing = [k for k in ("encoder", "decoder", "vocab") if k not in state]
+        if missing:
+            raise CaptionerError(f"{source} is an incomplete captioner model: no {', '.join(missing)}")
+        try:
+            vocab = Vocabulary(state["vocab"])
+            encoder = Encoder(EncoderConfig.from_dict(state["encoder"]["config"]))
+            encoder.load_state_dict(state["encoder"]["state_dict"])
+            encoder.weights = state["encoder"].get("weights", "none")
+            decoder_state = state["decoder"]["state_dict"]
+            decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
+            decoder.load_state_dict(decoder_state)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
+        return cls(
+            encoder,
+            decoder,
+            vocab,
+            embedding=state.get("embedding", {}),
+            metrics=state.get("metrics", {}),
+            created=state.get("created"),
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
         """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``."""
-        from captioner.checkpoint import load_captioner
-
-        return load_captioner(path, device)
+        model = cls.from_checkpoint(read_checkpoint(path), source=Path(path).name)
+        model.version = file_digest(path)
+        return model.to(device).eval()
 
     @property
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
+    @property
+    def transform(self):
+        """The encoder's preprocessing: an RGB image -> (3, S, S) normalised tensor."""
+        return self.encoder.transform
+
     def images_to_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> (B, 3, S, S) normalised batch on the model's device."""
-        batch = torch.stack([image_to_tensor(im, self.encoder.config) for im in images])
-        return batch.to(self.device)
+        return torch.stack([self.transform(im) for im in images]).to(self.device)
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
@@ -80,7 +145,6 @@ class Captioner(nn.Module):
             For each image, a list of ``{"text", "log_prob", "perplexity"}``.
         """
         decode_options = DecodeOptions(**options)
-        pil = [im if isinstance(im, Image.Image) else decode_image(im).image for im in images]
-        pil = [im.convert("RGB") for im in pil]
+        pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]
         features = self.encode(self.images_to_batch(pil))
         return self.describe(self.generate(features, decode_options))

@@ -1,7 +1,9 @@
 """The CNN encoder: a torchvision backbone, without its classifier, that turns images into features.
 
 Constructing an encoder never downloads anything: weights are asked for explicitly with
-``load_encoder_weights`` (torchvision's ImageNet weights, or a local file).
+``Encoder.load_weights`` (torchvision's ImageNet weights, or a local file). The encoder owns its
+preprocessing (``Encoder.transform``), as torchvision's weights carry their transforms: every
+caller turns images into tensors through it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from captioner.data.images import decode_image
 from captioner.errors import CaptionerError
 from captioner.options import BACKBONES
 
@@ -53,16 +56,48 @@ class EncoderConfig:
         return cls(**{**d, **tuples})
 
 
+@dataclass(frozen=True)
+class ImageTransform:
+    """The one preprocessing of an encoder: an RGB image -> (3, S, S) normalised tensor.
+
+    Plain data (the config alone), so DataLoader workers receive it pickled. The whole image is
+    resized rather than centre-cropped: a crop could cut off what the captions talk about.
+    """
+
+    config: EncoderConfig
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        x = TF.pil_to_tensor(image)  # (3, H, W) uint8
+        x = TF.resize(x, [self.config.image_size, self.config.image_size], antialias=True)
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        return TF.normalize(x, list(self.config.mean), list(self.config.std))
+
+    def load(self, source) -> torch.Tensor:
+        """An untrusted image file or bytes, decoded safely (``decode_image``) -> (3, S, S).
+
+        Raises:
+            ImageError: the source is not a readable image of an accepted format.
+        """
+        return self(decode_image(source).image)
+
+
 class Encoder(nn.Module):
     """A torchvision backbone whose ``forward_features`` gives one vector per image.
 
     Args:
         config: the backbone and its input preparation.
+
+    Attributes:
+        transform: the preprocessing every image goes through before ``forward_features``.
+        weights: what weights it holds, as stored in checkpoints (``none``, ``imagenet:...``,
+            ``file:NAME``, ``auxiliary:shapes-world``).
     """
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+        self.transform = ImageTransform(config)
+        self.weights = "none"
         self.backbone = torchvision.models.get_model(config.name, weights=None)
         # The classifier is not used; dropping it keeps checkpoints small.
         if config.name.startswith("resnet"):
@@ -105,6 +140,52 @@ class Encoder(nn.Module):
 
     forward = forward_features
 
+    def load_weights(self, weights: str) -> str:
+        """Loads ``weights`` into the backbone and records them in ``weights``.
+
+        Args:
+            weights: ``none`` (random init), ``imagenet`` (torchvision's weights, downloaded by
+                torchvision into its cache when online) or the path of a state_dict file.
+
+        Returns:
+            A description of the weights, stored in checkpoints (e.g. ``imagenet:ResNet50_Weights.IMAGENET1K_V2``).
+        """
+        name = self.config.name
+        if weights == "none":
+            self.weights = "none"
+            return self.weights
+        if weights == "imagenet":
+            enum = torchvision.models.get_model_weights(name).DEFAULT
+            try:
+                state = enum.get_state_dict(progress=False, check_hash=True)
+            except Exception as exc:  # URLError, socket errors, hash mismatch...
+                filename = enum.url.rsplit("/", 1)[-1]
+                raise CaptionerError(
+                    f"cannot get torchvision's ImageNet weights for {name} ({type(exc).__name__}; offline?): "
+                    f"download {enum.url} on a machine with network access and pass "
+                    f"--encoder-weights /path/to/{filename}"
+                ) from None
+            source = f"imagenet:{enum}"
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise CaptionerError(f"encoder weights file not found: {weights} (use none, imagenet or a file)")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                raise CaptionerError(f"{path.name} is not a PyTorch state_dict file") from None
+            if not isinstance(state, dict):
+                raise CaptionerError(f"{path.name} does not hold a state_dict")
+            source = f"file:{path.name}"
+        result = self.backbone.load_state_dict(_clean_state_dict(state), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CaptionerError(
+                f"the weights in {weights} do not fit {name}: {len(result.missing_keys)} missing and "
+                f"{len(result.unexpected_keys)} unexpected tensors (another architecture?)"
+            )
+        self.weights = source
+        return source
+
     def freeze(self) -> Encoder:
         """No gradients, and batch norm in inference mode for good."""
         self.requires_grad_(False)
@@ -131,52 +212,6 @@ def _clean_state_dict(state: dict) -> dict:
     return cleaned
 
 
-def load_encoder_weights(encoder: Encoder, weights: str) -> str:
-    """Loads ``weights`` into ``encoder.backbone``.
-
-    Args:
-        encoder: the encoder to fill.
-        weights: ``none`` (random init), ``imagenet`` (torchvision's weights, downloaded by
-            torchvision into its cache when online) or the path of a state_dict file.
-
-    Returns:
-        A description of the weights, stored in checkpoints (e.g. ``imagenet:ResNet50_Weights.IMAGENET1K_V2``).
-    """
-    name = encoder.config.name
-    if weights == "none":
-        return "none"
-    if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            state = enum.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # URLError, socket errors, hash mismatch...
-            filename = enum.url.rsplit("/", 1)[-1]
-            raise CaptionerError(
-                f"cannot get torchvision's ImageNet weights for {name} ({type(exc).__name__}; offline?): "
-                f"download {enum.url} on a machine with network access and pass "
-                f"--encoder-weights /path/to/{filename}"
-            ) from None
-        source = f"imagenet:{enum}"
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise CaptionerError(f"encoder weights file not found: {weights} (use none, imagenet or a file)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise CaptionerError(f"{path.name} is not a PyTorch state_dict file") from None
-        if not isinstance(state, dict):
-            raise CaptionerError(f"{path.name} does not hold a state_dict")
-        source = f"file:{path.name}"
-    result = encoder.backbone.load_state_dict(_clean_state_dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CaptionerError(
-            f"the weights in {weights} do not fit {name}: {len(result.missing_keys)} missing and "
-            f"{len(result.unexpected_keys)} unexpected tensors (another architecture?)"
-        )
-    return source
-
-
 def weights_fingerprint(encoder: Encoder) -> str:
     """Hash of the configuration and every weight: the feature cache's key for this encoder."""
     digest = hashlib.sha256(repr(sorted(encoder.config.to_dict().items())).encode())
@@ -184,15 +219,3 @@ def weights_fingerprint(encoder: Encoder) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def image_to_tensor(image: Image.Image, config: EncoderConfig) -> torch.Tensor:
-    """An RGB PIL image -> (3, S, S) normalised tensor.
-
-    The whole image is resized rather than centre-cropped: a crop could cut off what the
-    captions talk about.
-    """
-    x = TF.pil_to_tensor(image)  # (3, H, W) uint8
-    x = TF.resize(x, [config.image_size, config.image_size], antialias=True)
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(config.mean), list(config.std))

@@ -1,7 +1,8 @@
-"""torch.distributed for the command line: a process started by ``torchrun`` joins its group.
+"""Where a command runs: the device, and under ``torchrun`` the process group it joins.
 
 ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in the environment;
-without them a command runs as a single process and nothing here does anything.
+without them a command runs as a single process and the process helpers do nothing. Training,
+batch captioning, evaluation and the service all use this module, which imports nothing of them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ import torch
 import torch.distributed as dist
 
 from captioner.errors import CaptionerError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CaptionerError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionerError(f"device {name} asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CaptionerError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 @dataclass(frozen=True)
