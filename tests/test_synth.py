@@ -9,14 +9,12 @@ import pytest
 
 from captioner.data import synth
 from captioner.data.synth import (
-    ATTRIBUTE_TARGETS,
     COLOURS,
     GRID,
     SHAPES,
     SIZES,
     Scene,
     ShapeObject,
-    attribute_targets,
     check_caption,
     describe_scene,
     parse_holdout,
@@ -254,19 +252,6 @@ def test_checker_never_raises_on_noise():
         words = describe_scene(scene, rng, n=1)[0].split()
         for end in range(len(words) + 1):
             check_caption(" ".join(words[:end]), scene)
-
-
-def test_attribute_targets():
-    targets = attribute_targets(SCENE)
-    assert len(targets) == ATTRIBUTE_TARGETS == GRID * GRID * 14
-    per_cell = len(SHAPES) + len(COLOURS) + len(SIZES)
-    cells = [targets[i : i + per_cell] for i in range(0, ATTRIBUTE_TARGETS, per_cell)]
-    blue_small_square = [0.0] * per_cell
-    blue_small_square[SHAPES.index("square")] = 1.0
-    blue_small_square[len(SHAPES) + COLOURS.index("blue")] = 1.0
-    blue_small_square[len(SHAPES) + len(COLOURS) + SIZES.index("small")] = 1.0
-    assert cells[2] == blue_small_square
-    assert [sum(c) for c in cells] == [3, 0, 3, 0, 0, 0, 0, 3, 0]
 
 
 def test_parse_holdout():

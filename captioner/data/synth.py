@@ -43,7 +43,6 @@ SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "cyan", "white")
 SIZES = ("small", "large")
 GRID = 3
-ATTRIBUTE_TARGETS = GRID * GRID * (len(SHAPES) + len(COLOURS) + len(SIZES))
 
 # Fill colours, chosen to stay apart from each other and from the dark background even
 # after jitter (blue is lightened so it does not sink into the background).
@@ -586,26 +585,6 @@ def _parse_noun_phrase(tokens: list[str], pos: int) -> tuple[_NounPhrase, int] |
     if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
         return _NounPhrase(words[0], words[1], size, determiner == ["the"]), pos + 2
     return None
-
-
-def attribute_targets(scene: Scene) -> list[float]:
-    """Multi-hot targets for pretraining a CNN to see what sits in each grid cell.
-
-    Args:
-        scene: the scene of an image.
-
-    Returns:
-        ATTRIBUTE_TARGETS floats: per cell in row-major order, one-hot shape, one-hot
-        colour and one-hot size of its object, all zero for an empty cell.
-    """
-    per_cell = len(SHAPES) + len(COLOURS) + len(SIZES)
-    targets = [0.0] * ATTRIBUTE_TARGETS
-    for obj in scene.objects:
-        base = (obj.row * GRID + obj.col) * per_cell
-        targets[base + SHAPES.index(obj.shape)] = 1.0
-        targets[base + len(SHAPES) + COLOURS.index(obj.colour)] = 1.0
-        targets[base + len(SHAPES) + len(COLOURS) + SIZES.index(obj.size)] = 1.0
-    return targets
 
 
 def write_shapes_dataset(
