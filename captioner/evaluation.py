@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from captioner.data.datasets import Dataset, ImageRecord
-from captioner.data.synth import Scene, check_caption, parse_holdout
+from captioner.shapes import Scene, check_caption, parse_holdout
 from captioner.data.vocab import tokenize
 from captioner.options import DecodeOptions
 from captioner.features import compute_features

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from captioner.checkpoint import build_captioner, model_state, read_checkpoint, save_checkpoint
 from captioner.data.datasets import Dataset, ImageRecord, load_dataset
-from captioner.data.synth import GRID, Scene, check_caption
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.distributed import Process, init_process, process_device, shutdown
 from captioner.options import DecodeOptions
@@ -43,7 +42,8 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, load_encoder_weights, weights_fingerprint
 from captioner.options import TrainConfig
-from captioner.pretrain import CELL_CLASSES, pretrain_encoder
+from captioner.shapes import GRID, Scene, check_caption
+from captioner.shapes.pretraining import CELL_CLASSES, pretrain_encoder
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
 from captioner.data.images import decode_image
-from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, parse_holdout, render_scene, sample_scene
 from captioner.errors import CaptionerError
 from captioner.models.encoder import Encoder, image_to_tensor
+from captioner.shapes.render import render_scene
+from captioner.shapes.world import COLOURS, GRID, SHAPES, SIZES, Scene, parse_holdout, sample_scene
 
 # Each attribute is a classification over its values plus "empty cell".
 ATTRIBUTES = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("size", len(SIZES)))

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.pretrain import (
+from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject
+from captioner.shapes.pretraining import (
     ATTRIBUTES,
     CELL_CLASSES,
     PRETRAINING_OBJECTS,
