@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args) -> None:
-    from captioner.data.synth import write_shapes_dataset
+    from captioner.shapes import write_shapes_dataset
 
     path = write_shapes_dataset(
         Path(args.out_dir),

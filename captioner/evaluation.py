@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.datasets import Dataset, ImageRecord
-from captioner.data.synth import Scene, check_caption, parse_holdout
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.features import compute_features
 from captioner.metrics import caption_metrics, java_available
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import LSTMDecoder
 from captioner.options import DecodeOptions
+from captioner.shapes import Scene, check_caption, parse_holdout
 
 
 @dataclass

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.data.datasets import Dataset, load_dataset
-from captioner.data.synth import GRID
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
@@ -41,8 +40,9 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import TrainConfig
-from captioner.pretrain import CELL_CLASSES, pretrain_encoder
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
+from captioner.shapes import GRID
+from captioner.shapes.pretraining import CELL_CLASSES, pretrain_encoder
 
 # Rank 0 prepares (CNN pretraining, feature extraction) while the others wait: hours on a large data
 # set, far past a collective's default timeout (10 minutes with nccl), so the waits between

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
     """A shapes-world model trained for two epochs: good enough to time, not to read."""
-    from captioner.data.synth import write_shapes_dataset
+    from captioner.shapes import write_shapes_dataset
     from captioner.options import TrainConfig
     from captioner.training import train
 
@@ -83,7 +83,7 @@ def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
 
 
 def bench_images(folder: Path, count: int) -> list[Path]:
-    from captioner.data.synth import write_shapes_dataset
+    from captioner.shapes import write_shapes_dataset
 
     write_shapes_dataset(folder / "bench-images", num_images=count, seed=2, image_size=96)
     return sorted((folder / "bench-images" / "images").glob("*.png"))[:count]

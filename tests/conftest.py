@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from captioner.data.datasets import load_dataset
-from captioner.data.synth import write_shapes_dataset
+from captioner.shapes import write_shapes_dataset
 from captioner.options import TrainConfig
 from captioner.training import train
 

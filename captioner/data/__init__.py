@@ -1,1 +1,1 @@
-"""Data: the synthetic shapes world, data-set readers, vocabulary and safe image decoding."""
+"""Data: data-set readers, vocabulary and safe image decoding."""

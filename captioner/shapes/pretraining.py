@@ -27,23 +27,23 @@ from torch import nn
 from tqdm import tqdm
 
 from captioner.data.datasets import ImageRecord
-from captioner.data.synth import COLOURS, GRID, SHAPES, SIZES, Scene, attribute_targets, parse_holdout, render_scene, sample_scene
 from captioner.errors import CaptionerError
 from captioner.models.encoder import Encoder
+from captioner.shapes.render import render_scene
+from captioner.shapes.world import COLOURS, GRID, SHAPES, SIZES, Scene, parse_holdout, sample_scene
 
 # Each attribute is a classification over its values plus "empty cell".
 ATTRIBUTES = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("size", len(SIZES)))
 
 
 def cell_labels(scene: Scene) -> torch.Tensor:
-    """(GRID*GRID, 3) class per cell and attribute; the last class of each means an empty cell."""
-    targets = torch.tensor(attribute_targets(scene)).view(GRID * GRID, -1)
-    labels, start = [], 0
-    for _, count in ATTRIBUTES:
-        part = targets[:, start : start + count]
-        labels.append(torch.where(part.sum(-1) > 0, part.argmax(-1), count))
-        start += count
-    return torch.stack(labels, dim=-1)
+    """(GRID*GRID, 3) class per cell (row-major) and attribute; the last class of each means an empty cell."""
+    labels = torch.tensor([count for _, count in ATTRIBUTES]).repeat(GRID * GRID, 1)  # (G*G, 3), all empty
+    for obj in scene.objects:
+        labels[obj.row * GRID + obj.col] = torch.tensor(
+            [SHAPES.index(obj.shape), COLOURS.index(obj.colour), SIZES.index(obj.size)]
+        )
+    return labels
 
 
 CELL_CLASSES = tuple(count + 1 for _, count in ATTRIBUTES)  # the encoder's cell head for the shapes world

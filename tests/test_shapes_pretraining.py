@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.synth import GRID, SHAPES, Scene
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.pretrain import (
+from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject
+from captioner.shapes.pretraining import (
     ATTRIBUTES,
     CELL_CLASSES,
     PRETRAINING_OBJECTS,
@@ -30,6 +30,34 @@ def test_cell_labels_read_the_scene_grid():
     empty = torch.tensor([count for _, count in ATTRIBUTES])
     assert torch.equal(labels[0], empty)  # the last class of each attribute means "empty"
     assert labels[1 * GRID + 2].tolist() == [4, 2, 0]  # star, blue, small
+
+
+def test_cell_labels_of_a_three_object_scene():
+    # red large circle top-left, blue small square top-right, green large star bottom-middle
+    scene = Scene(
+        tuple(
+            ShapeObject(shape, colour, size, row, col, (col + 0.5) / GRID, (row + 0.5) / GRID)
+            for shape, colour, size, row, col in (
+                ("circle", "red", "large", 0, 0),
+                ("square", "blue", "small", 0, 2),
+                ("star", "green", "large", 2, 1),
+            )
+        )
+    )
+    labels = cell_labels(scene)
+    assert labels.dtype == torch.long and labels.shape == (GRID * GRID, 3)
+    empty = [len(SHAPES), len(COLOURS), len(SIZES)]
+    assert labels.tolist() == [
+        [0, 0, 1],  # circle, red, large
+        empty,
+        [1, 2, 0],  # square, blue, small
+        empty,
+        empty,
+        empty,
+        empty,
+        [4, 1, 1],  # star, green, large
+        empty,
+    ]
 
 
 def test_fresh_scenes_keep_held_out_pairs_out():

@@ -7,24 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioner.data import synth
-from captioner.data.synth import (
-    ATTRIBUTE_TARGETS,
+from captioner.errors import CaptionerError
+from captioner.shapes import (
     COLOURS,
     GRID,
     SHAPES,
     SIZES,
     Scene,
     ShapeObject,
-    attribute_targets,
     check_caption,
     describe_scene,
+    grammar,
     parse_holdout,
+    render,
     render_scene,
     sample_scene,
+    world,
     write_shapes_dataset,
 )
-from captioner.errors import CaptionerError
 
 
 def _obj(shape, colour, size, row, col):
@@ -55,7 +55,7 @@ def test_sampled_scenes_respect_the_world_rules(max_objects):
         assert len({(o.row, o.col) for o in objects}) == len(objects)
         assert len({(o.colour, o.shape) for o in objects}) == len(objects)
         for o in objects:
-            half = synth._EXTENT[o.size] / GRID / 2
+            half = world.EXTENT[o.size] / GRID / 2
             assert o.col / GRID <= o.x - half and o.x + half <= (o.col + 1) / GRID
             assert o.row / GRID <= o.y - half and o.y + half <= (o.row + 1) / GRID
         assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
@@ -84,7 +84,7 @@ def test_every_reference_caption_is_grammatical_and_true():
             assert check.false_facts == ()
             assert all(ok for _, ok in check.attributes)
             assert set(check.mentions) == {(o.colour, o.shape) for o in scene.objects}
-            without_size += not any(w in caption.split() for w in synth._SIZE_OF_WORD)
+            without_size += not any(w in caption.split() for w in grammar._SIZE_OF_WORD)
     assert 0.1 < without_size / 2000 < 0.3
 
 
@@ -256,19 +256,6 @@ def test_checker_never_raises_on_noise():
             check_caption(" ".join(words[:end]), scene)
 
 
-def test_attribute_targets():
-    targets = attribute_targets(SCENE)
-    assert len(targets) == ATTRIBUTE_TARGETS == GRID * GRID * 14
-    per_cell = len(SHAPES) + len(COLOURS) + len(SIZES)
-    cells = [targets[i : i + per_cell] for i in range(0, ATTRIBUTE_TARGETS, per_cell)]
-    blue_small_square = [0.0] * per_cell
-    blue_small_square[SHAPES.index("square")] = 1.0
-    blue_small_square[len(SHAPES) + COLOURS.index("blue")] = 1.0
-    blue_small_square[len(SHAPES) + len(COLOURS) + SIZES.index("small")] = 1.0
-    assert cells[2] == blue_small_square
-    assert [sum(c) for c in cells] == [3, 0, 3, 0, 0, 0, 0, 3, 0]
-
-
 def test_parse_holdout():
     assert parse_holdout(["green:triangle", "Red:Star"]) == {("green", "triangle"), ("red", "star")}
     assert parse_holdout([]) == frozenset()
@@ -295,7 +282,7 @@ def test_rendered_objects_are_visible_in_their_colour():
         pixels = np.asarray(image, dtype=int)
         for o in scene.objects:
             centre = pixels[int(o.y * 64), int(o.x * 64)]
-            assert np.abs(centre - synth._RGB[o.colour]).max() <= synth._COLOUR_JITTER + 1, (o, centre)
+            assert np.abs(centre - render._RGB[o.colour]).max() <= render._COLOUR_JITTER + 1, (o, centre)
         occupied = {(o.row, o.col) for o in scene.objects}
         cell = 64 // GRID
         for row in range(GRID):
@@ -309,7 +296,7 @@ def test_rendered_objects_are_visible_in_their_colour():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_shape_is_left_right_symmetric(shape):
     # CNN pretraining takes a mirrored image for a new scene: true only for symmetric shapes.
-    outline = np.array(synth._outline(shape, 10.0, 10.0, 4.0))
+    outline = np.array(render._outline(shape, 10.0, 10.0, 4.0))
     mirrored = outline * [-1, 1] + [20, 0]
     by_position = lambda points: points[np.lexsort(points.round(6).T)]  # noqa: E731
     assert np.allclose(by_position(outline), by_position(mirrored), atol=1e-6)
