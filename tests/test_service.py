@@ -6,6 +6,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -523,3 +525,25 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
 def test_serve_reports_a_missing_model_at_once(tmp_path):
     with pytest.raises(CaptionerError, match="model file not found"):
         serve(tmp_path / "nothing.pt", port=1)
+
+
+def test_a_worker_serving_a_model_imports_no_training_and_no_shapes_world_code(model_path):
+    # Serving loads and runs a model: it must not pay for (or depend on) training, DDP set-up or
+    # the shapes world's generator. A fresh interpreter, as a gunicorn worker is.
+    program = f"""
+import sys, time
+from service import create_app
+app = create_app({{"MODEL_PATH": {str(model_path)!r}}})
+client = app.test_client()
+while client.get("/readyz").status_code != 200:
+    time.sleep(0.05)
+response = client.post("/v1/captions", data={png()!r}, content_type="image/png")
+assert response.status_code == 200, response.get_json()
+app.extensions["captioner"].batcher.stop()
+print(" ".join(sorted(sys.modules)))
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.split()
+    assert "captioner.models.captioner" in loaded and "service.api" in loaded
+    assert [m for m in loaded if m.startswith(("captioner.training", "captioner.shapes", "captioner.evaluation"))] == []
