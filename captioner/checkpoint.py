@@ -7,8 +7,6 @@ is rebuilt from the file alone.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
+from captioner.io import atomic_write
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig
@@ -44,15 +43,8 @@ def model_state(model: Captioner, **extra) -> dict:
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Writes ``state`` atomically: a crash mid-write never leaves a torn file at ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(path: str | Path) -> dict:
