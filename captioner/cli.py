@@ -176,7 +176,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from captioner.batch import RecordFile, caption_paths, collect_inputs, run_batch_job
+    from captioner.batch import RecordFormat, caption_paths, collect_inputs, run_batch_job
     from captioner.distributed import init_process, process_device, shutdown
     from captioner.models.captioner import Captioner
     from captioner.training import resolve_device
@@ -193,10 +193,10 @@ def cmd_caption(args) -> None:
         if args.output:
             run_batch_job(model, paths, options, Path(args.output), format=args.format, process=process, progress=True, **settings)
             return
-        out = RecordFile(Path("-"), args.format, options.num_captions)
-        sys.stdout.write(out.header())
+        records = RecordFormat(args.format, options.num_captions)
+        sys.stdout.write(records.header())
         for record in caption_paths(model, paths, options, **settings):
-            sys.stdout.write(out.line(record))
+            sys.stdout.write(records.line(record))
             sys.stdout.flush()
     finally:
         shutdown()
