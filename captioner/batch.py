@@ -17,7 +17,7 @@ import csv
 import glob
 import io
 import json
-import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from captioner.data.images import ImageError
 from captioner.runtime import Process
 from captioner.errors import CaptionerError
+from captioner.io import atomic_write
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
@@ -126,19 +127,18 @@ def caption_paths(
             yield record
 
 
-class RecordFile:
-    """The output of a batch job, JSON lines or CSV, appended one whole record at a time.
+class RecordFormat:
+    """How records are written as lines, JSON lines or CSV, and how image names are read back.
 
     Args:
-        path: the file.
         format: ``jsonl`` or ``csv``.
         num_captions: captions per image (the CSV's columns).
     """
 
-    def __init__(self, path: Path, format: str, num_captions: int):
+    def __init__(self, format: str, num_captions: int):
         if format not in ("jsonl", "csv"):
             raise CaptionerError(f"unknown output format {format!r}: use jsonl or csv")
-        self.path, self.format = Path(path), format
+        self.format = format
         numbered = (lambda name, k: f"{name}_{k}") if num_captions > 1 else (lambda name, k: name)
         self.columns = ["image"]
         for k in range(1, num_captions + 1):
@@ -158,31 +158,11 @@ class RecordFile:
         return _csv_line(row)
 
     def header(self) -> str:
+        """What comes before the first record: the CSV's column names, nothing for JSON lines."""
         return "" if self.format == "jsonl" else _csv_line(self.columns)
 
-    def done(self, paths: Sequence[Path]) -> int:
-        """How many of ``paths`` the file already holds, after cutting off a torn last line.
-
-        Raises:
-            CaptionerError: if the file holds records of other images, or of another format.
-        """
-        if not self.path.exists():
-            return 0
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        images = self._images(complete.decode("utf-8", errors="replace"))
-        expected = [str(p) for p in paths[: len(images)]]
-        if len(images) > len(paths) or images != expected:
-            raise CaptionerError(
-                f"{self.path.name} already holds captions of other images or in another format; "
-                "to resume, repeat the command that wrote it, else choose another --output"
-            )
-        if len(complete) < len(data):  # a record torn by a kill (only now known to be ours): written again
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-        return len(images)
-
-    def _images(self, text: str) -> list[str]:
+    def images(self, text: str) -> list[str | None]:
+        """The image of each whole record in ``text``; ``[None]`` where it is not of this format."""
         if self.format == "jsonl":
             try:
                 return [json.loads(line)["image"] for line in text.splitlines()]
@@ -195,12 +175,50 @@ class RecordFile:
             return [None]
         return [row[0] for row in rows[1:]]
 
-    def append(self, lines: Iterator[str], fresh: bool) -> None:
+
+class ResumableOutput:
+    """A batch job's output file, appended one whole record at a time, so a killed run can go on.
+
+    Args:
+        path: the file.
+        records: the format its lines are in.
+    """
+
+    def __init__(self, path: Path, records: RecordFormat):
+        self.path, self.records = Path(path), records
+
+    def recover(self, paths: Sequence[Path]) -> int:
+        """Makes the file fit to go on with, and says how many of ``paths`` it already holds.
+
+        A torn last line (a kill mid-record) is cut off, once the whole records before it are
+        known to be of ``paths``, in order; an absent file holds none.
+
+        Raises:
+            CaptionerError: if the file holds records of other images, or of another format.
+        """
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        images = self.records.images(complete.decode("utf-8", errors="replace"))
+        expected = [str(p) for p in paths[: len(images)]]
+        if len(images) > len(paths) or images != expected:
+            raise CaptionerError(
+                f"{self.path.name} already holds captions of other images or in another format; "
+                "to resume, repeat the command that wrote it, else choose another --output"
+            )
+        if len(complete) < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+        return len(images)
+
+    def append(self, records: Iterator[dict]) -> None:
+        """Writes ``records`` after those already there (the header first into an empty file)."""
         with open(self.path, "a", encoding="utf-8") as f:
-            if fresh:
-                f.write(self.header())
-            for line in lines:
-                f.write(line)  # one write per record: a kill can tear only the last line
+            if f.tell() == 0:
+                f.write(self.records.header())
+            for record in records:
+                f.write(self.records.line(record))  # one write per record: a kill can tear only the last line
                 f.flush()
 
 
@@ -232,10 +250,11 @@ def run_batch_job(
     Returns:
         ``{"images", "resumed", "captioned"}`` for this process's share.
     """
-    final = RecordFile(output, format, options.num_captions)
+    record_format = RecordFormat(format, options.num_captions)
+    final = ResumableOutput(output, record_format)
     parts = [_part_path(output, Process(r, process.world_size)) for r in range(process.world_size)]
     if process.distributed and output.exists():
-        if final.done(paths) == len(paths):  # finished already; perhaps killed before the parts went
+        if final.recover(paths) == len(paths):  # finished already; perhaps killed before the parts went
             process.barrier()
             if process.is_main:
                 for stale in parts:
@@ -249,18 +268,12 @@ def run_batch_job(
     start = len(paths) * process.rank // process.world_size
     stop = len(paths) * (process.rank + 1) // process.world_size
     mine = paths[start:stop]
-    part = RecordFile(parts[process.rank] if process.distributed else output, format, options.num_captions)
-    done = part.done(mine)
-    bar = tqdm(total=len(mine), initial=done, desc="captioning", unit="img", disable=not (progress and process.is_main))
+    part = ResumableOutput(parts[process.rank] if process.distributed else output, record_format)
+    done = part.recover(mine)
     records = caption_paths(model, mine[done:], options, batch_size=batch_size, num_workers=num_workers)
-
-    def lines():
-        for record in records:
-            bar.update()
-            yield part.line(record)
-
-    part.append(lines(), fresh=not part.path.exists())
-    bar.close()
+    shown = dict(total=len(mine), initial=done, desc="captioning", unit="img", disable=not (progress and process.is_main))
+    with tqdm(records, **shown) as counted:
+        part.append(counted)
     if process.distributed:
         process.barrier()
         if process.is_main:
@@ -279,17 +292,14 @@ def _part_path(output: Path, process: Process) -> Path:
     return output.with_name(f"{output.name}.part{process.rank}-of-{process.world_size}")
 
 
-def _join_parts(final: RecordFile, parts: list[Path]) -> None:
+def _join_parts(final: ResumableOutput, parts: list[Path]) -> None:
     """Concatenates the parts (CSV: one header) into ``final`` atomically, then removes them."""
-    header = final.header().encode()
-    tmp = final.path.with_name(final.path.name + ".joining")
-    with open(tmp, "wb") as out:
+    header = final.records.header().encode()
+    with atomic_write(final.path) as out:
         out.write(header)
         for part in parts:
             with open(part, "rb") as f:
                 f.seek(len(header))
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
-    os.replace(tmp, final.path)
+                shutil.copyfileobj(f, out, 1 << 20)
     for part in parts:
         part.unlink()

@@ -8,14 +8,13 @@ weights_only=True)`` reads, stamped here with the format, its version and when i
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from captioner.errors import CaptionerError
+from captioner.io import atomic_write
 
 FORMAT = "captioner"
 VERSION = 4  # 2: attention with cell positions; 3: positions from grid coordinates; 4: input feeding, coverage
@@ -30,15 +29,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **state,
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(stamped, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(stamped, f)
 
 
 def read_checkpoint(path: str | Path) -> dict:

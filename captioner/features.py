@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioner.io import atomic_write
 from captioner.models.encoder import Encoder, ImageTransform, weights_fingerprint
 
 SHARD_SIZE = 2048
@@ -48,12 +49,6 @@ class ImageTensors(Dataset):
 def _image_key(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 @torch.inference_mode()
@@ -116,9 +111,11 @@ def cached_features(
             bar.update(len(part))
         feats = torch.cat(parts)
         shard = f"shard-{uuid.uuid4().hex[:12]}.pt"
-        _write_atomically(root / shard, lambda tmp, f=feats: torch.save(f.clone(), tmp))
+        with atomic_write(root / shard) as f:
+            torch.save(feats.clone(), f)
         index.update({keys[i]: [shard, row] for row, i in enumerate(chunk)})
-        _write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index)))
+        with atomic_write(index_path, "w") as f:
+            f.write(json.dumps(index))
     bar.close()
     shards = {}
     rows = []

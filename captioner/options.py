@@ -1,13 +1,19 @@
-"""The options of training and of caption generation, checked on construction.
+"""Every option of the command line, the service and training, declared once as a dataclass field.
 
-Plain data without torch, so that the command line can build its parser, and refuse bad options,
-without first spending seconds importing torch.
+A field carries its default and its help (``option(default, "help")``, as Hugging Face's
+``HfArgumentParser`` reads them); ``add_dataclass_arguments`` makes the argparse arguments from the
+fields, ``from_args`` builds the dataclass back, and the service reads its option names and types
+from the same fields (``field_types``). Plain data without torch, so that the command line can
+build its parser, and refuse bad options, without first spending seconds importing torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
 from captioner.errors import CaptionerError
 
@@ -26,18 +32,90 @@ MAX_BEAM_SIZE = 16
 MAX_LENGTH = 100
 
 
+def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **argparse_extras) -> Any:
+    """A dataclass field carrying its help, and argparse extras (choices, metavar, nargs, positional=True)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, **argparse_extras})
+
+
+def field_types(cls) -> dict[str, type]:
+    """Each field's type by name, in field order: ``X | None`` and ``list[X]`` read as ``X``."""
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for f in fields(cls):
+        inner = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+        types[f.name] = inner[0] if inner else hints[f.name]
+    return types
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls) -> None:
+    """Adds one argument per field of ``cls``: ``--field-name`` (or a positional), typed by its hint.
+
+    A field without default is required, a ``bool`` is ``--x/--no-x``; the help says the default.
+    """
+    types = field_types(cls)
+    for f in fields(cls):
+        extras = dict(f.metadata)
+        positional = extras.pop("positional", False)
+        help_text = extras.pop("help", "")
+        if f.default not in (MISSING, None):
+            help_text += f" (default: {f.default})"
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if positional:
+            parser.add_argument(f.name, type=types[f.name], help=help_text, **extras)
+            continue
+        if types[f.name] is bool:
+            extras["action"] = argparse.BooleanOptionalAction
+        else:
+            extras["type"] = types[f.name]
+        if default is MISSING:
+            extras["required"] = True
+        else:
+            extras["default"] = default
+        parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **extras)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The ``cls`` built from the parsed arguments that ``add_dataclass_arguments`` made for it."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# Options that several commands share, made by functions: a dataclass field belongs to one class.
+def _model_file():
+    return option(help="model file (model.pt of a training run)", positional=True)
+
+
+def _data_file():
+    return option(help="data set file (Karpathy JSON, COCO captions JSON, Flickr token file or CSV)")
+
+
+def _data_format():
+    return option("auto", "data set format: auto, karpathy, coco, flickr, csv")
+
+
+def _image_folder():
+    return option(None, "image folder (default: beside the data set file)")
+
+
+def _skip_missing():
+    return option(False, "leave out images listed but missing on disk")
+
+
+def _device():
+    return option("auto", "auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate; validated on construction so every entry point gives the same errors."""
 
-    mode: str = "greedy"
-    num_captions: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filtering
-    top_p: float = 1.0  # 1: no nucleus filtering
-    beam_size: int = 3
-    max_length: int = 30
-    seed: int | None = None
+    mode: str = option("greedy", "how words are chosen", choices=MODES)
+    num_captions: int = option(1, "captions per image, for sample and beam")
+    temperature: float = option(1.0, "sampling temperature (> 0)")
+    top_k: int = option(0, "sample from the k likeliest words (0: all)")
+    top_p: float = option(1.0, "nucleus sampling mass in (0, 1]")
+    beam_size: int = option(3, "beams kept in beam search")
+    max_length: int = option(30, "most words per caption")
+    seed: int | None = option(None, "seed for sampling")
 
     def __post_init__(self):
         def bad(message):
@@ -70,37 +148,43 @@ class DecodeOptions:
 class TrainConfig:
     """Every option of ``captioner train``; unknown keys are errors (``from_dict``)."""
 
-    data: str
-    out: str
-    format: str = "auto"
-    images: str | None = None
-    skip_missing: bool = False
+    data: str = _data_file()
+    out: str = option(help="run folder for model.pt, last.pt and metrics.jsonl")
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    skip_missing: bool = _skip_missing()
     # None picks by data: for the shapes world a small CNN pretrained on its scenes whose last
     # map is pooled to the scene grid; for photos ResNet-50 with ImageNet weights, globally pooled.
-    encoder: str | None = None
-    encoder_weights: str = "auto"  # auto: auxiliary pretraining on the shapes world, else imagenet
-    image_size: int | None = None
-    pool_grid: int | None = None
-    pretrain_epochs: int = 10
-    word2vec: str | None = None
-    embed_dim: int | None = None
-    hidden_size: int = 128
-    num_layers: int = 1
-    dropout: float = 0.3
-    min_count: int = 5
-    max_caption_length: int = 30
-    epochs: int = 9
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    clip_norm: float = 5.0
-    seed: int = 0
-    device: str = "auto"
-    feature_cache: str | None = None
-    num_workers: int = 0
-    val_images: int = 1000  # validation images captioned each epoch for BLEU-4/CIDEr
-    resume: bool = False
-    progress: bool = True
+    encoder: str | None = option(
+        None, "torchvision backbone: resnet18/34/50/101/152, mobilenet_v3_small/large (default: by data)"
+    )
+    encoder_weights: str = option(
+        "auto", "none, imagenet, auxiliary (shapes world) or a state_dict file; auto picks"
+    )  # auto: auxiliary pretraining on the shapes world, else imagenet
+    image_size: int | None = option(None, "encoder input size in pixels (default: 96 shapes world, 224 photos)")
+    pool_grid: int | None = option(
+        None, "average-pool the CNN's last map to a G x G grid (default: 3 shapes world, 1 photos)"
+    )
+    pretrain_epochs: int = option(10, "epochs of auxiliary CNN pretraining on the shapes world")
+    word2vec: str | None = option(None, "pretrained word2vec file (binary or text); default: train on the captions")
+    embed_dim: int | None = option(None, "word vector size (must match --word2vec's)")
+    hidden_size: int = option(128, "LSTM hidden size")
+    num_layers: int = option(1, "layers of the language LSTM")
+    dropout: float = option(0.3, "dropout on features and LSTM outputs")
+    min_count: int = option(5, "words seen fewer times become <unk>")
+    max_caption_length: int = option(30, "training captions are cut to this many words")
+    epochs: int = option(9, "training epochs")
+    batch_size: int = option(64, "captions per step")
+    lr: float = option(3e-3, "Adam learning rate")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    clip_norm: float = option(5.0, "clip the gradient norm to this")
+    seed: int = option(0, "random seed")
+    device: str = _device()
+    feature_cache: str | None = option(None, "feature cache folder (default ~/.cache/captioner/features)")
+    num_workers: int = option(0, "image-decoding worker processes")
+    val_images: int = option(1000, "validation images captioned each epoch for BLEU-4/CIDEr")
+    resume: bool = option(False, "continue the run in --out from last.pt")
+    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
         # Refuse bad options before any work is done.
@@ -116,3 +200,69 @@ class TrainConfig:
         if unknown:
             raise CaptionerError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """``captioner synth``: the shapes world data set to generate."""
+
+    out_dir: str = option(help="folder for dataset.json, images/ and the scenes", positional=True)
+    images: int = option(4000, "number of images")
+    seed: int = option(0, "random seed")
+    image_size: int = option(96, "image width and height in pixels")
+    holdout: list[str] = option(
+        help="combinations kept out of training", default_factory=list, nargs="*", metavar="COLOUR:SHAPE"
+    )
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    """``captioner caption`` apart from decoding (``DecodeOptions``): model, images, where records go."""
+
+    model: str = _model_file()
+    inputs: list[str] = option(
+        help="an image file, a folder, a glob, or a text file listing images",
+        positional=True,
+        nargs="+",
+        metavar="INPUT",
+    )
+    output: str | None = option(None, "write here instead of standard output; a rerun resumes an unfinished file")
+    format: str = option("jsonl", "JSON lines or CSV", choices=("jsonl", "csv"))
+    batch_size: int = option(32, "images per model call")
+    num_workers: int = option(0, "image-decoding worker processes")
+    device: str = _device()
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """``captioner evaluate`` apart from decoding (``DecodeOptions``): model, data, reports."""
+
+    model: str = _model_file()
+    data: str = _data_file()
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    skip_missing: bool = _skip_missing()
+    split: str = option("test", "the data set split to score")
+    output: str | None = option(None, "also write the JSON report here")
+    save_captions: str | None = option(
+        None, 'write the captions as COCO results, [{"image_id", "caption"}]', metavar="FILE"
+    )
+    batch_size: int = option(64, "images per model call")
+    device: str = _device()
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """``captioner plot``: which run's curves, drawn where."""
+
+    run_dir: str = option(help="run folder holding metrics.jsonl", positional=True)
+    output: str | None = option(None, "PNG file (default: RUN_DIR/curves.png)")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``captioner serve``: the development server."""
+
+    model: str = _model_file()
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 from flask import Request
 
-from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
+from captioner.options import DecodeOptions, field_types
 from service.errors import ServiceError
 
 IMAGE_FIELD = "image"
-OPTION_TYPES = {
-    "mode": str,
-    "num_captions": int,
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "beam_size": int,
-    "max_length": int,
-    "seed": int,
-}
+OPTION_TYPES = field_types(DecodeOptions)  # name -> type, in DecodeOptions' field order
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
 _HOW = f'send the image as multipart field "{IMAGE_FIELD}" or as the request body with an image/* content type'
 

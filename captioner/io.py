@@ -1,0 +1,65 @@
+"""The one atomic write: a file is either its old self or wholly the new one, never torn.
+
+Checkpoints, the feature cache, joined batch outputs and evaluation reports all go through
+``atomic_write``, so a kill, a full disk or a power cut mid-write leaves the old file in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Opens a temporary file beside ``path`` for writing; on success it becomes ``path``.
+
+    The temporary file (``.NAME.<random>.tmp`` in the same folder, so the rename stays on one file
+    system) is flushed and fsynced, renamed onto ``path`` with ``os.replace``, and the folder is
+    fsynced so that the rename itself survives a power cut. On any exception the temporary file
+    is removed, ``path`` is left as it was, and the exception goes on.
+
+    Args:
+        path: the file to write.
+        mode: ``"wb"`` (bytes) or ``"w"`` (text).
+        encoding: for text mode; UTF-8 unless given.
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        # os.open with 0o666 lets the umask decide the permissions, as open() would for path itself.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:  # name the file the caller asked for, not our temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+    try:
+        with open(fd, mode, encoding=encoding or ("utf-8" if mode == "w" else None)) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename has happened anyway
+        pass
+    finally:
+        os.close(fd)
