@@ -19,6 +19,7 @@ from gensim.models import KeyedVectors, Word2Vec
 
 from captioner.data.vocab import PAD, SPECIALS, Vocabulary
 from captioner.errors import CaptionerError
+from captioner.options import TRAINED_VECTORS_DIM
 
 
 @dataclass
@@ -172,7 +173,7 @@ def word_embedding(
     """
     counts = Counter(t for s in sentences for t in s)
     if vectors_path is None:
-        dim = dim or 64
+        dim = dim or TRAINED_VECTORS_DIM
         vectors = train_word2vec(sentences, dim, seed)
         source = {"source": "trained", "corpus": "training captions", "sentences": len(sentences)}
     else:

@@ -144,6 +144,13 @@ class DecodeOptions:
         return asdict(self)
 
 
+# Defaults that depend on the data, declared here with the rest: (backbone, image size, pool grid).
+# mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the shapes world's grid.
+SHAPES_WORLD_ENCODER = ("mobilenet_v3_small", 96, 3)
+PHOTO_ENCODER = ("resnet50", 224, 1)  # ImageNet weights, globally pooled
+TRAINED_VECTORS_DIM = 64  # word2vec trained on the captions; a vectors file brings its own size
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``captioner train``; unknown keys are errors (``from_dict``)."""
@@ -161,13 +168,19 @@ class TrainConfig:
     encoder_weights: str = option(
         "auto", "none, imagenet, auxiliary (shapes world) or a state_dict file; auto picks"
     )  # auto: auxiliary pretraining on the shapes world, else imagenet
-    image_size: int | None = option(None, "encoder input size in pixels (default: 96 shapes world, 224 photos)")
+    image_size: int | None = option(
+        None, f"encoder input size in pixels (default: {SHAPES_WORLD_ENCODER[1]} shapes world, {PHOTO_ENCODER[1]} photos)"
+    )
     pool_grid: int | None = option(
-        None, "average-pool the CNN's last map to a G x G grid (default: 3 shapes world, 1 photos)"
+        None,
+        f"average-pool the CNN's last map to a G x G grid (default: {SHAPES_WORLD_ENCODER[2]} shapes world, "
+        f"{PHOTO_ENCODER[2]} photos)",
     )
     pretrain_epochs: int = option(10, "epochs of auxiliary CNN pretraining on the shapes world")
     word2vec: str | None = option(None, "pretrained word2vec file (binary or text); default: train on the captions")
-    embed_dim: int | None = option(None, "word vector size (must match --word2vec's)")
+    embed_dim: int | None = option(
+        None, f"word vector size (default: {TRAINED_VECTORS_DIM} trained, the file's with --word2vec, which it must match)"
+    )
     hidden_size: int = option(128, "LSTM hidden size")
     num_layers: int = option(1, "layers of the language LSTM")
     dropout: float = option(0.3, "dropout on features and LSTM outputs")

@@ -39,7 +39,7 @@ from captioner.features import cached_features, default_cache_dir
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
-from captioner.options import TrainConfig
+from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, pretrain_encoder
@@ -288,8 +288,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
 def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
     """The frozen encoder: pretrained on the shapes world's scenes, or with the weights asked for."""
     shapes = dataset.meta.get("shapes_world")
-    # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the scene grid.
-    name, image_size, grid = ("mobilenet_v3_small", 96, GRID) if shapes else ("resnet50", 224, 1)
+    name, image_size, grid = SHAPES_WORLD_ENCODER if shapes else PHOTO_ENCODER
     torch.manual_seed(config.seed)  # a randomly initialised encoder (weights none) is repeatable too
     weights = config.encoder_weights
     if weights == "auto":

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from captioner.errors import CaptionerError
+from captioner.io import atomic_write
 from captioner.shapes.grammar import MAX_CAPTIONS, describe_scene
 from captioner.shapes.render import MIN_IMAGE_SIZE, render_scene
 from captioner.shapes.world import COLOURS, GRID, SHAPES, SIZES, Scene, parse_holdout, sample_scene
@@ -89,9 +90,8 @@ def write_shapes_dataset(
         rng = random.Random(master.getrandbits(64))
         scene = sample_scene(rng, holdout=held_out, require_holdout=split == "holdout")
         images.append(_write_image(out, imgid, split, scene, rng, image_size, captions_per_image))
-    tmp_path = out / "dataset.json.tmp"
-    tmp_path.write_text(json.dumps({"dataset": "shapes", "shapes_world": params, "images": images}))
-    os.replace(tmp_path, dataset_path)
+    with atomic_write(dataset_path, "w") as f:
+        f.write(json.dumps({"dataset": "shapes", "shapes_world": params, "images": images}))
     return dataset_path
 
 
