@@ -48,6 +48,7 @@ def reference(tmp_path_factory, trained_run, images):
     return out.read_text()
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_reference_run_has_every_image_once_in_order_with_the_error_in_place(reference, images):
     records = [json.loads(line) for line in reference.splitlines()]
     assert [r["image"] for r in records] == [str(p) for p in sorted(images.rglob("*.png"))]
@@ -55,6 +56,7 @@ def test_reference_run_has_every_image_once_in_order_with_the_error_in_place(ref
     assert all(r["captions"][0]["text"] for i, r in enumerate(records) if i != 150)
 
 
+@pytest.mark.slow  # subprocesses killed and rerun over 300 images
 def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_once(tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     args = command(trained_run / "model.pt", images, "--mode", "beam", "--batch-size", "4", "--output", out)
@@ -79,6 +81,7 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_
     assert again.returncode == 0 and out.read_text() == reference
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     lines = reference.splitlines(keepends=True)
@@ -88,6 +91,7 @@ def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_r
     assert out.read_text() == reference
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     out.write_text("".join(reference.splitlines(keepends=True)[1:5])[:-9])  # other images, last line unfinished
@@ -96,6 +100,7 @@ def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trai
     assert out.read_text() == before
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_csv_output_and_globs(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.csv"
     code, _, err = run(
@@ -130,6 +135,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_run, images, reference, fmt):
     out = tmp_path / f"captions.{fmt}"

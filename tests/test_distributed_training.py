@@ -49,6 +49,7 @@ def ddp_run(tmp_path_factory, shapes_json, feature_cache):
     return root / "run", [torch.load(root / f"rank{r}.pt") for r in (0, 1)], result.stderr
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_json):
     run, (rank0, rank1), log = ddp_run
     assert rank0["ddp"] and rank1["ddp"]
@@ -73,6 +74,7 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_j
     assert log.count("epoch 1/1:") == 1  # rank 0 alone logs
 
 
+@pytest.mark.slow  # torchrun
 def test_command_line_resumes_a_distributed_run(ddp_run, tmp_path, shapes_json, feature_cache):
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0], run)

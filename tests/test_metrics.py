@@ -96,6 +96,7 @@ def no_java(monkeypatch, tmp_path):
     java_available.cache_clear()
 
 
+@pytest.mark.slow  # two METEOR JVMs
 @needs_java
 def test_ptb_matches_pycocoevalcap_directly(meteor_spy, capfd):
     # Each METEOR JVM takes seconds to load; start the direct one alongside ours.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from gensim.models import Word2Vec
@@ -16,6 +17,8 @@ from PIL import Image
 from captioner.data.datasets import load_dataset
 from captioner.data.vocab import tokenize
 from captioner.models.captioner import Captioner
+
+pytestmark = pytest.mark.slow  # the recipe script trains, evaluates and plots in subprocesses: a minute
 
 ROOT = Path(__file__).parent.parent
 FLICKR8K = Path(__file__).parent / "fixtures" / "datasets" / "flickr8k"
