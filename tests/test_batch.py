@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from captioner.models.captioner import Captioner
+
 from .test_cli import assert_one_line_error, run
 
 ROOT = Path(__file__).parent.parent
@@ -126,7 +128,9 @@ def test_csv_to_standard_output(capsys, trained_run, shapes):
     assert code == 0, err
     rows = list(csv.reader(out.splitlines()))
     assert rows[0] == ["image", "caption", "log_prob", "perplexity", "error_code", "error_message"]
-    assert rows[1][0] == str(image) and rows[1][1]
+    assert rows[1][0] == str(image)
+    [[greedy]] = Captioner.load(trained_run / "model.pt").caption([image])
+    assert rows[1][1] == greedy["text"] and float(rows[1][3]) == pytest.approx(greedy["perplexity"], rel=1e-4)
 
 
 def free_port():

@@ -94,6 +94,11 @@ def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run
     test = shapes.split("test")
     assert [r["image_id"] for r in results] == [r.image_id for r in test]
     assert all(set(r) == {"image_id", "caption"} and r["caption"] for r in results)
+    # The truth report is that of these very captions against the test scenes.
+    from captioner.evaluation import shapes_report
+
+    truth = shapes_report({r.image_id: c["caption"] for r, c in zip(test, results)}, test)
+    assert {key: report[key] for key in truth} == truth
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
