@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from captioner.models.captioner import Captioner
+
 from .test_cli import assert_one_line_error, run
 
 ROOT = Path(__file__).parent.parent
@@ -48,6 +50,7 @@ def reference(tmp_path_factory, trained_run, images):
     return out.read_text()
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_reference_run_has_every_image_once_in_order_with_the_error_in_place(reference, images):
     records = [json.loads(line) for line in reference.splitlines()]
     assert [r["image"] for r in records] == [str(p) for p in sorted(images.rglob("*.png"))]
@@ -55,6 +58,7 @@ def test_reference_run_has_every_image_once_in_order_with_the_error_in_place(ref
     assert all(r["captions"][0]["text"] for i, r in enumerate(records) if i != 150)
 
 
+@pytest.mark.slow  # subprocesses killed and rerun over 300 images
 def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_once(tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     args = command(trained_run / "model.pt", images, "--mode", "beam", "--batch-size", "4", "--output", out)
@@ -79,6 +83,7 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_
     assert again.returncode == 0 and out.read_text() == reference
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     lines = reference.splitlines(keepends=True)
@@ -88,6 +93,7 @@ def test_torn_last_line_is_cut_off_and_written_again(capsys, tmp_path, trained_r
     assert out.read_text() == reference
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.jsonl"
     out.write_text("".join(reference.splitlines(keepends=True)[1:5])[:-9])  # other images, last line unfinished
@@ -96,6 +102,7 @@ def test_output_of_another_job_is_refused_not_overwritten(capsys, tmp_path, trai
     assert out.read_text() == before
 
 
+@pytest.mark.slow  # the reference: a subprocess captioning 300 images
 def test_csv_output_and_globs(capsys, tmp_path, trained_run, images, reference):
     out = tmp_path / "captions.csv"
     code, _, err = run(
@@ -121,7 +128,9 @@ def test_csv_to_standard_output(capsys, trained_run, shapes):
     assert code == 0, err
     rows = list(csv.reader(out.splitlines()))
     assert rows[0] == ["image", "caption", "log_prob", "perplexity", "error_code", "error_message"]
-    assert rows[1][0] == str(image) and rows[1][1]
+    assert rows[1][0] == str(image)
+    [[greedy]] = Captioner.load(trained_run / "model.pt").caption([image])
+    assert rows[1][1] == greedy["text"] and float(rows[1][3]) == pytest.approx(greedy["perplexity"], rel=1e-4)
 
 
 def free_port():
@@ -130,6 +139,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_run, images, reference, fmt):
     out = tmp_path / f"captions.{fmt}"

@@ -17,6 +17,8 @@ from werkzeug.serving import make_server
 
 from service import create_app
 
+pytestmark = pytest.mark.slow  # a browser and a server
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 

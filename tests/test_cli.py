@@ -65,6 +65,7 @@ def test_caption_errors(capsys, tmp_path, trained_run, shapes):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow  # METEOR JVMs for the test and held-out splits
 def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run, shapes_json, shapes):
     code, out, err = run(
         capsys, "evaluate", trained_run / "model.pt", "--data", shapes_json,
@@ -93,6 +94,11 @@ def test_evaluate_reports_metrics_and_truthfulness(capsys, tmp_path, trained_run
     test = shapes.split("test")
     assert [r["image_id"] for r in results] == [r.image_id for r in test]
     assert all(set(r) == {"image_id", "caption"} and r["caption"] for r in results)
+    # The truth report is that of these very captions against the test scenes.
+    from captioner.evaluation import shapes_report
+
+    truth = shapes_report({r.image_id: c["caption"] for r, c in zip(test, results)}, test)
+    assert {key: report[key] for key in truth} == truth
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -169,6 +175,7 @@ def test_synth_errors_are_one_line(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "synth", tmp_path / "s", "--holdout", "mauve:blob")[::2], "mauve")
 
 
+@pytest.mark.slow  # a Python process that imports torch
 def test_no_traceback_reaches_the_user_of_the_real_command(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "captioner", "caption", str(tmp_path / "absent.pt"), str(tmp_path)],

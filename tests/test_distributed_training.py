@@ -36,6 +36,13 @@ def torchrun(*args, processes=2):
     return result
 
 
+def assert_captions(model, records):
+    """The loaded model gives one greedy caption of some words per image."""
+    captions = model.caption([r.path for r in records])
+    assert [len(c) for c in captions] == [1] * len(records)
+    assert all(c["text"] and c["perplexity"] >= 1 for [c] in captions), captions
+
+
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -49,6 +56,7 @@ def ddp_run(tmp_path_factory, shapes_json, feature_cache):
     return root / "run", [torch.load(root / f"rank{r}.pt") for r in (0, 1)], result.stderr
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_json):
     run, (rank0, rank1), log = ddp_run
     assert rank0["ddp"] and rank1["ddp"]
@@ -67,12 +75,12 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_j
     assert all(torch.equal(saved[k], v) for k, v in rank0["final"].items())
     [row] = rows(run)
     assert row["epoch"] == 1 and row["world_size"] == 2 and row["effective_batch_size"] == 2 * TINY["batch_size"]
-    model = Captioner.load(run / "model.pt", "cpu")
-    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+    assert_captions(Captioner.load(run / "model.pt", "cpu"), load_dataset(shapes_json).split("test"))
     assert log.count("DistributedDataParallel: 2 processes (gloo), batch size 16 per process, 32 in all") == 1
     assert log.count("epoch 1/1:") == 1  # rank 0 alone logs
 
 
+@pytest.mark.slow  # torchrun
 def test_command_line_resumes_a_distributed_run(ddp_run, tmp_path, shapes_json, feature_cache):
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0], run)
@@ -85,8 +93,7 @@ def test_command_line_resumes_a_distributed_run(ddp_run, tmp_path, shapes_json, 
     assert history[0] == rows(ddp_run[0])[0]
     last = read_checkpoint(run / "last.pt")["training"]
     assert last["epoch"] == 2 and len(last["rng_ranks"]) == 2  # each rank's dropout continues on resume
-    model = Captioner.load(run / "model.pt", "cpu")
-    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+    assert_captions(Captioner.load(run / "model.pt", "cpu"), load_dataset(shapes_json).split("test"))
 
 
 def test_too_few_batches_for_the_processes_is_a_clear_error(tmp_path, shapes_json, feature_cache, monkeypatch):

@@ -96,6 +96,7 @@ def no_java(monkeypatch, tmp_path):
     java_available.cache_clear()
 
 
+@pytest.mark.slow  # two METEOR JVMs
 @needs_java
 def test_ptb_matches_pycocoevalcap_directly(meteor_spy, capfd):
     # Each METEOR JVM takes seconds to load; start the direct one alongside ours.
@@ -156,8 +157,14 @@ def test_without_java_simple_scores_everything_but_meteor(no_java, meteor_spy):
     assert meteor_spy == []
     assert scores["meteor"] is None  # unknown, not 0
     assert "Java" in scores["meteor_unavailable"]
-    for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"):
-        assert type(scores[name]) is float and scores[name] > 0, name
+    # The scores are pycocoevalcap's own on the simply tokenized captions.
+    gts = {i: [simple_tokenize(c) for c in refs] for i, refs in REFERENCES.items()}
+    res = {i: [simple_tokenize(CANDIDATES[i])] for i in REFERENCES}
+    expected = dict(zip(("bleu_1", "bleu_2", "bleu_3", "bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    expected |= {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0]}
+    for name, value in expected.items():
+        assert type(scores[name]) is float and scores[name] == pytest.approx(value, abs=1e-9), name
+    assert scores["cider"] > 0  # the candidates share words with their references
 
 
 def test_without_java_ptb_says_what_to_do(no_java):
@@ -173,6 +180,10 @@ def test_meteor_jvm_failure_is_reported_not_scored_zero(monkeypatch, meteor_spy)
 
     assert scores["meteor"] is None
     assert "METEOR's Java process failed" in scores["meteor_unavailable"]
+    # The other scores are kept, as if METEOR had not been asked for.
+    without = caption_metrics(CANDIDATES, REFERENCES, tokenizer="simple", meteor=False)
+    for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"):
+        assert scores[name] == without[name], name
     assert scores["cider"] > 0
     assert meteor_spy[0].meteor_p.returncode is not None
     assert not meteor_spy[0].lock.locked()  # else Meteor.__del__ would deadlock

@@ -159,6 +159,11 @@ def test_multipart_upload_gives_captions_in_the_documented_shape(client, model_p
     [caption] = body["captions"]
     assert set(caption) == {"text", "log_prob", "perplexity"}
     assert caption["text"].strip() and caption["log_prob"] <= 0 and caption["perplexity"] >= 1
+    # The model's own greedy caption of the image, and its scores.
+    [[expected]] = Captioner.load(model_path).caption([png()])
+    assert caption["text"] == expected["text"]
+    assert caption["log_prob"] == pytest.approx(expected["log_prob"], rel=1e-4)
+    assert caption["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert set(body["timing_ms"]) == {"read", "queue", "encode", "generate", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["encode"] >= 0
 
@@ -460,7 +465,7 @@ def test_model_card(client, model_path):
     assert card["vocab_size"] == len(model.vocab) > 4
     assert card["encoder"]["name"] == "resnet18" and card["encoder"]["image_size"] == 32
     assert card["encoder"]["feature_dim"] == model.encoder.feature_dim
-    assert card["embedding"]["source"] == "trained" and card["embedding"]["dim"] > 0
+    assert card["embedding"]["source"] == "trained" and card["embedding"]["dim"] == model.decoder.embed.weight.size(1)
     assert "val_perplexity" in card["training_metrics"]
     assert str(model_path.parent) not in response.get_data(as_text=True)
 

@@ -57,6 +57,7 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # a gunicorn master and worker
 def test_gunicorn_loads_the_model_after_fork_serves_and_stops_on_sigterm(trained_run, tmp_path):
     port = free_port()
     env = {
@@ -126,6 +127,7 @@ def test_compose_trains_into_a_volume_the_service_serves_from(compose):
     assert "gunicorn.conf.py" in " ".join(service["command"])
 
 
+@pytest.mark.slow  # runs docker-compose
 def test_docker_compose_accepts_the_file():
     assert shutil.which("docker-compose"), "docker-compose is not installed (apt-get install docker-compose)"
     result = subprocess.run(

@@ -253,7 +253,9 @@ def test_checker_never_raises_on_noise():
     for scene in _scenes(50, seed=3):
         words = describe_scene(scene, rng, n=1)[0].split()
         for end in range(len(words) + 1):
-            check_caption(" ".join(words[:end]), scene)
+            check = check_caption(" ".join(words[:end]), scene)
+            assert check.grammatical or not check.truthful
+        assert check.grammatical and check.truthful  # the whole caption
 
 
 def test_parse_holdout():

@@ -22,6 +22,8 @@ def test_run_writes_metrics_every_epoch_and_keeps_the_best(trained_run):
     for r in rows:
         for key in ("train_loss", "train_perplexity", "val_loss", "val_perplexity", "grad_norm", "val_bleu_4", "val_cider"):
             assert isinstance(r[key], float)
+        assert r["train_perplexity"] == pytest.approx(math.exp(r["train_loss"]))
+        assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
     assert all(0.0 <= r["val_truthfulness"] <= 1.0 for r in rows)  # the shapes world knows its scenes
     best = max(rows, key=lambda r: r["val_cider"])
     assert read_checkpoint(trained_run / "model.pt")["metrics"]["epoch"] == best["epoch"]
@@ -42,6 +44,10 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
     trained_ppl = evaluate_loss(model.decoder, features, captions, **args)["perplexity"]
     untrained_ppl = evaluate_loss(untrained, features, captions, **args)["perplexity"]
     assert trained_ppl < 0.8 * untrained_ppl
+    # The validation perplexity logged for the best epoch is that of the model saved for it.
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = read_checkpoint(trained_run / "model.pt")["metrics"]["epoch"]
+    assert trained_ppl == pytest.approx(rows[best_epoch - 1]["val_perplexity"], rel=1e-5)
 
 NO_AMP = torch.amp.GradScaler("cuda", enabled=False)  # what training uses on a CPU
 
@@ -123,5 +129,7 @@ def test_mixed_precision_training_on_cuda_learns_and_loads_on_cpu(tmp_path, shap
     assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in history)
     assert read_checkpoint(tmp_path / "gpu" / "last.pt")["training"]["scaler"]  # float16 loss scaling was on
     model = Captioner.load(tmp_path / "gpu" / "model.pt", "cpu")  # a GPU-trained model serves on a CPU
-    assert model.caption([r.path for r in load_dataset(shapes_json).split("test")])
+    test = load_dataset(shapes_json).split("test")
+    captions = model.caption([r.path for r in test])
+    assert [len(c) for c in captions] == [1] * len(test) and all(c["text"] for [c] in captions), captions
     assert best["val_perplexity"] > 1
