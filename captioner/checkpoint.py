@@ -17,7 +17,7 @@ from captioner.errors import CaptionerError
 from captioner.io import atomic_write
 
 FORMAT = "captioner"
-VERSION = 4  # 2: attention with cell positions; 3: positions from grid coordinates; 4: input feeding, coverage
+VERSION = 5  # 2: cell positions; 3: from grid coordinates; 4: input feeding, coverage; 5: copying class names
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

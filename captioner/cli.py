@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from captioner.errors import CaptionerError
@@ -26,12 +27,19 @@ from captioner.options import (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, without breaking lines inside hyphenated words such as novel-captions."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand, generated from the option dataclasses in captioner.options."""
-    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, classes) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=_HelpFormatter)
         for cls in classes:
             add_dataclass_arguments(p.add_argument_group("decoding") if cls is DecodeOptions else p, cls)
     return parser

@@ -19,7 +19,7 @@ from captioner.metrics import caption_metrics, java_available
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import LSTMDecoder
 from captioner.options import DecodeOptions
-from captioner.shapes import Scene, check_caption, parse_holdout
+from captioner.shapes import COLOURS, GRID, SHAPES, Scene, check_caption, parse_holdout
 
 
 @dataclass
@@ -54,6 +54,59 @@ def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor
     targets = ids[:, 1:]  # (B, T-1)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad, reduction="sum")
     return loss, int((targets != pad).sum())
+
+
+def cnn_readings(
+    features: torch.Tensor,
+    records: Sequence[ImageRecord],
+    cell_classes: tuple[tuple[str, ...], ...],
+    held_out: frozenset[tuple[str, str]] = frozenset(),
+) -> dict:
+    """How often the encoder's cell head reads an object's shape, colour, and both, right.
+
+    Args:
+        features: (N, F) features of an encoder with a cell head: per cell, every group's class
+            probabilities, channel-major.
+        records: the images, with their scenes.
+        cell_classes: the head's groups of class names.
+        held_out: the held-out pairs, whose objects are also counted apart (a CNN pretrained
+            under the novel scenes protocol never saw them).
+
+    Returns:
+        ``{"cnn_reads": {"objects", "shape", "colour", "both"}}`` (shares of all objects), and
+        ``"cnn_reads_held_out"`` alike for the objects that show a held-out pair, if any do.
+    """
+    names = [name for group in cell_classes for name in group]
+    starts = [sum(map(len, cell_classes[:g])) for g in range(len(cell_classes))]
+    cells = features.view(len(records), len(names), -1)  # (N, C, cells)
+    read = {}
+    for start, group in zip(starts, cell_classes):
+        best = cells[:, start : start + len(group)].argmax(dim=1)  # (N, cells)
+        read[group] = [[group[k] for k in row] for row in best.tolist()]
+    shape_group = next(g for g in cell_classes if SHAPES[0] in g)
+    colour_group = next(g for g in cell_classes if COLOURS[0] in g)
+    right, right_held_out = [], []
+    for i, record in enumerate(records):
+        for o in Scene.from_dict(record.scene).objects:
+            cell = o.row * GRID + o.col
+            reading = (read[shape_group][i][cell] == o.shape, read[colour_group][i][cell] == o.colour)
+            right.append(reading)
+            if (o.colour, o.shape) in held_out:
+                right_held_out.append(reading)
+    report = {"cnn_reads": _reading_shares(right)}
+    if right_held_out:
+        report["cnn_reads_held_out"] = _reading_shares(right_held_out)
+    return report
+
+
+def _reading_shares(right: list[tuple[bool, bool]]) -> dict:
+    n = max(len(right), 1)
+    return {
+        "objects": len(right),
+        "shape": sum(s for s, _ in right) / n,
+        "colour": sum(c for _, c in right) / n,
+        "both": sum(s and c for s, c in right) / n,
+    }
 
 
 @torch.inference_mode()
@@ -164,6 +217,8 @@ def score(
     report |= evaluate_loss(model.decoder, features, refs, pad=model.vocab.pad, batch_size=512, device=model.device)
     if all(r.scene for r in records):
         report |= shapes_report(captions, records, held_out)
+        if model.encoder.config.cell_classes:
+            report |= cnn_readings(features, records, model.encoder.config.cell_classes, held_out)
     return report, captions
 
 
@@ -194,6 +249,8 @@ def evaluate_split(model: Captioner, dataset: Dataset, split: str, **kwargs) -> 
     held_out = parse_holdout(dataset.meta.get("shapes_world", {}).get("holdout", []))
     report, captions = evaluate(model, dataset.split(split), held_out=held_out, **kwargs)
     report = {"split": split, **report}
+    if model.encoder.pretraining.get("protocol") and held_out:
+        report["protocol"] = model.encoder.pretraining["protocol"]
     if held_out and split != "holdout" and any(r.split == "holdout" for r in dataset.records):
         held_report, _ = evaluate(model, dataset.split("holdout"), held_out=held_out, **kwargs)
         report["holdout"] = {"pairs": sorted(f"{c}:{s}" for c, s in held_out), **held_report}

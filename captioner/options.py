@@ -144,6 +144,11 @@ class DecodeOptions:
         return asdict(self)
 
 
+# How the shapes world's held-out (colour, shape) pairs are kept from the model: only from the
+# captions, as an ImageNet CNN knows objects no training caption mentions (Nikolaus et al. 2019;
+# nocaps), or from the CNN's pretraining scenes as well.
+PROTOCOLS = ("novel-captions", "novel-scenes")
+
 # Defaults that depend on the data, declared here with the rest: (backbone, image size, pool grid).
 # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the shapes world's grid.
 SHAPES_WORLD_ENCODER = ("mobilenet_v3_small", 96, 3)
@@ -177,6 +182,19 @@ class TrainConfig:
         f"{PHOTO_ENCODER[2]} photos)",
     )
     pretrain_epochs: int = option(10, "epochs of auxiliary CNN pretraining on the shapes world")
+    protocol: str = option(
+        "novel-captions",
+        "shapes world with held-out pairs: novel-captions keeps them out of the training captions only "
+        "(the CNN's pretraining scenes show every combination, as ImageNet shows objects no caption "
+        "names); novel-scenes keeps them out of the CNN's pretraining too",
+        choices=PROTOCOLS,
+    )
+    colour_path: bool = option(
+        True, "shapes world: the CNN reads colour one pixel at a time, and shape and size without colour"
+    )
+    copy_labels: bool = option(
+        True, "say the class names the encoder's cell head reads (shapes world) by copying them from the attended cell"
+    )
     word2vec: str | None = option(None, "pretrained word2vec file (binary or text); default: train on the captions")
     embed_dim: int | None = option(
         None, f"word vector size (default: {TRAINED_VECTORS_DIM} trained, the file's with --word2vec, which it must match)"
@@ -205,6 +223,8 @@ class TrainConfig:
             raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
             raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
+        if self.protocol not in PROTOCOLS:
+            raise CaptionerError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -42,7 +42,7 @@ from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
 from captioner.shapes import GRID
-from captioner.shapes.pretraining import CELL_CLASSES, pretrain_encoder
+from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
 
 # Rank 0 prepares (CNN pretraining, feature extraction) while the others wait: hours on a large data
 # set, far past a collective's default timeout (10 minutes with nccl), so the waits between
@@ -280,9 +280,17 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         dropout=config.dropout,
+        copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
     )
     decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
     return Captioner(encoder, decoder, vocab, embedding=info)
+
+
+def copy_ids(cell_classes: tuple[tuple[str, ...], ...], vocab: Vocabulary) -> tuple[tuple[int, ...], ...]:
+    """The vocabulary id of each class the encoder's cell head names (-1: no name, or not a word
+    of the captions): what the decoder copies. Empty if no class name is a word."""
+    ids = tuple(tuple(vocab.index.get(name, -1) if name else -1 for name in group) for group in cell_classes)
+    return ids if any(i >= 0 for group in ids for i in group) else ()
 
 
 def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
@@ -304,6 +312,7 @@ def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torc
             image_size=config.image_size or image_size,
             pool_grid=GRID if auxiliary else config.pool_grid or grid,
             cell_classes=CELL_CLASSES if auxiliary else (),
+            colour_group=CELL_CLASSES.index(COLOUR_CLASSES) if auxiliary and config.colour_path else None,
         )
     )
     if auxiliary:
@@ -316,17 +325,24 @@ def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Datase
     """``encoder`` pretrained on the shapes world's scenes, or read back from an earlier run's
     ``out/encoder-pretrained.pt`` (a resumed run, or another rank)."""
     saved = out / "encoder-pretrained.pt"
+    encoder.weights = "auxiliary:shapes-world"
     if saved.exists():
         try:
-            encoder.load_state_dict(read_checkpoint(saved)["state_dict"])
+            state = read_checkpoint(saved)
+            encoder.load_state_dict(state["state_dict"])
+            encoder.pretraining = state["pretraining"]
         except (CaptionerError, RuntimeError, KeyError, TypeError):
             raise CaptionerError(
                 f"{saved} does not fit this encoder (another --encoder or an older captioner): "
                 "delete it to pretrain again"
             ) from None
-        encoder.weights = "auxiliary:shapes-world"
+        if encoder.pretraining.get("protocol") != config.protocol:
+            raise CaptionerError(
+                f"{saved} was pretrained under protocol {encoder.pretraining.get('protocol')}, not "
+                f"{config.protocol}: delete it to pretrain again, or pass --protocol {encoder.pretraining.get('protocol')}"
+            )
         return encoder.freeze()
-    result = pretrain_encoder(
+    encoder.pretraining = pretrain_encoder(
         encoder,
         dataset.meta["shapes_world"],
         dataset.split("val"),
@@ -334,10 +350,10 @@ def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Datase
         images_per_epoch=len(dataset.split("train")),
         device=device,
         seed=config.seed,
+        protocol=config.protocol,
         progress=config.progress,
     )
-    encoder.weights = "auxiliary:shapes-world"
-    save_checkpoint({"state_dict": encoder.state_dict(), "pretraining": result}, saved)
+    save_checkpoint({"state_dict": encoder.state_dict(), "pretraining": encoder.pretraining}, saved)
     return encoder
 
 

@@ -81,3 +81,48 @@ def test_feature_cache_computes_each_image_once(tmp_path, shapes):
         encoder.backbone.conv1.weight.mul_(2)  # other weights: another cache entry
     cached_features(encoder, paths[:2], cache_dir=tmp_path, device=device)
     assert sum(calls) == 8
+
+
+def shapes_encoder():
+    from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES
+
+    torch.manual_seed(0)
+    config = EncoderConfig(
+        name="mobilenet_v3_small", image_size=96, pool_grid=3, cell_classes=CELL_CLASSES,
+        colour_group=CELL_CLASSES.index(COLOUR_CLASSES),
+    )  # fmt: skip
+    return Encoder(config).eval()
+
+
+def test_the_colour_path_sees_one_pixel_at_a_time():
+    # Shuffling the pixels inside each cell destroys every outline but no colour: the colour
+    # readings stay, so they cannot depend on shape, and no (colour, shape) pair can be entangled.
+    encoder = shapes_encoder()
+    images = torch.randn(2, 3, 96, 96)
+    cells = images.view(2, 3, 3, 32, 3, 32).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 3, 3, 32 * 32)
+    shuffled = cells[..., torch.randperm(32 * 32)].view(2, 3, 3, 3, 32, 32).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 96, 96)
+    start, end = len(encoder.config.cell_classes[0]), sum(encoder.config.group_sizes[:2])
+    with torch.inference_mode():
+        colour, colour_shuffled = (encoder.cell_logits(x)[..., start:end] for x in (images, shuffled))
+    assert torch.allclose(colour, colour_shuffled, atol=1e-5)
+    assert not torch.equal(shuffled, images)
+
+
+def test_the_backbone_of_a_colour_path_encoder_sees_no_colour():
+    # The same scene in two colours looks the same to the backbone: its view is a foreground mask.
+    import random
+
+    from captioner.shapes import Scene, ShapeObject, render_scene
+
+    encoder = shapes_encoder()
+    views = []
+    for colour in ("green", "red"):
+        scene = Scene((ShapeObject("triangle", colour, "large", 1, 1, 0.5, 0.5),))
+        image = encoder.transform(render_scene(scene, 96, random.Random(0)))
+        views.append(encoder.colour_free(image.unsqueeze(0)))
+    green, red = (view[0, 0] * encoder.config.std[0] + encoder.config.mean[0] for view in views)  # masks in [0, 1]
+    assert green.max() == pytest.approx(1.0) and green.min() == pytest.approx(0.0)  # a shape on a background
+    assert (green == 1).sum() > 300  # a large triangle's inside (0.8 of a 32-pixel cell wide)
+    # Inside and outside alike; only some antialiased edge pixels, which mix fill and background,
+    # differ a little with the fill's brightness.
+    assert ((green - red).abs() > 0.05).float().mean() < 0.02 and (green - red).abs().max() < 0.35

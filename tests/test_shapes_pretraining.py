@@ -7,7 +7,7 @@ from PIL import Image
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject
+from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject, parse_holdout, pretraining
 from captioner.shapes.pretraining import (
     ATTRIBUTES,
     CELL_CLASSES,
@@ -64,7 +64,7 @@ def test_cell_labels_of_a_three_object_scene():
 def test_fresh_scenes_keep_held_out_pairs_out():
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=32))
     world = {"image_size": 32, "holdout": ["green:triangle"]}
-    images, labels = _fresh_scenes(encoder, world, 200, random.Random(0))
+    images, labels = _fresh_scenes(encoder, world, 200, random.Random(0), parse_holdout(world["holdout"]))
     assert images.shape == (200, 3, 32, 32) and labels.shape == (200, GRID * GRID, 3)
     green_triangle = (labels[..., 0] == 2) & (labels[..., 1] == 1)
     assert not green_triangle.any()
@@ -72,9 +72,34 @@ def test_fresh_scenes_keep_held_out_pairs_out():
     assert objects.min() >= 1 and objects.max() == PRETRAINING_OBJECTS  # fuller than captioned scenes
 
 
+@pytest.mark.parametrize("protocol", ["novel-scenes", "novel-captions"])
+def test_only_the_novel_scenes_protocol_keeps_held_out_pairs_from_the_cnn(monkeypatch, shapes, protocol):
+    shown = []
+
+    def recording(*args):
+        images, labels = _fresh_scenes(*args)
+        shown.append(labels)
+        return images, labels
+
+    monkeypatch.setattr(pretraining, "_fresh_scenes", recording)
+    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32, pool_grid=GRID, cell_classes=CELL_CLASSES))
+    world = {"image_size": 32, "holdout": ["green:triangle"]}
+    result = pretrain_encoder(
+        encoder, world, shapes.split("val")[:2], epochs=1, images_per_epoch=300, device=torch.device("cpu"),
+        seed=0, protocol=protocol, batch_size=300,
+    )  # fmt: skip
+    labels = torch.cat(shown)
+    green_triangles = ((labels[..., 0] == SHAPES.index("triangle")) & (labels[..., 1] == COLOURS.index("green"))).sum()
+    assert result["protocol"] == protocol
+    if protocol == "novel-scenes":
+        assert result["held_out"] == ["green:triangle"] and green_triangles == 0
+    else:  # every combination, the held-out one about as often as any other (1 object in 35)
+        assert result["held_out"] == [] and green_triangles >= 10
+
+
 def test_half_of_the_fresh_scenes_are_mirror_images_of_the_others():
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=32))
-    images, labels = _fresh_scenes(encoder, {"image_size": 32}, 40, random.Random(0))
+    images, labels = _fresh_scenes(encoder, {"image_size": 32}, 40, random.Random(0), frozenset())
     mirrored_labels = labels.view(-1, GRID, GRID, 3).flip(2).flatten(1, 2)
     for i in range(len(images)):
         twins = [j for j in range(len(images)) if torch.equal(images[j], images[i].flip(-1))]
@@ -107,7 +132,7 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
     overrides = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1)
     train(tiny_config(shapes_json, run, tmp_path / "cache", **overrides))
     model = Captioner.load(run / "model.pt")
-    classes = sum(CELL_CLASSES)
+    classes = sum(map(len, CELL_CLASSES))
     assert model.encoder.config.cell_classes == CELL_CLASSES
     assert (model.decoder.config.cells, model.decoder.config.feature_dim) == (GRID * GRID, classes * GRID * GRID)
     # Each cell's feature is a probability distribution per attribute.
@@ -116,7 +141,7 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
         with Image.open(record.path) as image:
             images.append(image.convert("RGB"))
     features = model.encode(model.images_to_batch(images)).view(2, classes, GRID * GRID)
-    sums = torch.stack([group.sum(dim=1) for group in features.split(list(CELL_CLASSES), dim=1)])
+    sums = torch.stack([group.sum(dim=1) for group in features.split([len(g) for g in CELL_CLASSES], dim=1)])
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
     # The head in the model is the one pretraining trained and saved for resuming.
     saved = torch.load(run / "encoder-pretrained.pt", weights_only=True)["state_dict"]

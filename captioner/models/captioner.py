@@ -63,6 +63,7 @@ class Captioner(nn.Module):
             "encoder": {
                 "config": self.encoder.config.to_dict(),
                 "weights": self.encoder.weights,
+                "pretraining": self.encoder.pretraining,
                 "state_dict": self.encoder.state_dict(),
             },
             "decoder": {"config": self.decoder.config.to_dict(), "state_dict": self.decoder.state_dict()},
@@ -82,6 +83,7 @@ class Captioner(nn.Module):
             encoder = Encoder(EncoderConfig.from_dict(state["encoder"]["config"]))
             encoder.load_state_dict(state["encoder"]["state_dict"])
             encoder.weights = state["encoder"].get("weights", "none")
+            encoder.pretraining = state["encoder"].get("pretraining", {})
             decoder_state = state["decoder"]["state_dict"]
             decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)

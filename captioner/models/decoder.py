@@ -13,6 +13,15 @@ al. 2016; See et al. 2017). Without them, the query for "a red circle left of a 
 words but not where the red circle is, nor that it was described already, and the decoder names
 the same object twice. Only the attention runs step by step; both LSTMs read whole sequences in
 PyTorch's fused kernels in training.
+
+When the encoder names what each cell holds (a classifier head whose classes are words, such as the
+shapes world's shapes, colours and sizes), the decoder says those words by copying them from the
+cell it attends to, never from memory of which words went together: its output layer predicts the
+other words and, instead of any class name, a slot per group of classes ("a colour here"); the
+attended cell's class probabilities fill the slot (a pointer over the image's labels, as in LSTM-C,
+Yao et al. 2017, with slots as in Neural Baby Talk, Lu et al. 2018). A "green" followed by
+"triangle" then needs no caption that ever said "green triangle", only a cell the encoder reads as
+green and triangle.
 """
 
 from __future__ import annotations
@@ -40,15 +49,24 @@ class DecoderConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.3
+    # Per group of the encoder's cell head, the vocabulary id of each class's name (-1: no word, as
+    # for "nothing here"): words said by copying them from the attended cell. Empty: no copying.
+    copy_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "copy_ids", tuple(tuple(group) for group in self.copy_ids))
         if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
             raise CaptionerError("hidden size and layers must be positive and dropout in [0, 1)")
         if self.cells < 1 or self.feature_dim % self.cells:
             raise CaptionerError(f"a {self.feature_dim}-d feature cannot be split into {self.cells} cells")
+        words = [i for group in self.copy_ids for i in group if i >= 0]
+        if self.copy_ids and sum(map(len, self.copy_ids)) * self.cells != self.feature_dim:
+            raise CaptionerError("copying needs one feature per class of the cell head in every cell")
+        if len(words) != len(set(words)) or any(not 0 <= i < self.vocab_size for i in words):
+            raise CaptionerError("every copied word must be a distinct word of the vocabulary")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "copy_ids": [list(group) for group in self.copy_ids]}
 
 
 class LSTMDecoder(nn.Module):
@@ -84,27 +102,40 @@ class LSTMDecoder(nn.Module):
         self.language_lstm = nn.LSTM(2 * hidden, hidden, config.num_layers, batch_first=True, dropout=between_layers)
         self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
-        self.out = nn.Linear(hidden, config.vocab_size)
+        self.copy = _Copy(config.copy_ids, config.vocab_size) if config.copy_ids else None
+        self.out = nn.Linear(hidden, config.vocab_size + len(config.copy_ids))  # + a slot per copied group
 
     def start(self, features: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """(B, F) image features -> attention memory (B, N, H) and the initial state."""
+        """(B, F) image features -> memory (B, N, H + C) and the initial state.
+
+        The memory holds, per cell, what attention reads (H) and the cell's own features (C), which
+        a copying decoder reads as class probabilities.
+        """
         batch, cells = features.size(0), self.config.cells
-        x = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
-        x = self.dropout(self.feature_norm(x))
+        cell_features = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
+        x = self.dropout(self.feature_norm(cell_features))
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
         init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
-        memory = self.memory(x) + self.position(self.coordinates)
-        context, coverage = memory.new_zeros(1, batch, hidden), memory.new_zeros(1, batch, cells)
+        keys = self.memory(x) + self.position(self.coordinates)  # (B, N, H)
+        context, coverage = keys.new_zeros(1, batch, hidden), keys.new_zeros(1, batch, cells)
+        memory = torch.cat([keys, cell_features.to(keys.dtype)], dim=-1)  # (B, N, H + C)
         return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them."""
+        """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
+
+        With copying the logits are log-probabilities (their softmax is themselves).
+        """
         word_h, word_c, h, c, context, coverage = state
+        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
         queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
-        contexts, context, coverage = self.attention(queries, memory, context[0], coverage[0])
+        contexts, weights, context, coverage = self.attention(queries, keys, context[0], coverage[0])
         x, (h, c) = self.language_lstm(torch.cat([queries, contexts], dim=-1), (h, c))
-        return self.out(self.dropout(x)), (word_h, word_c, h, c, context[None], coverage[None])
+        logits = self.out(self.dropout(x))  # (B, T, V + slots)
+        if self.copy is not None:
+            logits = self.copy(logits, weights, cell_features)
+        return logits, (word_h, word_c, h, c, context[None], coverage[None])
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (B, F) features and (B, T) input ids -> (B, T, V) next-word logits."""
@@ -138,12 +169,51 @@ class _Attention(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
         """(B, T, H) queries over (B, N, H) memory, from the (B, H) context and (B, N) coverage
-        left by the steps before -> (B, T, H) contexts, the last context and the coverage after."""
-        contexts = []
+        left by the steps before -> (B, T, H) contexts, (B, T, N) attention weights, the last
+        context and the coverage after."""
+        contexts, all_weights = [], []
         for query in self.query(queries).unbind(1):  # the only loop over steps in training
             keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
             weights = self.score(torch.tanh(keys)).squeeze(-1).softmax(dim=-1)  # (B, N)
             context = (weights.unsqueeze(1) @ memory).squeeze(1)
             coverage = coverage + weights
             contexts.append(context)
-        return torch.stack(contexts, dim=1), context, coverage
+            all_weights.append(weights)
+        return torch.stack(contexts, dim=1), torch.stack(all_weights, dim=1), context, coverage
+
+
+class _Copy(nn.Module):
+    """The next word's distribution when class names are copied from the attended cell.
+
+    p(word) = p_out(word) for the words the output layer says; for the name of class k of group g,
+    p(name) = p_out(slot g) * sum over cells n of attention(n) * p(class k | cell n, a named class),
+    the cell head's probabilities renormalised over the classes of g that have a name; then the
+    whole renormalised, since attention on an empty cell fills no slot.
+    """
+
+    def __init__(self, copy_ids: tuple[tuple[int, ...], ...], vocab_size: int):
+        super().__init__()
+        named = [(g, k, word) for g, group in enumerate(copy_ids) for k, word in enumerate(group) if word >= 0]
+        offsets = [sum(map(len, copy_ids[:g])) for g in range(len(copy_ids))]
+        self.register_buffer("words", torch.tensor([w for _, _, w in named]), persistent=False)  # (L,)
+        self.register_buffer("classes", torch.tensor([offsets[g] + k for g, k, _ in named]), persistent=False)
+        self.register_buffer("groups", torch.tensor([g for g, _, _ in named]), persistent=False)
+        said = torch.zeros(vocab_size, dtype=torch.bool)
+        said[self.words] = True
+        self.register_buffer("copied", said, persistent=False)  # (V,) words only copying says
+        self.vocab_size, self.num_groups = vocab_size, len(copy_ids)
+
+    def forward(self, logits: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """(B, T, V + G) output logits, (B, T, N) attention, (B, N, C) class probabilities per cell
+        -> (B, T, V) log-probabilities of the next word."""
+        logits, attention, cells = logits.float(), attention.float(), cells.float()
+        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
+        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (B, T, V + G)
+        named = cells[..., self.classes]  # (B, N, L)
+        per_group = named.new_zeros(*named.shape[:-1], self.num_groups).index_add_(-1, self.groups, named)
+        named = named / per_group[..., self.groups].clamp_min(1e-6)  # (B, N, L), each group sums to 1
+        copied = (attention @ named).clamp_min(1e-12).log()  # (B, T, L)
+        slots = log_p[..., self.vocab_size + self.groups]  # (B, T, L)
+        out = log_p[..., : self.vocab_size].scatter(-1, self.words.expand_as(copied), slots + copied)
+        # Attention on cells with nothing named loses its slots' mass: what is left is renormalised.
+        return out - out.logsumexp(dim=-1, keepdim=True)

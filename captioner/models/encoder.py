@@ -35,24 +35,38 @@ class EncoderConfig:
     pool_grid: int = 1  # 1: global average pool; G > 1: average over a G x G grid, keeping layout
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    # Sizes of the groups of classes a per-cell classifier head predicts (auxiliary pretraining on
-    # the shapes world); with a head, each cell's feature is its class probabilities, not its channels.
-    cell_classes: tuple[int, ...] = ()
+    # The groups of classes a per-cell classifier head predicts (auxiliary pretraining on the shapes
+    # world), each class by name, "" for "nothing here"; with a head, each cell's feature is its
+    # class probabilities, not its channels, and a decoder can say the names it reads.
+    cell_classes: tuple[tuple[str, ...], ...] = ()
+    # The group of cell classes read by a colour path that sees one pixel at a time, while the
+    # backbone sees the image without its colours (see ``Encoder.cell_logits``); None: no such path.
+    colour_group: int | None = None
 
     def __post_init__(self):
         if self.name not in BACKBONES:
             raise CaptionerError(f"unknown encoder {self.name!r}; choose one of {', '.join(BACKBONES)}")
         if self.image_size < 32 or self.pool_grid < 1:
             raise CaptionerError("encoder image size must be at least 32 and the pool grid at least 1")
-        if any(count < 2 for count in self.cell_classes):
+        if any(len(group) < 2 for group in self.cell_classes):
             raise CaptionerError("every group of cell classes needs at least 2 classes")
+        if self.colour_group is not None and not 0 <= self.colour_group < len(self.cell_classes):
+            raise CaptionerError("the colour path must read one of the groups of cell classes")
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """How many classes each group of the cell head has."""
+        return [len(group) for group in self.cell_classes]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "cell_classes": list(self.cell_classes)}
+        classes = [list(group) for group in self.cell_classes]
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "cell_classes": classes}
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        tuples = {key: tuple(d[key]) for key in ("mean", "std", "cell_classes") if key in d}
+        tuples = {key: tuple(d[key]) for key in ("mean", "std") if key in d}
+        if "cell_classes" in d:
+            tuples["cell_classes"] = tuple(tuple(group) for group in d["cell_classes"])
         return cls(**{**d, **tuples})
 
 
@@ -91,6 +105,7 @@ class Encoder(nn.Module):
         transform: the preprocessing every image goes through before ``forward_features``.
         weights: what weights it holds, as stored in checkpoints (``none``, ``imagenet:...``,
             ``file:NAME``, ``auxiliary:shapes-world``).
+        pretraining: for auxiliary pretraining, how it went (protocol, held-out pairs, accuracies).
     """
 
     def __init__(self, config: EncoderConfig):
@@ -98,6 +113,7 @@ class Encoder(nn.Module):
         self.config = config
         self.transform = ImageTransform(config)
         self.weights = "none"
+        self.pretraining: dict = {}  # how it was pretrained, when it was (the shapes world's protocol, accuracies)
         self.backbone = torchvision.models.get_model(config.name, weights=None)
         # The classifier is not used; dropping it keeps checkpoints small.
         if config.name.startswith("resnet"):
@@ -107,8 +123,14 @@ class Encoder(nn.Module):
             channels = self.backbone.classifier[0].in_features
             self.backbone.classifier = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(config.pool_grid)
-        self.head = nn.Linear(channels, sum(config.cell_classes)) if config.cell_classes else None
-        self.feature_dim = (sum(config.cell_classes) or channels) * config.pool_grid**2
+        sizes, colour = config.group_sizes, config.colour_group
+        self.head = nn.Linear(channels, sum(sizes) - (sizes[colour] if colour is not None else 0)) if sizes else None
+        self.colour_path = self.colour_head = None
+        if colour is not None:
+            # 1 x 1 convolutions: each pixel's colour, blind to any shape, pooled over the cell.
+            self.colour_path = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU())
+            self.colour_head = nn.Linear(16, sizes[colour])
+        self.feature_dim = (sum(config.group_sizes) or channels) * config.pool_grid**2
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
@@ -119,10 +141,33 @@ class Encoder(nn.Module):
         return b.features(images)
 
     def cell_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, G * G, sum(cell_classes)) logits of the cell head."""
+        """(B, 3, H, W) normalised images -> (B, G * G, classes) logits of the cell head, every group's.
+
+        With a colour path, colour and the other attributes are read apart, so that no reading can
+        depend on a combination: the backbone sees where something is and its outline but not its
+        colour (``colour_free``), and the colour path sees each pixel's colour but no outline.
+        A CNN that saw green things and triangles, but never a green triangle, then reads one.
+        """
         if self.head is None:
             raise CaptionerError("this encoder has no per-cell classifier head")
-        return self.head(self.pool(self.feature_map(images)).flatten(2).transpose(1, 2))
+        if self.colour_head is None:
+            return self.head(self.pool(self.feature_map(images)).flatten(2).transpose(1, 2))
+        others = self.head(self.pool(self.feature_map(self.colour_free(images))).flatten(2).transpose(1, 2))
+        colour = self.colour_head(self.pool(self.colour_path(images)).flatten(2).transpose(1, 2))  # (B, G*G, K)
+        at = sum(self.config.group_sizes[: self.config.colour_group])
+        return torch.cat([others[..., :at], colour, others[..., at:]], dim=-1)
+
+    def colour_free(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> the same with every channel the pixel's foreground mask.
+
+        The brightest channel, thresholded softly between a dark background and a bright fill:
+        about 0 on the background, 1 inside a shape of any colour, in between on its antialiased edge.
+        """
+        mean = images.new_tensor(self.config.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.config.std).view(1, 3, 1, 1)
+        brightest = (images * std + mean).amax(dim=1, keepdim=True)  # (B, 1, H, W) in [0, 1]
+        mask = ((brightest - 0.35) / 0.3).clamp(0, 1)
+        return (mask - mean) / std  # (B, 3, H, W)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, F) features, channel-major: (B, C, G * G) flattened.
@@ -134,7 +179,7 @@ class Encoder(nn.Module):
         """
         if self.head is None:
             return self.pool(self.feature_map(images)).flatten(1)  # (B, C * G * G)
-        groups = self.cell_logits(images).split(list(self.config.cell_classes), dim=-1)
+        groups = self.cell_logits(images).split(self.config.group_sizes, dim=-1)
         probabilities = torch.cat([group.softmax(dim=-1) for group in groups], dim=-1)  # (B, G*G, C)
         return probabilities.transpose(1, 2).flatten(1)
 

@@ -46,7 +46,9 @@ def cell_labels(scene: Scene) -> torch.Tensor:
     return labels
 
 
-CELL_CLASSES = tuple(count + 1 for _, count in ATTRIBUTES)  # the encoder's cell head for the shapes world
+# The encoder's cell head for the shapes world: each attribute's values by name, "" for an empty cell.
+COLOUR_CLASSES = (*COLOURS, "")
+CELL_CLASSES = ((*SHAPES, ""), COLOUR_CLASSES, (*SIZES, ""))
 # Pretraining scenes hold up to 7 objects where captioned ones hold 3: twice the objects per image
 # on average, and the cost is per image. 9 epochs of captioned-size scenes left 4% of small shapes
 # misread, which put a ceiling under the captions' truthfulness.
@@ -89,14 +91,15 @@ def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Te
     return images, labels
 
 
-def _fresh_scenes(encoder: Encoder, world: dict, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def _fresh_scenes(
+    encoder: Encoder, world: dict, count: int, rng: random.Random, holdout: frozenset[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` images of ``world`` (the data set's generation settings), in random order: half
-    newly drawn and rendered scenes, half their mirror images.
+    newly drawn and rendered scenes, none showing a pair of ``holdout``, half their mirror images.
 
     Rendering is a fifth of an epoch's time, and a mirrored scene is as good as a new one: every
     shape is left-right symmetric and the grid mirrors onto itself, so only the cells' columns change.
     """
-    holdout = parse_holdout(world.get("holdout", []))
     scenes = [sample_scene(rng, holdout=holdout, max_objects=PRETRAINING_OBJECTS) for _ in range((count + 1) // 2)]
     images = torch.stack([encoder.transform(render_scene(s, world["image_size"], rng)) for s in scenes])
     labels = torch.stack([cell_labels(scene) for scene in scenes])  # (n, G*G, 3), cells row-major
@@ -114,6 +117,7 @@ def pretrain_encoder(
     images_per_epoch: int,
     device: torch.device,
     seed: int,
+    protocol: str = "novel-scenes",
     batch_size: int = 64,
     lr: float = 6e-3,
     progress: bool = False,
@@ -128,14 +132,18 @@ def pretrain_encoder(
         images_per_epoch: fresh scenes drawn for each epoch.
         device: where to train.
         seed: random seed of the drawn scenes.
+        protocol: ``novel-scenes`` keeps the world's held-out pairs out of the pretraining scenes;
+            ``novel-captions`` shows every combination (only the captions hold pairs out).
         batch_size: images per step.
         lr: peak AdamW learning rate of the one-cycle schedule.
         progress: show a progress bar.
 
     Returns:
-        ``{"epochs", "val_cell_accuracy", "val_<attribute>_accuracy"...}``: a cell counts as right
-        when its shape, colour and size (or emptiness) are all predicted right.
+        ``{"epochs", "protocol", "held_out", "val_cell_accuracy", "val_<attribute>_accuracy"...}``:
+        ``held_out`` lists the pairs no pretraining scene showed; a cell counts as right when its
+        shape, colour and size (or emptiness) are all predicted right.
     """
+    holdout = parse_holdout(world.get("holdout", [])) if protocol == "novel-scenes" else frozenset()
     rng = random.Random(seed)
     val_x, val_y = _tensors(encoder, val)
     for module in encoder.modules():
@@ -152,7 +160,7 @@ def pretrain_encoder(
     bar = tqdm(total=steps, desc="pretraining CNN", unit="step", disable=not progress)
     for _ in range(epochs):
         model.train()
-        train_x, train_y = _fresh_scenes(encoder, world, images_per_epoch, rng)
+        train_x, train_y = _fresh_scenes(encoder, world, images_per_epoch, rng, holdout)
         for x, y in zip(train_x.split(batch_size), train_y.split(batch_size)):
             loss = model.loss(model(x.to(device, memory_format=torch.channels_last)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +174,9 @@ def pretrain_encoder(
     with torch.inference_mode():
         predicted = torch.cat([model.predict(model(x.to(device))).cpu() for x in val_x.split(256)])
     right = predicted == val_y  # (N, G*G, 3)
-    result = {"epochs": epochs, "val_cell_accuracy": right.all(-1).float().mean().item()}
+    held_out = sorted(f"{colour}:{shape}" for colour, shape in holdout)
+    result = {"epochs": epochs, "protocol": protocol, "held_out": held_out}
+    result["val_cell_accuracy"] = right.all(-1).float().mean().item()
     for j, (name, _) in enumerate(ATTRIBUTES):
         result[f"val_{name}_accuracy"] = right[..., j].float().mean().item()
     encoder.to("cpu", memory_format=torch.contiguous_format).freeze()
