@@ -267,14 +267,21 @@ def coco_results(captions: dict[str, str]) -> list[dict]:
 
 
 def summary_table(report: dict) -> str:
-    """A few lines for people: the main scores of a report and of its held-out part."""
-    columns = ["bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "perplexity", "truthfulness", "held_out_named"]
-    columns = [c for c in columns if c in report]
+    """A few lines for people: the main scores of a report and of its held-out part. On the shapes
+    world, ``cnn_reads`` is the share of objects whose shape and colour the CNN reads right (in the
+    held-out part, of the objects that show a held-out pair)."""
     rows = [(report["split"], report)] + ([("holdout", report["holdout"])] if "holdout" in report else [])
+    columns = ["bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "perplexity", "truthfulness", "held_out_named", "cnn_reads"]
+    values = [{**part, "cnn_reads": _both(part)} for _, part in rows]
+    columns = [c for c in columns if any(v.get(c) is not None for v in values)]
     widths = [max(len(c), 6) for c in columns]
     lines = ["  ".join([f"{'split':<8} {'images':>6}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])]
-    for name, part in rows:
-        values = [part.get(c) for c in columns]
-        cells = [f"{'n/a' if v is None else format(v, '.3f'):>{w}}" for v, w in zip(values, widths)]
+    for (name, part), value in zip(rows, values):
+        cells = [f"{'n/a' if value.get(c) is None else format(value[c], '.3f'):>{w}}" for c, w in zip(columns, widths)]
         lines.append("  ".join([f"{name:<8} {part['images']:>6}"] + cells))
     return "\n".join(lines)
+
+
+def _both(part: dict) -> float | None:
+    reads = part.get("cnn_reads_held_out", part.get("cnn_reads"))
+    return reads["both"] if reads else None

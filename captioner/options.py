@@ -181,7 +181,7 @@ class TrainConfig:
         f"average-pool the CNN's last map to a G x G grid (default: {SHAPES_WORLD_ENCODER[2]} shapes world, "
         f"{PHOTO_ENCODER[2]} photos)",
     )
-    pretrain_epochs: int = option(10, "epochs of auxiliary CNN pretraining on the shapes world")
+    pretrain_epochs: int = option(6, "epochs of auxiliary CNN pretraining on the shapes world")
     protocol: str = option(
         "novel-captions",
         "shapes world with held-out pairs: novel-captions keeps them out of the training captions only "
@@ -204,7 +204,7 @@ class TrainConfig:
     dropout: float = option(0.3, "dropout on features and LSTM outputs")
     min_count: int = option(5, "words seen fewer times become <unk>")
     max_caption_length: int = option(30, "training captions are cut to this many words")
-    epochs: int = option(9, "training epochs")
+    epochs: int = option(12, "training epochs")
     batch_size: int = option(64, "captions per step")
     lr: float = option(3e-3, "Adam learning rate")
     weight_decay: float = option(0.0, "Adam weight decay")

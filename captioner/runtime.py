@@ -17,9 +17,10 @@ from captioner.errors import CaptionerError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
+    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for must exist. A CUDA device
+    always has its index (``cuda`` is the current one), which ``torch.cuda.set_device`` needs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -28,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
         raise CaptionerError(f"device {name} asked for, but CUDA is not available here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise CaptionerError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -9,7 +9,7 @@ data=runs/shapes-data
 run=runs/shapes
 bin=.venv/bin
 
-echo "== generating the shapes world in $data (green triangles and red stars held out of training)"
+echo "== generating the shapes world in $data (green triangles and red stars held out of the training captions)"
 "$bin/captioner" synth "$data" --holdout green:triangle red:star
 echo "== training (CNN pretraining, word2vec, LSTM decoder) into $run"
 resume=()
@@ -24,11 +24,13 @@ images = [i for i in json.load(open(sys.argv[1]))["images"] if i["split"] == "te
 print("\n".join(str(root / i["filepath"] / i["filename"]) for i in images))
 PY
 "$bin/captioner" caption "$run/model.pt" "$run/demo-images.txt" --mode beam --beam-size 3 --num-captions 2
+echo "== scores on the test split, and on the held-out split (every image shows a green triangle or a red star)"
+"$bin/captioner" evaluate "$run/model.pt" --data "$data/dataset.json" --split test --output "$run/report.json" > /dev/null
 
 cat <<MSG
 
 Done in $((SECONDS - started)) s. The model is $run/model.pt
   caption your images:  $bin/captioner caption $run/model.pt IMAGE_OR_FOLDER... [--mode beam]
-  evaluate it:          $bin/captioner evaluate $run/model.pt --data $data/dataset.json --split test
+  its scores:           $run/report.json (captioner evaluate; truthful = every fact it states holds)
   serve it over HTTP:   $bin/captioner serve $run/model.pt   (then open http://127.0.0.1:8000/)
 MSG

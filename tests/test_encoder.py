@@ -97,10 +97,12 @@ def shapes_encoder():
 def test_the_colour_path_sees_one_pixel_at_a_time():
     # Shuffling the pixels inside each cell destroys every outline but no colour: the colour
     # readings stay, so they cannot depend on shape, and no (colour, shape) pair can be entangled.
+    # (The path reads every second pixel: images of 2 x 2 blocks, shuffled block by block.)
     encoder = shapes_encoder()
-    images = torch.randn(2, 3, 96, 96)
-    cells = images.view(2, 3, 3, 32, 3, 32).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 3, 3, 32 * 32)
-    shuffled = cells[..., torch.randperm(32 * 32)].view(2, 3, 3, 3, 32, 32).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 96, 96)
+    blocks = torch.randn(2, 3, 48, 48)
+    cells = blocks.view(2, 3, 3, 16, 3, 16).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 3, 3, 16 * 16)
+    mixed = cells[..., torch.randperm(16 * 16)].view(2, 3, 3, 3, 16, 16).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 48, 48)
+    images, shuffled = (x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2) for x in (blocks, mixed))
     start, end = len(encoder.config.cell_classes[0]), sum(encoder.config.group_sizes[:2])
     with torch.inference_mode():
         colour, colour_shuffled = (encoder.cell_logits(x)[..., start:end] for x in (images, shuffled))

@@ -17,6 +17,7 @@ from captioner.shapes.pretraining import (
     cell_labels,
     pretrain_encoder,
 )
+from captioner.evaluation import evaluate_split
 from captioner.training import train
 
 from .conftest import tiny_config
@@ -155,3 +156,23 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
         train(other)
     with pytest.raises(CaptionerError, match=f"pool grid must be {GRID}"):
         train(tiny_config(shapes_json, tmp_path / "other", tmp_path / "cache", **{**overrides, "pool_grid": 1}))
+    # The same pretrained CNN under the other protocol would have seen what that protocol hides.
+    scenes = tiny_config(shapes_json, run, tmp_path / "cache", **{**overrides, "protocol": "novel-scenes"})
+    with pytest.raises(CaptionerError, match="pretrained under protocol novel-captions"):
+        train(scenes)
+
+
+@pytest.mark.parametrize("protocol", ["novel-captions", "novel-scenes"])
+def test_the_protocol_is_recorded_in_the_checkpoint_and_reported(tmp_path, shapes_json, shapes, protocol):
+    run = tmp_path / "run"
+    overrides = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1, protocol=protocol)
+    train(tiny_config(shapes_json, run, tmp_path / "cache", **overrides))
+    model = Captioner.load(run / "model.pt")
+    assert model.encoder.pretraining["protocol"] == protocol
+    assert model.encoder.pretraining["held_out"] == (["green:triangle"] if protocol == "novel-scenes" else [])
+    report, _ = evaluate_split(model, shapes, "test", full=False)
+    assert report["protocol"] == protocol
+    # The CNN's readings of the held-out objects, from its own cell head: every one is counted.
+    held = [o for r in shapes.split("holdout") for o in Scene.from_dict(r.scene).objects if (o.colour, o.shape) == ("green", "triangle")]
+    assert report["holdout"]["cnn_reads_held_out"]["objects"] == len(held) > 0
+    assert report["cnn_reads"]["objects"] == sum(len(r.scene["objects"]) for r in shapes.split("test"))
