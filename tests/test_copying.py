@@ -91,3 +91,25 @@ def test_copied_words_come_only_from_the_attended_cell(world):
     logp = decoder(empty, torch.tensor([[vocab.start, vocab.index["a"], vocab.index["large"]]]))[0, -1]  # (V,)
     names = [vocab.index[name] for group in CELL_CLASSES[:2] for name in group if name]
     assert logp[names].exp().max() < 1e-6
+
+
+def test_every_decoding_mode_scores_a_copying_decoder_by_its_own_distribution(world):
+    # Greedy, sampling and beam search read the copying decoder's log-probabilities as logits: the
+    # log-probability each reports is what teacher forcing gives the same words.
+    scenes, captions, vocab = world
+    decoder = train_decoder(True, scenes[:50], captions[:50], vocab, epochs=1)
+    features = perfect_features(scenes[:3])
+    ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
+    modes = [
+        DecodeOptions(max_length=12),
+        DecodeOptions(mode="sample", num_captions=2, top_p=0.9, seed=0, max_length=12),
+        DecodeOptions(mode="beam", beam_size=3, num_captions=2, max_length=12),
+    ]
+    for options in modes:
+        for feature, hyps in zip(features, generate(decoder, features, options, ids)):
+            for h in hyps:
+                tokens = h.tokens  # up to and with <end>, or cut at the length limit
+                inputs = torch.tensor([[vocab.start, *tokens[:-1]]])
+                logp = decoder(feature.unsqueeze(0), inputs).log_softmax(-1)[0]
+                forced = logp.gather(1, torch.tensor(tokens).unsqueeze(1)).sum().item()
+                assert h.log_prob == pytest.approx(forced, abs=1e-4), options.mode
