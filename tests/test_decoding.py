@@ -123,8 +123,9 @@ def test_decoder_knows_where_each_cell_is():
 
 
 def test_attention_remembers_where_it_looked():
-    # The query adds the previous context and each cell's coverage. Both are empty at the first
-    # word, so cutting either out changes nothing there, and every word after it.
+    # The query adds the previous context and each cell's coverage, and the scores fall with the
+    # coverage. All are empty at the first word, so cutting any out changes nothing there, and
+    # every word after it.
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
     decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
@@ -132,7 +133,8 @@ def test_attention_remembers_where_it_looked():
     with torch.no_grad():
         decoder.attention.coverage_weight.normal_()
         logits = decoder(features, tokens)
-        for forget in (decoder.attention.coverage_weight, decoder.attention.feed.weight):
+        attention = decoder.attention
+        for forget in (attention.coverage_weight, attention.coverage_penalty, attention.feed.weight):
             kept = forget.clone()
             forget.zero_()
             forgetful = decoder(features, tokens)
