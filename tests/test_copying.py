@@ -3,6 +3,7 @@ training caption contained. Trained here on the shapes world's captions with per
 (one-hot class probabilities), so that only the decoder is under test."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def train_decoder(copying: bool, scenes, captions, vocab, epochs=12) -> LSTMDeco
         dropout=0.0, copy_ids=copy_ids(CELL_CLASSES, vocab) if copying else (),
     )  # fmt: skip
     decoder = LSTMDecoder(config, torch.randn(len(vocab), 16), pad_id=vocab.pad)
-    records = [type("R", (), {"captions": c})() for c in captions]
+    records = [SimpleNamespace(captions=c) for c in captions]  # all encode_captions reads
     tensors = encode_captions(records, vocab, 30)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
     for epoch in range(epochs):
