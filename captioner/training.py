@@ -327,11 +327,11 @@ def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Datase
     saved = out / "encoder-pretrained.pt"
     encoder.weights = "auxiliary:shapes-world"
     if saved.exists():
+        state = read_checkpoint(saved)  # damaged: an error that says so
         try:
-            state = read_checkpoint(saved)
             encoder.load_state_dict(state["state_dict"])
             encoder.pretraining = state["pretraining"]
-        except (CaptionerError, RuntimeError, KeyError, TypeError):
+        except (RuntimeError, KeyError, TypeError):
             raise CaptionerError(
                 f"{saved} does not fit this encoder (another --encoder or an older captioner): "
                 "delete it to pretrain again"
