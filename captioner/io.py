@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,33 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+# What atomic_write names its temporary files; a kill -9 mid-write can leave one behind.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+
+def remove_temporaries(folder: str | Path, older_than: float = 0.0) -> list[Path]:
+    """Removes the temporary files that killed ``atomic_write`` calls left in ``folder``.
+
+    Args:
+        folder: where to look (not recursively).
+        older_than: seconds since a file was last written; a younger one may be another live
+            process's write in progress (a feature cache shared by several runs).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(".*.tmp"):
+        try:
+            if _TEMPORARY.fullmatch(path.name) and now - path.stat().st_mtime >= older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # its writer finished or another process removed it
+            pass
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -97,37 +97,50 @@ def test_a_version_5_checkpoint_without_checksum_still_reads_but_not_with_nan(tm
         Captioner.load(tmp_path / "model.pt")
 
 
+def unstamped(state):
+    return {k: v for k, v in state.items() if k not in ("format", "version", "created", "checksum")}
+
+
 def test_a_kill_between_last_pt_and_model_pt_is_repaired_on_resume(tmp_path, trained_run, shapes_json, feature_cache):
-    # The kill hits after last.pt of the best epoch 3 is written and before model.pt is: model.pt
-    # still holds an older epoch.
+    # As a kill leaves it after last.pt of a new best epoch 3 is written and before model.pt is:
+    # last.pt records epoch 3 as the best, model.pt still holds epoch 1.
     out = copy_run(trained_run, tmp_path)
     last = read_checkpoint(out / "last.pt")
-    assert last["training"]["best"]["epoch"] == last["training"]["epoch"] == 3
-    stale = read_checkpoint(out / "model.pt")
-    stale["training"]["epoch"] = 2
-    stale["decoder"]["state_dict"]["out.bias"] += 1.0
-    save_checkpoint({k: v for k, v in stale.items() if k not in ("format", "version", "created", "checksum")}, out / "model.pt")
+    last["training"]["best"] = last["training"]["history"][-1]
+    save_checkpoint(unstamped(last), out / "last.pt")
+    assert read_checkpoint(out / "model.pt")["training"]["epoch"] == 1
     (out / ".model.pt.0123456789ab.tmp").write_bytes(b"torn")  # what the kill left
     best = train(tiny_config(shapes_json, out, feature_cache, epochs=3, resume=True))
     assert best["epoch"] == 3
     repaired = read_checkpoint(out / "model.pt")
-    assert repaired["training"]["epoch"] == 3
+    assert repaired["training"]["epoch"] == 3 and repaired["metrics"] == last["metrics"]
     for key, value in last["decoder"]["state_dict"].items():
         assert torch.equal(repaired["decoder"]["state_dict"][key], value), key
     assert "optimizer" not in repaired["training"]
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_best_epoch_whose_weights_are_gone_is_an_error_on_resume(tmp_path, trained_run, shapes_json, feature_cache):
+    out = copy_run(trained_run, tmp_path)
+    (out / "model.pt").unlink()  # last.pt (epoch 3) records epoch 1 as the best
+    with pytest.raises(CaptionerError, match="model.pt does not hold epoch 1"):
+        train(tiny_config(shapes_json, out, feature_cache, epochs=4, resume=True))
+
+
 def test_a_non_finite_loss_stops_training_without_writing_nan(tmp_path, shapes_json, feature_cache, monkeypatch):
     out = tmp_path / "run"
-    real = training.caption_loss
-    calls = []
+    real_loss, real_epoch = training.caption_loss, training.train_one_epoch
+    epochs = []
+
+    def counted(*args, **kwargs):
+        epochs.append(1)
+        return real_epoch(*args, **kwargs)
 
     def exploding(*args, **kwargs):
-        loss, words = real(*args, **kwargs)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) > 4 else loss), words  # from the second epoch on
+        loss, words = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(epochs) >= 2 else loss), words  # from the second epoch on
 
+    monkeypatch.setattr(training, "train_one_epoch", counted)
     monkeypatch.setattr(training, "caption_loss", exploding)
     with pytest.raises(CaptionerError, match="epoch 2.*not finite"):
         train(tiny_config(shapes_json, out, feature_cache, epochs=3))
