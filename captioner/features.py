@@ -4,13 +4,19 @@ The cache lives in ``CACHE_DIR/<encoder fingerprint>/``: the fingerprint covers 
 its input preparation and every weight, and each image is keyed by its absolute path, size and
 modification time. Features are written in shards as they are computed, so an interrupted
 extraction resumes where it stopped, and decoder epochs never run the CNN again.
+
+``index.json`` records each shard's SHA-256 and the images it holds, and a checksum of itself: a
+shard that is damaged, truncated, deleted or swapped for another is recomputed with a warning,
+never trusted, and so is everything a damaged index listed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.io import atomic_write
+from captioner.io import atomic_write, remove_temporaries
 from captioner.models.encoder import Encoder, ImageTransform, weights_fingerprint
 
 SHARD_SIZE = 2048
+INDEX_VERSION = 2  # 2: each shard with its SHA-256 and its images, the whole with a checksum
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +89,10 @@ def cached_features(
 ) -> torch.Tensor:
     """(N, F) features of ``paths``, computing only those not in the cache.
 
+    Every shard is checked against the SHA-256 and the images the index records for it before
+    its features are used; a damaged, truncated, deleted or swapped shard (or a damaged index) is
+    computed again, with a one-line warning, instead of trusted.
+
     Args:
         encoder: the frozen encoder.
         paths: image files.
@@ -96,10 +107,12 @@ def cached_features(
     """
     root = Path(cache_dir) / weights_fingerprint(encoder)
     root.mkdir(parents=True, exist_ok=True)
-    index_path = root / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    remove_temporaries(root, older_than=3600)  # a younger one may be another run's write in progress
+    index = _read_index(root / "index.json")
     keys = [_image_key(Path(p)) for p in paths]
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
+    loaded = _load_shards(root, index, set(keys), encoder.feature_dim)
+    where = {key: (name, row) for name in loaded for row, key in enumerate(index[name]["images"])}
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in where}.values())
     bar = tqdm(total=len(todo), desc="encoding images", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), SHARD_SIZE):
         chunk = todo[start : start + SHARD_SIZE]
@@ -109,19 +122,65 @@ def cached_features(
         ):
             parts.append(part)
             bar.update(len(part))
-        feats = torch.cat(parts)
-        shard = f"shard-{uuid.uuid4().hex[:12]}.pt"
-        with atomic_write(root / shard) as f:
-            torch.save(feats.clone(), f)
-        index.update({keys[i]: [shard, row] for row, i in enumerate(chunk)})
-        with atomic_write(index_path, "w") as f:
-            f.write(json.dumps(index))
+        name = f"shard-{uuid.uuid4().hex[:12]}.pt"
+        buffer = io.BytesIO()
+        torch.save(torch.cat(parts).clone(), buffer)
+        with atomic_write(root / name) as f:
+            f.write(buffer.getvalue())
+        index[name] = {"sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "images": [keys[i] for i in chunk]}
+        _write_index(root / "index.json", index)
+        loaded[name] = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        where |= {keys[i]: (name, row) for row, i in enumerate(chunk)}
     bar.close()
-    shards = {}
-    rows = []
-    for key in keys:
-        shard, row = index[key]
-        if shard not in shards:
-            shards[shard] = torch.load(root / shard, weights_only=True)
-        rows.append(shards[shard][row])
+    rows = [loaded[name][row] for name, row in (where[key] for key in keys)]
     return torch.stack(rows) if rows else torch.empty(0, encoder.feature_dim)
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"captioner: warning: {message}", file=sys.stderr)
+
+
+def _index_digest(shards: dict) -> str:
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+
+
+def _read_index(path: Path) -> dict[str, dict]:
+    """The shards ``path`` lists, ``{name: {"sha256", "images": [key, ...]}}``; none (with a
+    warning) if the index is damaged, not ours or of an older captioner."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        shards = data["shards"]
+        whole = data["version"] == INDEX_VERSION and data["checksum"] == _index_digest(shards)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        whole = False
+    if not whole:
+        _warn(f"the feature cache index {path} is damaged or of an older captioner: recomputing its features")
+        return {}
+    return shards
+
+
+def _write_index(path: Path, shards: dict) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps({"version": INDEX_VERSION, "shards": shards, "checksum": _index_digest(shards)}))
+
+
+def _load_shards(root: Path, index: dict, wanted: set[str], feature_dim: int) -> dict[str, torch.Tensor]:
+    """The features of every shard holding a ``wanted`` image, each checked against its digest
+    and size in ``index``; a shard that fails is dropped from ``index`` (so it is recomputed)."""
+    loaded = {}
+    for name, entry in list(index.items()):
+        if not wanted.intersection(entry["images"]):
+            continue
+        try:
+            data = (root / name).read_bytes()
+            feats = torch.load(io.BytesIO(data), weights_only=True) if hashlib.sha256(data).hexdigest() == entry["sha256"] else None
+        except OSError:  # deleted, unreadable
+            feats = None
+        if isinstance(feats, torch.Tensor) and feats.shape == (len(entry["images"]), feature_dim):
+            loaded[name] = feats
+        else:
+            _warn(f"feature cache shard {root / name} is damaged or missing: recomputing its {len(entry['images'])} images")
+            del index[name]
+    return loaded
