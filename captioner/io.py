@@ -7,6 +7,7 @@ Checkpoints, the feature cache, joined batch outputs and evaluation reports all 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -14,6 +15,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from captioner.errors import CaptionerError
 
 
 @contextlib.contextmanager
@@ -52,6 +55,17 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN and infinity, which are not JSON (Python writes ``NaN``,
+    which other readers reject), with a one-line error rather than a broken file."""
+    try:
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except ValueError:
+        raise CaptionerError(
+            "a result is not a number (NaN or infinity), which JSON cannot hold: is the model file damaged?"
+        ) from None
 
 
 # What atomic_write names its temporary files; a kill -9 mid-write can leave one behind.

@@ -16,7 +16,6 @@ the feature cache first, evaluates, and writes the run folder.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -36,7 +35,7 @@ from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
 from captioner.evaluation import caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
-from captioner.io import remove_temporaries
+from captioner.io import remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
@@ -110,7 +109,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     else:  # dropout does not depend on what the feature cache held; each rank draws its own masks
         torch.manual_seed(config.seed + process.rank)
     if process.is_main:  # the log rewritten from the saved history: an epoch that was not saved is dropped
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h, allow_nan=False) + "\n" for h in progress.history))
+        (out / "metrics.jsonl").write_text("".join(strict_json(h) + "\n" for h in progress.history))
     decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
     if process.distributed:
         decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
@@ -458,7 +457,7 @@ def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainCo
         model_training = {"epoch": row["epoch"], "config": settings, "history": progress.history}
         save_checkpoint(model.to_checkpoint(metrics=row, training=model_training), out / "model.pt")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.write(strict_json(row) + "\n")
     truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
     _log(
         f"epoch {row['epoch']}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
