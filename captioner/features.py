@@ -122,18 +122,25 @@ def cached_features(
         ):
             parts.append(part)
             bar.update(len(part))
-        name = f"shard-{uuid.uuid4().hex[:12]}.pt"
-        buffer = io.BytesIO()
-        torch.save(torch.cat(parts).clone(), buffer)
-        with atomic_write(root / name) as f:
-            f.write(buffer.getvalue())
-        index[name] = {"sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "images": [keys[i] for i in chunk]}
-        _write_index(root / "index.json", index)
-        loaded[name] = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        name, loaded[name] = _write_shard(root, torch.cat(parts), index, [keys[i] for i in chunk])
         where |= {keys[i]: (name, row) for row, i in enumerate(chunk)}
     bar.close()
     rows = [loaded[name][row] for name, row in (where[key] for key in keys)]
     return torch.stack(rows) if rows else torch.empty(0, encoder.feature_dim)
+
+
+def _write_shard(root: Path, feats: torch.Tensor, index: dict, images: list[str]) -> tuple[str, torch.Tensor]:
+    """Writes (N, F) ``feats`` of ``images`` as a new shard and records it, with its SHA-256, in
+    ``index`` and index.json; returns its name and the features as a reader will see them."""
+    name = f"shard-{uuid.uuid4().hex[:12]}.pt"
+    buffer = io.BytesIO()
+    torch.save(feats.clone(), buffer)  # clone: only these rows, not a larger storage they view
+    data = buffer.getvalue()
+    with atomic_write(root / name) as f:
+        f.write(data)
+    index[name] = {"sha256": hashlib.sha256(data).hexdigest(), "images": images}
+    _write_index(root / "index.json", index)
+    return name, torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _warn(message: str) -> None:
