@@ -62,12 +62,13 @@ def read_checkpoint(path: str | Path) -> dict:
             f"versions {READABLE[0]} to {READABLE[-1]} (retrain older models)"
         )
     recorded = state.pop("checksum", None)
-    if (state["version"] >= 6 and recorded != content_digest(state)) or not _all_finite(state):
-        raise CaptionerError(
-            f"{path.name} is damaged: its content does not match the checksum written with it; "
-            "restore it from a copy or train again"
-        )
-    return state
+    if state["version"] >= 6 and recorded != content_digest(state):
+        problem = "its content does not match the checksum written with it"
+    elif not _all_finite(state):
+        problem = "it holds numbers that are NaN or infinite"
+    else:
+        return state
+    raise CaptionerError(f"{path.name} is damaged: {problem}; restore it from a copy or train again")
 
 
 def content_digest(value) -> str:
