@@ -2,8 +2,12 @@
 (for the cache, which is derived data) a recomputation with a warning; never a silent result or NaN."""
 
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.training import train
 
-from .conftest import tiny_config
+from .conftest import TINY, tiny_config
 from .test_cli import assert_one_line_error, run
 
 
@@ -243,3 +247,35 @@ def test_a_malformed_shapes_world_is_a_one_line_error(capsys, tmp_path, shapes_j
     finally:
         path.unlink()
 
+
+
+KILL_AT_MODEL_PT = """
+import os, signal, sys
+from captioner import io
+from captioner.cli import main
+
+real = io.os.replace
+def replace(src, dst):
+    if str(dst).endswith("model.pt"):  # last.pt of the epoch is written, model.pt is not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+io.os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a training subprocess killed by a real SIGKILL, then resumed
+def test_a_real_sigkill_between_last_pt_and_model_pt_is_repaired_on_resume(tmp_path, shapes_json, feature_cache):
+    out = tmp_path / "run"
+    args = ["train", "--data", shapes_json, "--out", out, "--feature-cache", feature_cache, "--epochs", "2",
+            "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_MODEL_PT, *map(str, args)], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "model.pt").exists() and read_checkpoint(out / "last.pt")["training"]["epoch"] == 1
+    assert list(out.glob(".model.pt.*.tmp"))  # written whole, never renamed
+    resumed = subprocess.run([sys.executable, "-m", "captioner", *map(str, args), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    last = read_checkpoint(out / "last.pt")["training"]
+    assert last["epoch"] == 2 and read_checkpoint(out / "model.pt")["training"]["epoch"] == last["best"]["epoch"]
+    assert not list(out.glob(".*.tmp"))
