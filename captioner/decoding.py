@@ -112,7 +112,7 @@ def _decode_rows(decoder, features, options, ids, generators):
             per_image = options.num_captions
             uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(features.device)
             cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
-            word = torch.searchsorted(cdf, uniform.unsqueeze(1)).squeeze(1).clamp_(max=logp.size(-1) - 1)
+            word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
         word = word.masked_fill(finished, ids.pad)
         chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)
         log_prob += chosen.masked_fill(finished, 0.0)
