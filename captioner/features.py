@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from captioner.io import atomic_write, remove_temporaries
 from captioner.models.encoder import Encoder, ImageTransform, weights_fingerprint
 
 SHARD_SIZE = 2048
+# A temporary file or an unlisted shard younger than this may be another run's write in progress.
+STALE_SECONDS = 3600
 INDEX_VERSION = 2  # 2: each shard with its SHA-256 and its images, the whole with a checksum
 
 
@@ -107,8 +110,9 @@ def cached_features(
     """
     root = Path(cache_dir) / weights_fingerprint(encoder)
     root.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(root, older_than=3600)  # a younger one may be another run's write in progress
+    remove_temporaries(root, older_than=STALE_SECONDS)
     index = _read_index(root / "index.json")
+    _remove_unlisted_shards(root, index)
     keys = [_image_key(Path(p)) for p in paths]
     loaded = _load_shards(root, index, set(keys), encoder.feature_dim)
     where = {key: (name, row) for name in loaded for row, key in enumerate(index[name]["images"])}
@@ -141,6 +145,18 @@ def _write_shard(root: Path, feats: torch.Tensor, index: dict, images: list[str]
     index[name] = {"sha256": hashlib.sha256(data).hexdigest(), "images": images}
     _write_index(root / "index.json", index)
     return name, torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _remove_unlisted_shards(root: Path, index: dict) -> None:
+    """Removes shards no index lists (a damaged index's, or a run's that lost a race to write the
+    index), once they are old enough not to be another live run's newest shard."""
+    now = time.time()
+    for path in root.glob("shard-*.pt"):
+        try:
+            if path.name not in index and now - path.stat().st_mtime >= STALE_SECONDS:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _warn(message: str) -> None:
@@ -190,4 +206,5 @@ def _load_shards(root: Path, index: dict, wanted: set[str], feature_dim: int) ->
         else:
             _warn(f"feature cache shard {root / name} is damaged or missing: recomputing its {len(entry['images'])} images")
             del index[name]
+            (root / name).unlink(missing_ok=True)
     return loaded

@@ -198,6 +198,7 @@ def test_a_damaged_shard_is_recomputed_with_a_warning(capsys, tmp_path, shapes, 
     capsys.readouterr()
     cache_features(encoder, paths, tmp_path / "cache")  # repaired: no second warning
     assert capsys.readouterr().err == ""
+    assert len(list(root.glob("shard-*.pt"))) == 2  # the damaged one replaced, not kept beside
 
 
 @pytest.mark.parametrize("content", ["", "{garbled", "[]", '{"version": 2, "shards": {}, "images": {"x": 1}}'])
@@ -210,6 +211,12 @@ def test_a_garbled_or_empty_index_is_rebuilt_with_a_warning(capsys, tmp_path, sh
     assert torch.equal(cache_features(encoder, paths, tmp_path / "cache"), reference)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "index.json" in err and "recomput" in err, err
+    listed = json.loads((root / "index.json").read_text())["shards"]
+    for path in root.glob("shard-*.pt"):  # the damaged index's shards, as if from a day ago
+        if path.name not in listed:
+            os.utime(path, (path.stat().st_atime, path.stat().st_mtime - 86400))
+    cache_features(encoder, paths, tmp_path / "cache")
+    assert sorted(p.name for p in root.glob("shard-*.pt")) == sorted(listed)
 
 
 def test_the_cache_index_records_each_shards_digest_and_images(tmp_path, shapes, encoder, small_shards):
