@@ -28,7 +28,7 @@ from tqdm import tqdm
 from captioner.data.images import ImageError
 from captioner.runtime import Process
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write, strict_json
+from captioner.io import atomic_write, remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
@@ -260,6 +260,8 @@ def run_batch_job(
         ``{"images", "resumed", "captioned"}`` for this process's share.
     """
     record_format = RecordFormat(format, options.num_captions)
+    if process.is_main:  # a join of the parts that a kill interrupted
+        remove_temporaries(output.parent, of=output.name)
     final = ResumableOutput(output, record_format)
     parts = [_part_path(output, Process(r, process.world_size)) for r in range(process.world_size)]
     if process.distributed and output.exists():

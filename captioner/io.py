@@ -7,6 +7,7 @@ Checkpoints, the feature cache, joined batch outputs and evaluation reports all 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -72,20 +73,21 @@ def strict_json(value, **kwargs) -> str:
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
-def remove_temporaries(folder: str | Path, older_than: float = 0.0) -> list[Path]:
+def remove_temporaries(folder: str | Path, older_than: float = 0.0, of: str | None = None) -> list[Path]:
     """Removes the temporary files that killed ``atomic_write`` calls left in ``folder``.
 
     Args:
         folder: where to look (not recursively).
         older_than: seconds since a file was last written; a younger one may be another live
             process's write in progress (a feature cache shared by several runs).
+        of: only the temporary files of the file of this name (in a folder that is the user's).
 
     Returns:
         The files removed.
     """
     removed = []
     now = time.time()
-    for path in Path(folder).glob(".*.tmp"):
+    for path in Path(folder).glob(f".{glob.escape(of)}.*.tmp" if of else ".*.tmp"):
         try:
             if _TEMPORARY.fullmatch(path.name) and now - path.stat().st_mtime >= older_than:
                 path.unlink()

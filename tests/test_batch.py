@@ -188,3 +188,14 @@ def test_unreadable_files_and_bad_links_are_error_records_and_the_run_goes_on(ca
     for record in records:
         assert "error" in record or record["captions"][0]["text"]
         assert str(tmp_path) not in record.get("error", {}).get("message", "")
+
+
+def test_a_join_that_a_kill_interrupted_leaves_no_temporary_after_a_restart(capsys, tmp_path, trained_run, shapes):
+    out = tmp_path / "captions.jsonl"
+    left = tmp_path / ".captions.jsonl.0123456789ab.tmp"  # what atomic_write leaves when killed
+    others = [tmp_path / ".notes.txt.0123456789ab.tmp", tmp_path / "mine.tmp"]
+    for path in (left, *others):
+        path.write_text("partial")
+    code, _, err = run(capsys, "caption", trained_run / "model.pt", shapes.split("test")[0].path, "--output", out)
+    assert code == 0, err
+    assert not left.exists() and all(path.exists() for path in others)

@@ -164,5 +164,6 @@ def test_remove_temporaries_removes_only_what_atomic_write_leaves(tmp_path):
     for path in keep:
         path.write_bytes(b"mine")
     assert remove_temporaries(tmp_path, older_than=3600) == []  # too young: perhaps a write in progress
-    assert remove_temporaries(tmp_path) == [left]
+    assert remove_temporaries(tmp_path, of="last.pt") == []
+    assert remove_temporaries(tmp_path, of="model.pt") == [left]
     assert sorted(tmp_path.iterdir()) == sorted(keep)
