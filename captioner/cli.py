@@ -7,7 +7,6 @@ command-line usage); never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -101,7 +100,7 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
 def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
     from captioner.data.datasets import load_dataset
     from captioner.evaluation import coco_results, evaluate_split, summary_table
-    from captioner.io import atomic_write
+    from captioner.io import atomic_write, strict_json
     from captioner.models.captioner import Captioner
     from captioner.runtime import resolve_device
 
@@ -109,8 +108,8 @@ def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
     dataset.split(job.split)  # an absent split is an error before the model loads
     model = Captioner.load(job.model, resolve_device(job.device))
     report, captions = evaluate_split(model, dataset, job.split, options=options, batch_size=job.batch_size, progress=True)
-    text = json.dumps(report, indent=2)
-    for path, content in ((job.output, text), (job.save_captions, json.dumps(coco_results(captions), indent=1))):
+    text = strict_json(report, indent=2)
+    for path, content in ((job.output, text), (job.save_captions, strict_json(coco_results(captions), indent=1))):
         if path:
             with atomic_write(path, "w") as f:
                 f.write(content + "\n")

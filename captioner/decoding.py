@@ -69,8 +69,14 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
 
 
 def _filter_logits(logits: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering of (N, V) logits."""
-    logits = logits / options.temperature
+    """Temperature, then top-k, then top-p (nucleus) filtering of (N, V) logits, in float64.
+
+    A temperature or top_p below about 1e-45 is 0 in float32 and turned every logit into NaN. In
+    float64 with the top logit moved to 0 first, the top word stays at 0 for any temperature > 0
+    and the others fall towards -inf, so a temperature near 0 is greedy decoding, as it should be.
+    """
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / options.temperature
     if 0 < options.top_k < logits.size(-1):
         kth = logits.topk(options.top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,6 +85,7 @@ def _filter_logits(logits: torch.Tensor, options: DecodeOptions) -> torch.Tensor
         probs = sorted_logits.softmax(dim=-1)
         # Drop a word when the words before it already cover top_p; the top word always stays.
         drop = probs.cumsum(dim=-1) - probs >= options.top_p
+        drop[:, 0] = False  # even for a top_p that is 0 in floating point
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
@@ -105,7 +112,7 @@ def _decode_rows(decoder, features, options, ids, generators):
             per_image = options.num_captions
             uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(features.device)
             cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
-            word = torch.searchsorted(cdf, uniform.unsqueeze(1)).squeeze(1).clamp_(max=logp.size(-1) - 1)
+            word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
         word = word.masked_fill(finished, ids.pad)
         chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)
         log_prob += chosen.masked_fill(finished, 0.0)

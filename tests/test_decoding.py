@@ -81,11 +81,17 @@ def test_sampling_is_seeded_per_image_independent_of_the_batch(decoder, features
     assert [h.tokens for h in other[0]] != [h.tokens for h in both[0]]
 
 
-@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6)])
+# Below about 1e-45 a temperature or top_p is 0 in float32: they must still mean "almost greedy".
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6), dict(temperature=1e-46), dict(temperature=5e-324),
+     dict(top_p=1e-46), dict(top_p=5e-324), dict(temperature=1e-300, top_p=1e-300, top_k=3)],
+)
 def test_sampling_filters_collapse_to_greedy(decoder, features, options):
     greedy = generate(decoder, features, DecodeOptions(), IDS)
     sampled = generate(decoder, features, DecodeOptions(mode="sample", seed=0, **options), IDS)
     assert [g[0].tokens for g in greedy] == [s[0].tokens for s in sampled]
+    assert [g[0].log_prob for g in greedy] == pytest.approx([s[0].log_prob for s in sampled])
 
 
 @pytest.mark.parametrize(

@@ -304,6 +304,8 @@ def _read_karpathy(label: str, source: Path, data: Any, split: str | None) -> _P
         entries.append(_Entry(image_id, file, captions, _split_name(image.get("split"), split), scene))
     name = data.get("dataset")
     meta = {k: v for k, v in data.items() if k not in ("images", "dataset")}
+    if "shapes_world" in meta:
+        _check_shapes_world(label, meta["shapes_world"])
     folder = source.parent
     return _Parsed(
         entries,
@@ -311,6 +313,19 @@ def _read_karpathy(label: str, source: Path, data: Any, split: str | None) -> _P
         meta,
         [folder] + [folder / d for d in _IMAGE_DIRS],
     )
+
+
+def _check_shapes_world(label: str, world: Any) -> None:
+    """The settings ``captioner synth`` wrote, as far as training and evaluation read them."""
+    where = f"{label}: 'shapes_world'"
+    if not isinstance(world, dict):
+        raise CaptionerError(f"{where} must be an object of the generator's settings, not {type(world).__name__}")
+    size = world.get("image_size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 4096):
+        raise CaptionerError(f"{where} 'image_size' must be a whole number of pixels from 8 to 4096")
+    holdout = world.get("holdout", [])
+    if not (isinstance(holdout, list) and all(isinstance(h, str) for h in holdout)):
+        raise CaptionerError(f"{where} 'holdout' must be a list of \"colour:shape\" strings")
 
 
 def _sentence_text(sentence: Any) -> str:
