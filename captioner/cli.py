@@ -156,7 +156,7 @@ def cmd_plot(options: PlotOptions) -> None:
 def cmd_serve(options: ServeOptions) -> None:
     from service import serve
 
-    serve(options.model, host=options.host, port=options.port)
+    serve(options.model, host=options.host, port=options.port, cnn=options.cnn)
 
 
 # Each subcommand: its function, its help, and the option dataclasses its arguments come from.

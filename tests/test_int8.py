@@ -1,17 +1,21 @@
 """The int8 CNN: calibrated on training images, rebuilt from a checkpoint, close to fp32."""
 
+import io
 import json
 import shutil
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from captioner.checkpoint import read_checkpoint
+from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
+from service import create_app
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -91,3 +95,24 @@ def test_calibrate_command_then_caption_and_evaluate_with_int8(capsys, tmp_path,
     assert len(records) == len(test) and all(r["captions"][0]["text"] for r in records)
     assert main(["evaluate", str(model_path), "--data", str(shapes_json), "--cnn", "int8"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == len(test)
+
+
+def test_the_service_serves_an_int8_cnn(tmp_path, trained_run):
+    model = Captioner.load(trained_run / "model.pt")
+    model.encoder.calibrate([_images(8, 32, seed=6)])
+    save_checkpoint(model.to_checkpoint(), tmp_path / "int8.pt")
+    with pytest.raises(CaptionerError, match="CNN must be one of eager, int8"):
+        create_app({"MODEL_PATH": str(tmp_path / "int8.pt"), "CNN": "fp16"})
+    app = create_app({"MODEL_PATH": str(tmp_path / "int8.pt"), "CNN": "int8"})
+    try:
+        client = app.test_client()
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.extensions["captioner"].batcher.model.encoder._int8_trunk is not None
+        image = io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(image, "PNG")
+        response = client.post("/v1/captions", data=image.getvalue(), content_type="image/png")
+        assert response.status_code == 200 and response.get_json()["captions"][0]["text"]
+    finally:
+        app.extensions["captioner"].batcher.stop()
