@@ -27,6 +27,7 @@ green and triangle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +37,18 @@ from captioner.errors import CaptionerError
 # (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
 # every tensor has the batch in dimension 1, so beam search reorders them all alike.
 State = tuple[torch.Tensor, ...]
+
+
+class StepMemory(NamedTuple):
+    """What generation reads of each image at every step (``LSTMDecoder.start_stepwise``)."""
+
+    keys: torch.Tensor  # (B, N, H) what attention reads from each cell
+    context_gates: torch.Tensor  # (B, N, 4H) each cell's share of the language LSTM's gates
+    cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
+
+    def rows(self, index: torch.Tensor) -> StepMemory:
+        """The memory of the images ``index`` selects (a mask or indices), in that order."""
+        return StepMemory(*(part[index] for part in self))
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ class LSTMDecoder(nn.Module):
         """(B, F) image features -> memory (B, N, H + C) and the initial state.
 
         The memory holds, per cell, what attention reads (H) and, for a copying decoder, the
-        probability of each class name the cell holds (C: ``_Copy.cell_words``).
+        probability of each class name the cell holds (C: ``_Copy.cell_words``), else its features.
         """
         batch, cells = features.size(0), self.config.cells
         cell_features = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
@@ -123,6 +136,16 @@ class LSTMDecoder(nn.Module):
             cell_features = self.copy.cell_words(cell_features.float())  # (B, N, L)
         memory = torch.cat([keys, cell_features.to(keys.dtype)], dim=-1)  # (B, N, H + C)
         return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
+
+    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, State]:
+        """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
+        memory, state = self.start(features)
+        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
+        # sum of each key's share of the gates, computed once here, saves most of a matrix
+        # product at every generated word.
+        context_gates = keys @ self.language_lstm.weight_ih_l0[:, self.config.hidden_size :].T  # (B, N, 4H)
+        return StepMemory(keys, context_gates, cell_features), state
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
@@ -144,8 +167,9 @@ class LSTMDecoder(nn.Module):
         memory, state = self.start(features)
         return self.run(tokens, state, memory)[0]
 
-    def step(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """One word: (B,) last ids -> (B, V) next-word logits and the new state.
+    def step(self, tokens: torch.Tensor, state: State, memory: StepMemory) -> tuple[torch.Tensor, State]:
+        """One word: (B,) last ids -> (B, V) next-word logits and the new state (memory and the
+        first state from ``start_stepwise``).
 
         What ``run`` computes for one step, in fewer operations: generation takes one step per
         word for every caption, and at a batch of a few dozen images the cost of a step is the
@@ -153,11 +177,16 @@ class LSTMDecoder(nn.Module):
         sequence set-up; no stacking of one-step sequences).
         """
         word_h, word_c, h, c, context, coverage = state
-        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        keys, context_gates, cell_features = memory
         query, word_c = _lstm_cell(self.word_lstm, 0, self.embed(tokens), word_h[0], word_c[0])  # (B, H)
         context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
-        x, hs, cs = torch.cat([query, context], dim=-1), [], []
-        for layer in range(self.config.num_layers):
+        lstm, hidden = self.language_lstm, self.config.hidden_size
+        gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, query, lstm.weight_ih_l0[:, :hidden].T)
+        gates = torch.addmm(gates, h[0], lstm.weight_hh_l0.T)
+        gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), context_gates).squeeze(1)  # (B, 4H)
+        x, c_layer = _lstm_from_gates(gates, c[0])
+        hs, cs = [x], [c_layer]
+        for layer in range(1, self.config.num_layers):
             x, c_layer = _lstm_cell(self.language_lstm, layer, x, h[layer], c[layer])
             hs.append(x)
             cs.append(c_layer)
@@ -171,6 +200,13 @@ def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: t
     """One step of one layer of ``lstm``: (B, I) input, (B, H) state -> the new (B, H) h and c."""
     weights = [getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     return torch.lstm_cell(x, (h, c), *weights)
+
+
+def _lstm_from_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's update from its (B, 4H) pre-activation gates (PyTorch's order: i, f, g, o)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _grid_coordinates(cells: int) -> torch.Tensor:
