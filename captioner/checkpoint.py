@@ -26,12 +26,8 @@ READABLE = (5, 6)  # version 5 has no checksum: its tensors are only checked to 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Writes ``state``, stamped with format, version, time and a checksum of it all, atomically:
     a crash mid-write never leaves a torn file at ``path``."""
-    stamped = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **state,
-    }
+    # A state read from an older file keeps its creation time but is written as this version.
+    stamped = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state, "format": FORMAT, "version": VERSION}
     stamped["checksum"] = content_digest(stamped)
     with atomic_write(path) as f:
         torch.save(stamped, f)

@@ -95,34 +95,37 @@ def _decode_rows(decoder, features, options, ids, generators):
     """Greedy (``generators`` None) or sampled decoding, one caption per row of (N, F) features.
 
     With generators (one per image, each serving ``num_captions`` consecutive rows), the next word
-    is drawn by inverse-CDF sampling from per-image uniform numbers.
+    is drawn by inverse-CDF sampling from per-image uniform numbers. A row that has said ``<end>``
+    leaves the batch: the steps after it cost only the captions still being written.
     """
-    n_rows = features.size(0)
-    memory, state = decoder.start(features)
-    tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(n_rows, dtype=torch.bool, device=features.device)
-    log_prob = torch.zeros(n_rows, device=features.device)
-    steps = []
-    for _ in range(options.max_length):
+    n_rows, device = features.size(0), features.device
+    memory, state = decoder.start_stepwise(features)
+    tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=device)
+    words = torch.full((n_rows, options.max_length), ids.pad, dtype=torch.long, device=device)
+    log_prob = torch.zeros(n_rows, device=device)
+    active = torch.arange(n_rows, device=device)  # the rows still writing, in order
+    for t in range(options.max_length):
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (A, V)
         if generators is None:
             word = logp.argmax(dim=-1)
         else:
+            # Every image draws at every step, finished or not: its samples never depend on others'.
             per_image = options.num_captions
-            uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(features.device)
-            cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+            uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(device)[active]
+            cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (A, V)
             word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
-        word = word.masked_fill(finished, ids.pad)
-        chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)
-        log_prob += chosen.masked_fill(finished, 0.0)
-        steps.append(word)
-        finished |= word == ids.end
+        log_prob[active] += logp.gather(1, word.unsqueeze(1)).squeeze(1)
+        words[active, t] = word
+        writing = word != ids.end
+        if not writing.all():
+            if not writing.any():
+                break
+            active, word, memory = active[writing], word[writing], memory.rows(writing)
+            state = tuple(s[:, writing] for s in state)
         tokens = word
-        if finished.all():
-            break
-    sequences = torch.stack(steps, dim=1).tolist()  # (N, T)
-    return [Hypothesis(_trim(row, ids.end), float(lp)) for row, lp in zip(sequences, log_prob.tolist())]
+    rows = words.tolist()
+    return [Hypothesis(_trim(row, ids.end), float(lp)) for row, lp in zip(rows, log_prob.tolist())]
 
 
 def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
@@ -143,9 +146,10 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         For each image, its ``num_captions`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
-    memory, state = decoder.start(features)  # (B, N, H), tensors of (layers, B, H)
-    # Row r of the beams always belongs to image r // k, so the memory is never reordered.
-    memory = memory.repeat_interleave(k, dim=0)  # (B*k, N, H)
+    memory, state = decoder.start_stepwise(features)  # tensors of (layers, B, H)
+    # Row r of the beams always belongs to image r // k, so the memory is only ever reordered
+    # when a finished image leaves the batch.
+    memory = memory.rows(torch.arange(batch, device=device).repeat_interleave(k))  # B*k rows
     state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # (layers, B*k, H)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so they do not duplicate each other
@@ -153,10 +157,11 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     lengths = torch.zeros(batch, k, device=device)
     sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    searching = torch.arange(batch, device=device)  # the images whose beams are not all finished
+    done: dict[int, tuple] = {}  # image -> its final scores, lengths and sequences
     for _ in range(options.max_length):
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1).view(batch, k, -1)  # (B, k, V)
+        logp = F.log_softmax(logits.float(), dim=-1).view(len(searching), k, -1)  # (B, k, V)
         vocab = logp.size(-1)
         candidates = scores.unsqueeze(-1) + logp  # (B, k, V)
         # A finished beam has one continuation, <pad>, which keeps its score.
@@ -165,26 +170,35 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
         new_lengths = lengths + (~finished).float()  # (B, k)
         normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (B, k, V)
-        _, flat = normalised.view(batch, -1).topk(k, dim=-1)  # (B, k)
+        _, flat = normalised.view(len(searching), -1).topk(k, dim=-1)  # (B, k)
         beam, word = flat // vocab, flat % vocab
-        scores = candidates.view(batch, -1).gather(1, flat)
+        scores = candidates.view(len(searching), -1).gather(1, flat)
         lengths = new_lengths.gather(1, beam)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
         sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand_as(sequences)), word.unsqueeze(-1)], -1)
         finished = was_finished | (word == ids.end)
-        rows = (beam + offsets).view(-1)  # (B*k,) which state each new beam continues
-        state = tuple(s[:, rows] for s in state)
+        rows = beam + (torch.arange(len(searching), device=device) * k).unsqueeze(1)  # (B, k) state each beam continues
+        going = ~finished.all(dim=1)  # (B,)
+        if not going.all():  # images with every beam finished leave the batch
+            for i in (~going).nonzero().flatten().tolist():
+                done[int(searching[i])] = (scores[i], lengths[i], sequences[i])
+            if not going.any():
+                break
+            searching, scores, lengths, finished = searching[going], scores[going], lengths[going], finished[going]
+            sequences, rows, word = sequences[going], rows[going], word[going]
+            memory = memory.rows(going.repeat_interleave(k))
+        state = tuple(s[:, rows.view(-1)] for s in state)
         tokens = word.view(-1)
-        if finished.all():
-            break
-    ranked = (scores / lengths.clamp(min=1)).argsort(dim=-1, descending=True)  # (B, k)
-    results = []
-    for b in range(batch):
-        hyps = []
-        for j in ranked[b].tolist():
-            if math.isfinite(scores[b, j].item()):
-                row = sequences[b, j, : int(lengths[b, j].item())].tolist()
-                hyps.append(Hypothesis(row, scores[b, j].item()))
-        results.append(hyps[: options.num_captions])
-    return results
+    for i, image in enumerate(searching.tolist()):
+        done.setdefault(image, (scores[i], lengths[i], sequences[i]))
+    return [_best_beams(*done[b], options.num_captions) for b in range(batch)]
+
+
+def _best_beams(scores: torch.Tensor, lengths: torch.Tensor, sequences: torch.Tensor, n: int) -> list[Hypothesis]:
+    """An image's (k,) beam scores and lengths and (k, T) words -> its ``n`` best hypotheses."""
+    hyps = []
+    for j in (scores / lengths.clamp(min=1)).argsort(descending=True).tolist():
+        if math.isfinite(scores[j].item()):
+            hyps.append(Hypothesis(sequences[j, : int(lengths[j].item())].tolist(), scores[j].item()))
+    return hyps[:n]

@@ -61,6 +61,14 @@ def _image_key(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
 
 
+def image_batches(
+    paths: Sequence[Path], transform: ImageTransform, batch_size: int, num_workers: int = 0, progress: bool = False
+):
+    """Yields (B, 3, S, S) normalised image batches of ``paths``, in order, decoded in ``num_workers`` processes."""
+    loader = DataLoader(ImageTensors(paths, transform), batch_size=batch_size, num_workers=num_workers)
+    yield from tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False)
+
+
 @torch.inference_mode()
 def compute_features(
     encoder: Encoder,
@@ -72,9 +80,8 @@ def compute_features(
     progress: bool = False,
 ):
     """Yields (B, F) float32 feature batches of ``paths``, in order."""
-    loader = DataLoader(ImageTensors(paths, encoder.transform), batch_size=batch_size, num_workers=num_workers)
     encoder = encoder.to(device).eval()
-    for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+    for batch in image_batches(paths, encoder.transform, batch_size, num_workers, progress):
         batch = batch.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             yield encoder.forward_features(batch).float().cpu()

@@ -104,6 +104,17 @@ def _device():
     return option("auto", "auto, cpu, cuda or cuda:N")
 
 
+CNN_RUNTIMES = ("eager", "int8")
+
+
+def _cnn():
+    return option(
+        "eager",
+        "the CNN's arithmetic: eager (fp32, as trained) or int8 (CPU; several times faster, needs captioner calibrate)",
+        choices=CNN_RUNTIMES,
+    )
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate; validated on construction so every entry point gives the same errors."""
@@ -264,6 +275,7 @@ class CaptionJob:
     batch_size: int = option(32, "images per model call")
     num_workers: int = option(0, "image-decoding worker processes")
     device: str = _device()
+    cnn: str = _cnn()
 
 
 @dataclass(frozen=True)
@@ -282,6 +294,22 @@ class EvaluateOptions:
     )
     batch_size: int = option(64, "images per model call")
     device: str = _device()
+    cnn: str = _cnn()
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """``captioner calibrate``: the int8 CNN's activation ranges, measured on training images."""
+
+    model: str = _model_file()
+    data: str = _data_file()
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    skip_missing: bool = _skip_missing()
+    split: str = option("train", "the split whose images calibrate the CNN")
+    count: int = option(256, "images to calibrate on (then as many others to check the int8 features against fp32)")
+    output: str | None = option(None, "write the calibrated model here (default: add the calibration to MODEL)")
+    batch_size: int = option(32, "images per model call")
 
 
 @dataclass(frozen=True)
@@ -299,3 +327,4 @@ class ServeOptions:
     model: str = _model_file()
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
+    cnn: str = _cnn()

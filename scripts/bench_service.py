@@ -82,10 +82,10 @@ def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
     return folder / "run" / "model.pt"
 
 
-def bench_images(folder: Path, count: int) -> list[Path]:
+def bench_images(folder: Path, count: int, seed: int = 2) -> list[Path]:
     from captioner.shapes import write_shapes_dataset
 
-    write_shapes_dataset(folder / "bench-images", num_images=count, seed=2, image_size=96)
+    write_shapes_dataset(folder / "bench-images", num_images=count, seed=seed, image_size=96)
     return sorted((folder / "bench-images" / "images").glob("*.png"))[:count]
 
 

@@ -13,6 +13,7 @@ from flask import Flask, g, request
 
 from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.errors import CaptionerError
+from captioner.options import CNN_RUNTIMES
 from service.api import api
 from service.batcher import MicroBatcher
 from service.errors import register_error_handlers
@@ -25,6 +26,7 @@ DEFAULTS = {
     "MODEL_PATH": None,  # the model.pt to serve
     "MODEL_NAME": None,  # shown to clients; default from the encoder's name
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
+    "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
@@ -70,7 +72,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
-        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"]),
+        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"], app.config["CNN"]),
         max_batch_size=app.config["MAX_BATCH_SIZE"],
         max_wait_ms=app.config["MAX_WAIT_MS"],
         max_queue=app.config["MAX_QUEUE"],
@@ -92,6 +94,8 @@ def _check_config(config) -> None:
             raise CaptionerError(f"service setting {key} must be a positive number, not {config[key]!r}")
     if not isinstance(config["MAX_WAIT_MS"], (int, float)) or config["MAX_WAIT_MS"] < 0:
         raise CaptionerError(f"service setting MAX_WAIT_MS must be 0 or more, not {config['MAX_WAIT_MS']!r}")
+    if config["CNN"] not in CNN_RUNTIMES:
+        raise CaptionerError(f"service setting CNN must be one of {', '.join(CNN_RUNTIMES)}, not {config['CNN']!r}")
 
 
 def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logger) -> None:
@@ -123,7 +127,7 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
         return response
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str = "eager") -> None:
     """Run the service on Flask's threaded development server (gunicorn is for production).
 
     Waits for the model first, so a bad model file is reported at once.
@@ -131,7 +135,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     Raises:
         CaptionerError: the model cannot be loaded.
     """
-    app = create_app({"MODEL_PATH": str(model_path)})
+    app = create_app({"MODEL_PATH": str(model_path), "CNN": cnn})
     batcher = app.extensions["captioner"].batcher
     try:
         while not batcher.wait_ready(0.1):

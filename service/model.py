@@ -9,15 +9,15 @@ from captioner.models.captioner import Captioner
 from captioner.runtime import resolve_device
 
 
-def load_model(path: str | Path | None, device: str = "auto", name: str | None = None) -> Captioner:
-    """The captioner in ``path``, named ``name`` for clients when given.
+def load_model(path: str | Path | None, device: str = "auto", name: str | None = None, cnn: str = "eager") -> Captioner:
+    """The captioner in ``path``, named ``name`` for clients when given, its CNN in ``cnn`` arithmetic.
 
     Raises:
         CaptionerError: no path configured, or not a readable captioner checkpoint.
     """
     if not path:
         raise CaptionerError("no model configured: set CAPTIONER_MODEL_PATH to a model.pt file")
-    model = Captioner.load(path, resolve_device(device))
+    model = Captioner.load(path, resolve_device(device), cnn=cnn)
     if name:
         model.name = name
     return model

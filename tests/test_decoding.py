@@ -157,7 +157,7 @@ def test_one_step_at_a_time_equals_teacher_forcing():
     torch.nn.init.normal_(decoder.attention.coverage_weight)
     features, tokens = torch.randn(3, 4 * 9), torch.randint(3, VOCAB, (3, 6))
     with torch.no_grad():
-        memory, state = decoder.start(features)
+        memory, state = decoder.start_stepwise(features)
         steps = []
         for t in range(tokens.size(1)):
             logits, state = decoder.step(tokens[:, t], state, memory)

@@ -64,6 +64,7 @@ class Captioner(nn.Module):
                 "config": self.encoder.config.to_dict(),
                 "weights": self.encoder.weights,
                 "pretraining": self.encoder.pretraining,
+                "int8_calibration": self.encoder.int8_calibration,
                 "state_dict": self.encoder.state_dict(),
             },
             "decoder": {"config": self.decoder.config.to_dict(), "state_dict": self.decoder.state_dict()},
@@ -84,6 +85,7 @@ class Captioner(nn.Module):
             encoder.load_state_dict(state["encoder"]["state_dict"])
             encoder.weights = state["encoder"].get("weights", "none")
             encoder.pretraining = state["encoder"].get("pretraining", {})
+            encoder.int8_calibration = state["encoder"].get("int8_calibration", {})
             decoder_state = state["decoder"]["state_dict"]
             decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
@@ -99,11 +101,15 @@ class Captioner(nn.Module):
         )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
-        """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", cnn: str = "eager") -> Captioner:
+        """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``; ``cnn="int8"``
+        runs its CNN in int8 (CPU only, from the checkpoint's calibration)."""
         model = cls.from_checkpoint(read_checkpoint(path), source=Path(path).name)
         model.version = file_digest(path)
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        if cnn == "int8":
+            model.encoder.use_int8()
+        return model
 
     @property
     def device(self) -> torch.device:

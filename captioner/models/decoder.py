@@ -27,6 +27,7 @@ green and triangle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +37,18 @@ from captioner.errors import CaptionerError
 # (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
 # every tensor has the batch in dimension 1, so beam search reorders them all alike.
 State = tuple[torch.Tensor, ...]
+
+
+class StepMemory(NamedTuple):
+    """What generation reads of each image at every step (``LSTMDecoder.start_stepwise``)."""
+
+    keys: torch.Tensor  # (B, N, H) what attention reads from each cell
+    context_gates: torch.Tensor  # (B, N, 4H) each cell's share of the language LSTM's gates
+    cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
+
+    def rows(self, index: torch.Tensor) -> StepMemory:
+        """The memory of the images ``index`` selects (a mask or indices), in that order."""
+        return StepMemory(*(part[index] for part in self))
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,8 @@ class LSTMDecoder(nn.Module):
     def start(self, features: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, F) image features -> memory (B, N, H + C) and the initial state.
 
-        The memory holds, per cell, what attention reads (H) and the cell's own features (C), which
-        a copying decoder reads as class probabilities.
+        The memory holds, per cell, what attention reads (H) and, for a copying decoder, the
+        probability of each class name the cell holds (C: ``_Copy.cell_words``), else its features.
         """
         batch, cells = features.size(0), self.config.cells
         cell_features = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
@@ -119,8 +132,20 @@ class LSTMDecoder(nn.Module):
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
         keys = self.memory(x) + self.position(self.coordinates)  # (B, N, H)
         context, coverage = keys.new_zeros(1, batch, hidden), keys.new_zeros(1, batch, cells)
+        if self.copy is not None:  # computed once per image, not at every step
+            cell_features = self.copy.cell_words(cell_features.float())  # (B, N, L)
         memory = torch.cat([keys, cell_features.to(keys.dtype)], dim=-1)  # (B, N, H + C)
         return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
+
+    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, State]:
+        """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
+        memory, state = self.start(features)
+        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
+        # sum of each key's share of the gates, computed once here, saves most of a matrix
+        # product at every generated word.
+        context_gates = keys @ self.language_lstm.weight_ih_l0[:, self.config.hidden_size :].T  # (B, N, 4H)
+        return StepMemory(keys, context_gates, cell_features), state
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
@@ -142,10 +167,46 @@ class LSTMDecoder(nn.Module):
         memory, state = self.start(features)
         return self.run(tokens, state, memory)[0]
 
-    def step(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """One word: (B,) last ids -> (B, V) next-word logits and the new state."""
-        logits, state = self.run(tokens.unsqueeze(1), state, memory)
-        return logits.squeeze(1), state
+    def step(self, tokens: torch.Tensor, state: State, memory: StepMemory) -> tuple[torch.Tensor, State]:
+        """One word: (B,) last ids -> (B, V) next-word logits and the new state (memory and the
+        first state from ``start_stepwise``).
+
+        What ``run`` computes for one step, in fewer operations: generation takes one step per
+        word for every caption, and at a batch of a few dozen images the cost of a step is the
+        number of operations, not their arithmetic (``torch.lstm_cell`` rather than ``nn.LSTM``'s
+        sequence set-up; no stacking of one-step sequences).
+        """
+        word_h, word_c, h, c, context, coverage = state
+        keys, context_gates, cell_features = memory
+        query, word_c = _lstm_cell(self.word_lstm, 0, self.embed(tokens), word_h[0], word_c[0])  # (B, H)
+        context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
+        lstm, hidden = self.language_lstm, self.config.hidden_size
+        gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, query, lstm.weight_ih_l0[:, :hidden].T)
+        gates = torch.addmm(gates, h[0], lstm.weight_hh_l0.T)
+        gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), context_gates).squeeze(1)  # (B, 4H)
+        x, c_layer = _lstm_from_gates(gates, c[0])
+        hs, cs = [x], [c_layer]
+        for layer in range(1, self.config.num_layers):
+            x, c_layer = _lstm_cell(self.language_lstm, layer, x, h[layer], c[layer])
+            hs.append(x)
+            cs.append(c_layer)
+        logits = self.out(x)  # (B, V + slots); dropout is off in generation
+        if self.copy is not None:
+            logits = self.copy(logits, weights, cell_features)
+        return logits, (query[None], word_c[None], torch.stack(hs), torch.stack(cs), context[None], coverage[None])
+
+
+def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """One step of one layer of ``lstm``: (B, I) input, (B, H) state -> the new (B, H) h and c."""
+    weights = [getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    return torch.lstm_cell(x, (h, c), *weights)
+
+
+def _lstm_from_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's update from its (B, 4H) pre-activation gates (PyTorch's order: i, f, g, o)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _grid_coordinates(cells: int) -> torch.Tensor:
@@ -178,14 +239,18 @@ class _Attention(nn.Module):
         context and the coverage after."""
         contexts, all_weights = [], []
         for query in self.query(queries).unbind(1):  # the only loop over steps in training
-            keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
-            scores = self.score(torch.tanh(keys)).squeeze(-1) - self.coverage_penalty * coverage  # (B, N)
-            weights = scores.softmax(dim=-1)
-            context = (weights.unsqueeze(1) @ memory).squeeze(1)
-            coverage = coverage + weights
+            context, weights, coverage = self.step(query, memory, context, coverage)
             contexts.append(context)
             all_weights.append(weights)
         return torch.stack(contexts, dim=1), torch.stack(all_weights, dim=1), context, coverage
+
+    def step(self, query: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
+        """One (B, H) projected query -> (B, H) context, (B, N) weights and the coverage after."""
+        keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
+        scores = self.score(torch.tanh(keys)).squeeze(-1) - self.coverage_penalty * coverage  # (B, N)
+        weights = scores.softmax(dim=-1)
+        context = (weights.unsqueeze(1) @ memory).squeeze(1)
+        return context, weights, coverage + weights
 
 
 class _Copy(nn.Module):
@@ -209,17 +274,22 @@ class _Copy(nn.Module):
         self.register_buffer("copied", said, persistent=False)  # (V,) words only copying says
         self.vocab_size, self.num_groups = vocab_size, len(copy_ids)
 
-    def forward(self, logits: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """(B, T, V + G) output logits, (B, T, N) attention, (B, N, C) class probabilities per cell
-        -> (B, T, V) log-probabilities of the next word."""
-        logits, attention, cells = logits.float(), attention.float(), cells.float()
-        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
-        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (B, T, V + G)
+    def cell_words(self, cells: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) class probabilities per cell -> (B, N, L) per cell, the probability of each
+        named class within its group (renormalised over the classes that have a name)."""
         named = cells[..., self.classes]  # (B, N, L)
         per_group = named.new_zeros(*named.shape[:-1], self.num_groups).index_add_(-1, self.groups, named)
-        named = named / per_group[..., self.groups].clamp_min(1e-6)  # (B, N, L), each group sums to 1
-        copied = (attention @ named).clamp_min(1e-12).log()  # (B, T, L)
-        slots = log_p[..., self.vocab_size + self.groups]  # (B, T, L)
+        return named / per_group[..., self.groups].clamp_min(1e-6)  # each group sums to 1
+
+    def forward(self, logits: torch.Tensor, attention: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        """(..., V + G) output logits, (..., N) attention, (B, N, L) ``cell_words`` -> (..., V)
+        log-probabilities of the next word (``...``: (B, T) or (B,))."""
+        logits, attention, named = logits.float(), attention.float(), named.float()
+        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
+        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (..., V + G)
+        copied = (attention.unsqueeze(-2) @ named).squeeze(-2) if attention.dim() == 2 else attention @ named
+        copied = copied.clamp_min(1e-12).log()  # (..., L)
+        slots = log_p[..., self.vocab_size + self.groups]  # (..., L)
         out = log_p[..., : self.vocab_size].scatter(-1, self.words.expand_as(copied), slots + copied)
         # Attention on cells with nothing named loses its slots' mass: what is left is renormalised.
         return out - out.logsumexp(dim=-1, keepdim=True)
