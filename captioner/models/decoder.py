@@ -45,10 +45,11 @@ class StepMemory(NamedTuple):
     keys: torch.Tensor  # (B, N, H) what attention reads from each cell
     context_gates: torch.Tensor  # (B, N, 4H) each cell's share of the language LSTM's gates
     cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
+    word_gates: torch.Tensor  # (V, 4H) each word's share of the word LSTM's gates, biases included
 
     def rows(self, index: torch.Tensor) -> StepMemory:
         """The memory of the images ``index`` selects (a mask or indices), in that order."""
-        return StepMemory(*(part[index] for part in self))
+        return self._replace(keys=self.keys[index], context_gates=self.context_gates[index], cells=self.cells[index])
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,10 @@ class LSTMDecoder(nn.Module):
         # sum of each key's share of the gates, computed once here, saves most of a matrix
         # product at every generated word.
         context_gates = keys @ self.language_lstm.weight_ih_l0[:, self.config.hidden_size :].T  # (B, N, 4H)
-        return StepMemory(keys, context_gates, cell_features), state
+        # Likewise the word LSTM's input is one of V word vectors: its gates, a row to look up.
+        lstm = self.word_lstm
+        word_gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, self.embed.weight, lstm.weight_ih_l0.T)  # (V, 4H)
+        return StepMemory(keys, context_gates, cell_features, word_gates), state
 
     def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
@@ -173,12 +177,14 @@ class LSTMDecoder(nn.Module):
 
         What ``run`` computes for one step, in fewer operations: generation takes one step per
         word for every caption, and at a batch of a few dozen images the cost of a step is the
-        number of operations, not their arithmetic (``torch.lstm_cell`` rather than ``nn.LSTM``'s
-        sequence set-up; no stacking of one-step sequences).
+        number of operations as much as their arithmetic (no ``nn.LSTM`` sequence set-up, no
+        stacking of one-step sequences, the input side of both LSTMs looked up or summed from
+        ``start_stepwise``'s precomputed gates).
         """
         word_h, word_c, h, c, context, coverage = state
-        keys, context_gates, cell_features = memory
-        query, word_c = _lstm_cell(self.word_lstm, 0, self.embed(tokens), word_h[0], word_c[0])  # (B, H)
+        keys, context_gates, cell_features, word_gates = memory
+        word_gates = torch.addmm(word_gates[tokens], word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
+        query, word_c = _lstm_from_gates(word_gates, word_c[0])  # (B, H)
         context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
         lstm, hidden = self.language_lstm, self.config.hidden_size
         gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, query, lstm.weight_ih_l0[:, :hidden].T)
