@@ -36,6 +36,13 @@ _SIGNATURES = (
     b"MM\x00*",  # TIFF, big-endian
 )
 
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether ``head`` (a file's first 16 bytes or more) starts like an allowed format."""
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 # What Pillow's decoders raise on malformed data; anything else is a bug and propagates.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
@@ -201,7 +208,7 @@ def _decode_stream(fp: BinaryIO, max_pixels: int, target_size: int | None = None
         except Image.DecompressionBombError as exc:  # over Pillow's hard limit
             raise _too_many_pixels(max_pixels) from exc
         except UnidentifiedImageError as exc:
-            if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            if looks_like_image(head):
                 raise _corrupt() from exc
             raise ImageError("unsupported_format", f"not a supported image; {_ACCEPTED}") from exc
         except _DECODE_ERRORS as exc:
