@@ -104,3 +104,40 @@ def process_device(name: str) -> str:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota if one is set.
+
+    ``os.cpu_count()`` counts the machine; a container or ``taskset`` may allow far fewer, and a
+    torch pool sized for the machine then spins threads that wait on each other.
+    """
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        cpus = float(os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 cpu.max, else v1 cfs_quota/period); None if unlimited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as fq, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as fp:
+            quota, period = int(fq.read()), int(fp.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def torch_threads(processes: int = 1) -> int:
+    """Threads for one process's torch pool when ``processes`` share the usable CPUs: their share,
+    rounded down, at least 1 (a fractional quota rounds down too: a thread without a whole CPU
+    waits on the others at every parallel op)."""
+    return max(1, int(usable_cpus() // max(1, processes)))
