@@ -48,9 +48,25 @@ def post_fork(server, worker):
 
     # Threads created later take this count (torch reads it once per thread), so set it first.
     torch.set_num_threads(int(os.environ.get("CAPTIONER_TORCH_THREADS", torch_threads(workers))))
+    _return_big_blocks_to_the_system()
     # The batcher thread releases the GIL around every torch op; with the default 5 ms switch
     # interval, busy request threads would make it wait that long to get it back each time.
     sys.setswitchinterval(0.0005)
+
+
+def _return_big_blocks_to_the_system():
+    """Have glibc map every block over 1 MiB on its own, so freeing it gives the memory back.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), and
+    keeps the freed memory of decoded images in the heaps of request threads: a burst of big
+    images would leave the worker hundreds of MB above its baseline for good.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; fixing it ends the raising
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def worker_exit(server, worker):
