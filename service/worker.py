@@ -172,6 +172,10 @@ class CaptionerWorker(ThreadWorker):
 
     def finish_request(self, conn, fs):
         self.in_threads -= 1
+        parser = conn.parser
+        if parser is not None and not conn.is_http2 and parser.unreader.buf.getvalue():
+            # A pipelined request, already partly read: gunicorn hands it straight to a thread.
+            conn.sock.deadline = time.monotonic() + READ_TIMEOUT_S
         if not self.alive:
             self._linger()  # another answer is out: its client's next request is on its way
         super().finish_request(conn, fs)

@@ -2,7 +2,9 @@
 
 Each test runs the real gunicorn (service/gunicorn.conf.py) on loopback, so the worker class,
 the admission limit and the decode bound are what production runs. Durations are shorter than
-the bars in the README (which scripts/hostile_load.py measures) but the shapes are the same.
+the README's bars, the shapes the same; the README's figures come from these tests run with
+CAPTIONER_HOSTILE_MODEL=runs/shapes/model.pt CAPTIONER_HOSTILE_SECONDS=30 (slow clients; 20 for
+the overload test).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from PIL import Image
 from tests.test_service_deploy import ROOT, free_port, png, request, wait_ready
 
 pytestmark = pytest.mark.slow  # each test starts gunicorn and loads a model
+SECONDS = float(os.environ.get("CAPTIONER_HOSTILE_SECONDS", "0"))  # 0: each test's own, short
 
 
 class Gunicorn:
@@ -75,7 +78,8 @@ def serve(trained_run, tmp_path):
     started = []
 
     def start(**env) -> Gunicorn:
-        server = Gunicorn(trained_run / "model.pt", tmp_path / f"gunicorn{len(started)}.log", **env)
+        model = os.environ.get("CAPTIONER_HOSTILE_MODEL") or trained_run / "model.pt"
+        server = Gunicorn(Path(model).resolve(), tmp_path / f"gunicorn{len(started)}.log", **env)
         started.append(server)
         return server
 
@@ -91,19 +95,20 @@ def timed(port: int, method: str, path: str, body: bytes | None = None, headers=
 
 
 def trickle(port: int, stop: threading.Event, outcome: list) -> None:
-    """A client sending its request one byte a second; records what the server did to it."""
+    """A client sending its request one byte a second, again whenever the server drops it."""
     message = b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 50\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        try:
-            for byte in message:
-                if stop.is_set():
-                    outcome.append("still sending")
-                    return
-                sock.sendall(bytes([byte]))
-                time.sleep(1.0)
-            outcome.append("sent everything")
-        except OSError:
-            outcome.append("dropped")
+    while not stop.is_set():
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            try:
+                for byte in message:
+                    if stop.is_set():
+                        return
+                    sock.sendall(bytes([byte]))
+                    time.sleep(1.0)
+                outcome.append("sent everything")
+                return
+            except OSError:
+                outcome.append("dropped")
 
 
 def test_slow_clients_cannot_starve_normal_ones(serve):
@@ -115,7 +120,7 @@ def test_slow_clients_cannot_starve_normal_ones(serve):
     time.sleep(1.5)  # all 40 have begun: ten times the request threads
     seconds = []
     try:
-        deadline = time.monotonic() + 12
+        deadline = time.monotonic() + (SECONDS or 12)
         while time.monotonic() < deadline:
             status, body, took = timed(server.port, "GET", "/healthz")
             assert status == 200, body
@@ -131,7 +136,7 @@ def test_slow_clients_cannot_starve_normal_ones(serve):
             thread.join()
     print(f"normal client: {len(seconds)} answers, slowest {max(seconds):.2f} s")
     assert max(seconds) < 3.0, seconds
-    assert outcomes.count("dropped") == 40, outcomes  # each cut off at its read deadline
+    assert outcomes.count("dropped") >= 40 and "sent everything" not in outcomes, outcomes  # cut at the deadline
     server.stop()
 
 
@@ -178,7 +183,7 @@ def heavy_client(port: int, until: float, results: list) -> None:
 def test_overload_is_answered_429_with_retry_after_and_health_stays_prompt(serve):
     server = serve()  # the production defaults: 32 threads, 16 requests admitted
     results, health = [], []
-    until = time.monotonic() + 15
+    until = time.monotonic() + (SECONDS or 15)
     with ThreadPoolExecutor(64) as pool:
         clients = [pool.submit(heavy_client, server.port, until, results) for _ in range(64)]
         while time.monotonic() < until:
