@@ -10,7 +10,7 @@ import json
 import logging
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 log = logging.getLogger("captioner.service")
 
@@ -61,6 +61,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if isinstance(exc, ClientDisconnected) and isinstance(exc.__context__, TimeoutError):
+            # The worker's read deadline (service.worker) passed while the body was being read.
+            return error_response(408, "request_timeout", "the request did not arrive in time")
         if isinstance(exc, RequestEntityTooLarge):
             message = _too_large_message(app)
         else:
@@ -70,11 +73,6 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
-
-    @app.errorhandler(TimeoutError)
-    def read_timeout(exc: TimeoutError):
-        # The worker's read deadline (service.worker) passed while the app read the body.
-        return error_response(408, "request_timeout", "the request did not arrive in time")
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception):

@@ -191,9 +191,10 @@ class CaptionerWorker(ThreadWorker):
 
     def murder_keepalived(self, force=False):
         """Close expired kept-alive connections, but while stopping not before requests in flight
-        are answered: until then a client may still send its next request on one."""
+        (arriving or in a thread) are answered: until then a client may still send its next
+        request on one."""
         now = time.monotonic()
-        if not force and not self.alive and self.in_threads:
+        if not force and not self.alive and (self.in_threads or self.reading):
             self._linger()  # also keeps the stopping loop's wait from reaching 0 and spinning
             return
         while self.keepalived_conns and (force or self.keepalived_conns[0].timeout <= now):

@@ -637,3 +637,16 @@ def test_busy_is_429_with_retry_after_before_the_image_is_decoded(make_app, monk
             release.set()
         assert running.result().status_code == 200
     assert post_file(app.test_client(), png(3)).status_code == 200  # the slot is free again
+
+
+def test_body_that_does_not_arrive_in_time_is_408(client):
+    class Stalled(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            raise TimeoutError("the request did not arrive in time")  # as service.worker raises it
+
+    stalled = {"wsgi.input": Stalled(), "CONTENT_LENGTH": "5000"}
+    response = client.post("/v1/captions", content_type="image/png", environ_overrides=stalled)
+    error_of(response, 408, "request_timeout")
