@@ -133,11 +133,9 @@ class DecodeOptions:
             raise CaptionerError(message)
 
         if self.mode not in MODES:
-            bad(f"unknown mode {self.mode!r}: use greedy, sample or beam")
+            bad(f"unknown mode {str(self.mode)[:40]!r}: use greedy, sample or beam")
         if not 1 <= self.num_captions <= MAX_CAPTIONS:
             bad(f"num_captions must be between 1 and {MAX_CAPTIONS}")
-        if self.mode == "greedy" and self.num_captions != 1:
-            bad("greedy decoding gives one caption; use sample or beam for more")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             bad("temperature must be a number greater than 0")
         if self.top_k < 0:
@@ -150,9 +148,32 @@ class DecodeOptions:
             bad(f"beam search with beam_size {self.beam_size} gives at most {self.beam_size} captions")
         if not 1 <= self.max_length <= MAX_LENGTH:
             bad(f"max_length must be between 1 and {MAX_LENGTH}")
+        check_applicable(self.mode, [f.name for f in fields(self) if getattr(self, f.name) != f.default])
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --- Which decoding options each mode uses: one rule for every option ---------------------------
+# An option the chosen mode does not use is refused, never silently ignored: set to anything but its
+# default (every entry point), or named in a request at all (the service knows what was sent).
+MODE_OPTIONS = {
+    "num_captions": ("sample", "beam"),
+    "temperature": ("sample",),
+    "top_k": ("sample",),
+    "top_p": ("sample",),
+    "seed": ("sample",),
+    "beam_size": ("beam",),
+}  # options not listed (mode, max_length) apply to every mode
+
+
+def check_applicable(mode: str, names) -> None:
+    """Raise CaptionerError naming the first of ``names`` that ``mode`` does not use."""
+    for name in names:
+        modes = MODE_OPTIONS.get(name, MODES)
+        if mode not in modes:
+            used_by = " and ".join(modes)
+            raise CaptionerError(f"{name} does not apply to {mode} decoding (only to {used_by}); leave it out")
 
 
 # How the shapes world's held-out (colour, shape) pairs are kept from the model: only from the

@@ -14,6 +14,7 @@ from flask import Flask, g, request
 from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.errors import CaptionerError
 from captioner.options import CNN_RUNTIMES
+from service.admission import Admission
 from service.api import api
 from service.batcher import MicroBatcher
 from service.errors import register_error_handlers
@@ -32,10 +33,22 @@ DEFAULTS = {
     "MAX_BATCH_SIZE": 16,  # images per model call
     "MAX_WAIT_MS": 5,  # how long a request may wait for others to join its batch
     "MAX_QUEUE": 256,  # requests waiting for the model; 429 beyond
+    # Requests in progress (reading, decoding, waiting for the model); 429 with Retry-After beyond,
+    # before the body is read. Below gunicorn's request threads (32), so it is reachable.
+    "MAX_IN_FLIGHT": 16,
+    "MAX_DECODES": 2,  # images decoding at once; each is bounded in memory (README: memory)
     "REQUEST_TIMEOUT_S": 60,  # a request waiting longer for the model gets 503
     "LOG_LEVEL": "INFO",
 }
-_POSITIVE = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_BATCH_SIZE", "MAX_QUEUE", "REQUEST_TIMEOUT_S")
+_POSITIVE = (
+    "MAX_CONTENT_LENGTH",
+    "MAX_PIXELS",
+    "MAX_BATCH_SIZE",
+    "MAX_QUEUE",
+    "REQUEST_TIMEOUT_S",
+    "MAX_IN_FLIGHT",
+    "MAX_DECODES",
+)
 # Quiet endpoints are polled by orchestrators and scrapers; logging each poll would drown the rest.
 _QUIET_ENDPOINTS = ("/healthz", "/readyz", "/metrics")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -47,6 +60,7 @@ class Runtime:
 
     batcher: MicroBatcher
     metrics: ServiceMetrics
+    admission: Admission
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -79,7 +93,8 @@ def create_app(config: dict | None = None) -> Flask:
         on_batch=metrics.batch_size.observe,
     )
     metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
-    app.extensions["captioner"] = Runtime(batcher, metrics)
+    admission = Admission(int(app.config["MAX_IN_FLIGHT"]), int(app.config["MAX_DECODES"]))
+    app.extensions["captioner"] = Runtime(batcher, metrics, admission)
 
     register_error_handlers(app)
     app.register_blueprint(api)

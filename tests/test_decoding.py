@@ -103,7 +103,10 @@ def test_sampling_filters_collapse_to_greedy(decoder, features, options):
         (dict(mode="sample", top_k=-1), "top_k"),
         (dict(mode="beam", beam_size=2, num_captions=3), "at most 2 captions"),
         (dict(mode="beam", beam_size=0), "beam_size"),
-        (dict(num_captions=2), "greedy decoding gives one caption"),
+        (dict(num_captions=2), "num_captions does not apply to greedy decoding"),
+        (dict(beam_size=8), "beam_size does not apply to greedy"),
+        (dict(mode="beam", temperature=0.5), "temperature does not apply to beam"),
+        (dict(mode="beam", seed=1), "seed does not apply to beam"),
         (dict(max_length=0), "max_length"),
     ],
 )

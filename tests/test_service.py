@@ -242,7 +242,12 @@ def test_odd_but_valid_images_are_captioned(client, name, make, size, fmt):
         ("mode=sample&top_p=1.5", "invalid_option", "top_p"),
         ("mode=beam&beam_size=0", "invalid_option", "beam_size"),
         ("mode=beam&beam_size=17", "invalid_option", "beam_size"),
-        ("mode=greedy&num_captions=2", "invalid_option", "greedy decoding gives one caption"),
+        ("mode=greedy&num_captions=2", "invalid_option", "num_captions does not apply to greedy decoding"),
+        ("beam_size=8", "invalid_option", "beam_size does not apply to greedy decoding"),
+        ("beam_size=3", "invalid_option", "beam_size does not apply to greedy decoding"),  # named: refused too
+        ("mode=beam&temperature=1.0", "invalid_option", "temperature does not apply to beam decoding"),
+        ("mode=beam&seed=3", "invalid_option", "seed does not apply to beam decoding"),
+        ("mode=sample&beam_size=2", "invalid_option", "beam_size does not apply to sample decoding"),
         ("mode=beam&beam_size=2&num_captions=3", "invalid_option", "at most 2 captions"),
         ("temperature=hot", "invalid_option", "temperature must be a number"),
         ("num_captions=two", "invalid_option", "num_captions must be an integer"),
@@ -406,14 +411,12 @@ def test_full_queue_is_429(make_app, monkeypatch):
 
 def test_decode_groups_split_only_on_options_that_act_on_the_whole_call():
     greedy = DecodeOptions(max_length=10)
-    assert decode_group(greedy) == decode_group(DecodeOptions(max_length=10, temperature=3.0, seed=5, beam_size=9))
     assert decode_group(greedy) != decode_group(DecodeOptions(max_length=11))
     sample = DecodeOptions(mode="sample", num_captions=2, seed=1)
     assert decode_group(sample) == decode_group(DecodeOptions(mode="sample", num_captions=2, seed=2))
     assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, temperature=0.5))
     assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, top_p=0.9))
     beam = DecodeOptions(mode="beam", beam_size=4, num_captions=2)
-    assert decode_group(beam) == decode_group(DecodeOptions(mode="beam", beam_size=4, num_captions=2, top_k=3))
     assert decode_group(beam) != decode_group(DecodeOptions(mode="beam", beam_size=5, num_captions=2))
 
 
@@ -552,3 +555,98 @@ print(" ".join(sorted(sys.modules)))
     loaded = result.stdout.split()
     assert "captioner.models.captioner" in loaded and "service.api" in loaded
     assert [m for m in loaded if m.startswith(("captioner.training", "captioner.shapes", "captioner.evaluation"))] == []
+
+
+# --- intake: sniffed bodies, one image, bounded chunked bodies, short messages -------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream", "application/x-www-form-urlencoded"])
+def test_body_of_any_or_no_content_type_is_sniffed_for_an_image(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/v1/captions", data=exif_rotated_jpeg(), headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["image"] == {"width": 20, "height": 40, "format": "JPEG"}
+    text = client.post("/v1/captions", data=b"plain words, no pixels", headers=headers)
+    error_of(text, 415, "unsupported_media_type")
+
+
+def test_second_image_field_is_400(client):
+    form = {"image": [(io.BytesIO(png(1)), "a.png"), (io.BytesIO(png(2)), "b.png")]}
+    response = client.post("/v1/captions", data=form, content_type="multipart/form-data")
+    assert "send one image" in error_of(response, 400, "too_many_images")
+
+
+def chunked(data: bytes):
+    """A body stream with no length, as a server hands on a chunked upload."""
+    return {"input_stream": io.BytesIO(data), "headers": {"Transfer-Encoding": "chunked"}}
+
+
+def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=20_000)
+    ready(app)
+    client = app.test_client()
+    image = png(size=(24, 16))
+    over = image + b"\0" * 30_000  # a valid PNG first: cut at the limit it would caption
+    response = client.post("/v1/captions", content_type="image/png", **chunked(over))
+    assert "20,000 bytes" in error_of(response, 413, "too_large")
+    response = client.post("/v1/captions", content_type="image/png", **chunked(image))
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_too_many_form_parts_is_413_that_says_so(make_app):
+    app = make_app(MAX_FORM_PARTS=5)
+    ready(app)
+    fields = {f"f{i}": "x" for i in range(10)}
+    response = app.test_client().post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png"), **fields})
+    message = error_of(response, 413, "too_large")
+    assert "5 parts" in message and "bytes are accepted" not in message
+
+
+def test_long_option_names_and_values_are_cut_in_messages(client):
+    long = "z" * 400_000
+    for query in (f"temperature={long}", f"{long}=1", f"mode={long}"):
+        message = error_of(post_image(client, png(), query), 400, "invalid_option" if "=1" not in query else "unknown_option")
+        assert len(message) < 400
+
+
+def test_busy_is_429_with_retry_after_before_the_image_is_decoded(make_app, monkeypatch):
+    import service.api
+
+    app = make_app(MAX_IN_FLIGHT=1)
+    ready(app)
+    entered, release, decodes = threading.Event(), threading.Event(), []
+    decode_now = service.api.decode_image
+
+    def paused_decode(data, **kwargs):
+        decodes.append(len(data))
+        entered.set()
+        assert release.wait(30)
+        return decode_now(data, **kwargs)
+
+    monkeypatch.setattr(service.api, "decode_image", paused_decode)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            running = pool.submit(post_file, app.test_client(), png(1))
+            assert entered.wait(30)  # the one admitted request holds the slot
+            refused = post_file(app.test_client(), png(2))
+            assert "busy" in error_of(refused, 429, "busy")
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert len(decodes) == 1  # the refused image was never decoded
+            assert app.test_client().get("/healthz").status_code == 200
+        finally:
+            release.set()
+        assert running.result().status_code == 200
+    assert post_file(app.test_client(), png(3)).status_code == 200  # the slot is free again
+
+
+def test_body_that_does_not_arrive_in_time_is_408(client):
+    class Stalled(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            raise TimeoutError("the request did not arrive in time")  # as service.worker raises it
+
+    stalled = {"wsgi.input": Stalled(), "CONTENT_LENGTH": "5000"}
+    response = client.post("/v1/captions", content_type="image/png", environ_overrides=stalled)
+    error_of(response, 408, "request_timeout")
