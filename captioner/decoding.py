@@ -1,7 +1,9 @@
 """Caption generation from image features: greedy, sampling (temperature, top-k, top-p), beam search.
 
 All three work on a batch of images at once. Every caption carries its log-probability under the
-model (sum over its words and ``<end>``) and its perplexity ``exp(-log_prob / length)``.
+model (sum over its words and ``<end>``), its perplexity ``exp(-log_prob / length)`` and whether it
+is finished (ends with ``<end>``) or was cut at ``max_length``. With ``explain``, each also carries,
+per word, its log-probability and the attention over the image's cells when it was said.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class Hypothesis:
 
     tokens: list[int]
     log_prob: float
+    finished: bool = True  # False: cut at max_length before <end>
+    # With explain: per token, its log-probability (T,) and the attention over the cells (T, N).
+    word_log_probs: list[float] | None = None
+    attention: list[list[float]] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -53,6 +59,13 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
     Returns:
         For each image, ``options.num_captions`` hypotheses, best first for beam search.
     """
+    results = _generate(decoder, features, options, ids, seeds)
+    if options.explain:
+        explain(decoder, features, results, ids)
+    return results
+
+
+def _generate(decoder, features, options, ids, seeds):
     if options.mode == "beam":
         return beam_search(decoder, features, options, ids)
     if options.mode == "greedy":
@@ -115,7 +128,10 @@ def _decode_rows(decoder, features, options, ids, generators):
         if finished.all():
             break
     sequences = torch.stack(steps, dim=1).tolist()  # (N, T)
-    return [Hypothesis(_trim(row, ids.end), float(lp)) for row, lp in zip(sequences, log_prob.tolist())]
+    return [
+        Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
+        for row, lp in zip(sequences, log_prob.tolist())
+    ]
 
 
 def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
@@ -178,6 +194,46 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         for j in ranked[b].tolist():
             if math.isfinite(scores[b, j].item()):
                 row = sequences[b, j, : int(lengths[b, j].item())].tolist()
-                hyps.append(Hypothesis(row, scores[b, j].item()))
+                hyps.append(Hypothesis(row, scores[b, j].item(), finished=bool(finished[b, j])))
         results.append(hyps[: options.num_captions])
     return results
+
+
+def explain(decoder, features: torch.Tensor, hypotheses: list[list[Hypothesis]], ids: SpecialIds) -> None:
+    """Fills in each hypothesis's per-word log-probabilities and attention, in place.
+
+    The captions are replayed through the decoder (teacher forcing, one step at a time): one more
+    pass over the final captions, whatever the mode, so greedy, sampling and beam search keep
+    their loops free of bookkeeping that only explanations need. A step's attention is what it
+    added to the coverage (the attention each cell has had so far): the weights ``_Attention``
+    computed, with no second path through the decoder.
+
+    Args:
+        decoder: an ``LSTMDecoder``.
+        features: (B, F) image features.
+        hypotheses: per image, its hypotheses (as ``generate`` returns them).
+        ids: the special token ids.
+    """
+    rows = [(b, h) for b, hyps in enumerate(hypotheses) for h in hyps if h.tokens]
+    if not rows:
+        return
+    index = torch.tensor([b for b, _ in rows], device=features.device)
+    steps = max(len(h.tokens) for _, h in rows)
+    tokens = torch.zeros(len(rows), steps, dtype=torch.long, device=features.device)  # (R, T)
+    for r, (_, h) in enumerate(rows):
+        tokens[r, : len(h.tokens)] = torch.tensor(h.tokens)
+    memory, state = decoder.start(features[index])
+    previous = torch.full((len(rows),), ids.start, dtype=torch.long, device=features.device)
+    chosen, attention = [], []
+    for t in range(steps):
+        coverage = state[-1][0]  # (R, N) before this step
+        logits, state = decoder.step(previous, state, memory)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (R, V)
+        chosen.append(logp.gather(1, tokens[:, t : t + 1]).squeeze(1))
+        attention.append(state[-1][0] - coverage)
+        previous = tokens[:, t]
+    chosen = torch.stack(chosen, dim=1).tolist()  # (R, T)
+    attention = torch.stack(attention, dim=1).float().clamp_(min=0).tolist()  # (R, T, N)
+    for r, (_, h) in enumerate(rows):
+        h.word_log_probs = chosen[r][: len(h.tokens)]
+        h.attention = attention[r][: len(h.tokens)]
