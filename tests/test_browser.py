@@ -264,3 +264,26 @@ def test_an_example_image_is_captioned_and_a_caption_copied(browser, live_server
     wait.until(lambda d: "shapes-1.png" in d.find_element(By.ID, "file-name").text)
     caption_now(browser, wait)
     assert shown_captions(browser)[0]
+
+
+def test_on_a_390_px_touch_screen_the_page_fits_and_a_tapped_word_stays_shown(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(390, 844)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+    wait = open_page(browser, live_server)
+    assert browser.execute_script("return matchMedia('(pointer: coarse)').matches")
+    hint = browser.find_element(By.ID, "drop-hint").text
+    assert hint.startswith("Tap") and "Drop" not in hint  # nothing to drop on a phone
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "a.png")))
+    caption_now(browser, wait)
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    assert "Tap a word" in browser.find_element(By.ID, "hover-hint").text
+    word = browser.find_element(By.CSS_SELECTOR, "#captions .word")
+    word.click()
+    overlay = browser.find_element(By.ID, "overlay")
+    wait.until(lambda d: overlay.is_displayed())
+    browser.find_element(By.TAG_NAME, "h1").click()  # the tapped word stays until tapped again
+    assert overlay.is_displayed() and "shown" in word.get_attribute("class")
+    word.click()
+    wait.until(lambda d: not overlay.is_displayed())

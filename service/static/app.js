@@ -51,6 +51,7 @@ async function sniff(file) {
 }
 
 function megabytes(bytes) {
+  if (bytes < MB) return `${Math.max(1, Math.round(bytes / 1024))} KB`;
   const mb = bytes / MB;
   return `${mb >= 10 || Number.isInteger(mb) ? Math.round(mb) : mb.toFixed(1)} MB`;
 }
@@ -77,6 +78,7 @@ function clearAnswer() {
   captionList.replaceChildren();
   captionList.classList.remove("stale");
   result.hidden = true;
+  document.querySelector("main").classList.remove("answered");
   staleNote.hidden = true;
   statusLine.textContent = "";
   errorLine.hidden = true;
@@ -167,6 +169,7 @@ function showAnswer(body) {
   answer.captions.sort((a, b) => a.perplexity - b.perplexity);
   captionList.replaceChildren(...answer.captions.map(captionItem));
   result.hidden = false;
+  document.querySelector("main").classList.add("answered");
   $("hover-hint").textContent = touch
     ? "Tap a word to see where the model looked."
     : "Point at a word (or tab to it) to see where the model looked.";
@@ -212,7 +215,7 @@ function wordButton(word, captionIndex, wordIndex) {
   span.addEventListener("blur", () => showWord(pinned));
   span.addEventListener("click", () => {
     pinned = pinned && pinned[0] === key[0] && pinned[1] === key[1] ? null : key;
-    showWord(pinned || key);
+    showWord(pinned);
   });
   return span;
 }
