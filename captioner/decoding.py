@@ -214,6 +214,9 @@ def explain(decoder, features: torch.Tensor, hypotheses: list[list[Hypothesis]],
         hypotheses: per image, its hypotheses (as ``generate`` returns them).
         ids: the special token ids.
     """
+    for hyps in hypotheses:
+        for h in hyps:
+            h.word_log_probs, h.attention = [], []  # stays so for a caption without tokens
     rows = [(b, h) for b, hyps in enumerate(hypotheses) for h in hyps if h.tokens]
     if not rows:
         return

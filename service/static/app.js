@@ -181,7 +181,7 @@ function captionItem(c, index) {
   const item = document.createElement("li");
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = `perplexity ${c.perplexity.toFixed(2)} · log p ${c.log_prob.toFixed(2)}`;
+  score.textContent = `perplexity ${c.perplexity.toFixed(3)} · log p ${c.log_prob.toFixed(2)}`;
   score.title = $("score-help").title;
   const text = document.createElement("span");
   text.className = "text";
