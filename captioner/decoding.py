@@ -3,7 +3,9 @@
 All three work on a batch of images at once. Every caption carries its log-probability under the
 model (sum over its words and ``<end>``), its perplexity ``exp(-log_prob / length)`` and whether it
 is finished (ends with ``<end>``) or was cut at ``max_length``. With ``explain``, each also carries,
-per word, its log-probability and the attention over the image's cells when it was said.
+per word, its log-probability and the attention over the image's cells when it was said, kept as
+decoding goes (beam search carries them through its reordering of the beams, as it does the words);
+a step's attention is what it added to the coverage, the attention each cell has had so far.
 """
 
 from __future__ import annotations
@@ -59,13 +61,6 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
     Returns:
         For each image, ``options.num_captions`` hypotheses, best first for beam search.
     """
-    results = _generate(decoder, features, options, ids, seeds)
-    if options.explain:
-        explain(decoder, features, results, ids)
-    return results
-
-
-def _generate(decoder, features, options, ids, seeds):
     if options.mode == "beam":
         return beam_search(decoder, features, options, ids)
     if options.mode == "greedy":
@@ -108,8 +103,9 @@ def _decode_rows(decoder, features, options, ids, generators):
     tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=features.device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=features.device)
     log_prob = torch.zeros(n_rows, device=features.device)
-    steps = []
+    steps, said, looked = [], [], []  # said, looked: with explain, per step (N,) and (N, cells)
     for _ in range(options.max_length):
+        coverage = state[-1][0]  # (N, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         if generators is None:
@@ -122,16 +118,22 @@ def _decode_rows(decoder, features, options, ids, generators):
         word = word.masked_fill(finished, ids.pad)
         chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)
         log_prob += chosen.masked_fill(finished, 0.0)
+        if options.explain:
+            said.append(chosen)
+            looked.append(state[-1][0] - coverage)  # this step's attention weights
         steps.append(word)
         finished |= word == ids.end
         tokens = word
         if finished.all():
             break
     sequences = torch.stack(steps, dim=1).tolist()  # (N, T)
-    return [
+    hypotheses = [
         Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
         for row, lp in zip(sequences, log_prob.tolist())
     ]
+    if options.explain:
+        _attach(hypotheses, torch.stack(said, dim=1), torch.stack(looked, dim=1))
+    return hypotheses
 
 
 def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
@@ -145,7 +147,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     Args:
         decoder: an ``LSTMDecoder``.
         features: (B, F) image features.
-        options: ``beam_size``, ``num_captions`` and ``max_length`` are used.
+        options: ``beam_size``, ``num_captions``, ``max_length`` and ``explain`` are used.
         ids: the special token ids.
 
     Returns:
@@ -161,9 +163,12 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, k, device=device)
     sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
+    # With explain, each beam's history of word log-probabilities (B, k, T) and attention (B, k, T, N).
+    said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state[-1].size(-1), device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
     for _ in range(options.max_length):
+        coverage = state[-1][0]  # (B*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1).view(batch, k, -1)  # (B, k, V)
         vocab = logp.size(-1)
@@ -180,63 +185,40 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         lengths = new_lengths.gather(1, beam)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
-        sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand_as(sequences)), word.unsqueeze(-1)], -1)
+        sequences = _extend(sequences, beam, word)
+        if options.explain:
+            said = _extend(said, beam, logp.view(batch, -1).gather(1, flat))
+            attention = (state[-1][0] - coverage).view(batch, k, -1)  # (B, k, N) of the beams before
+            looked = _extend(looked, beam, attention.gather(1, beam.unsqueeze(-1).expand_as(attention)))
         finished = was_finished | (word == ids.end)
         rows = (beam + offsets).view(-1)  # (B*k,) which state each new beam continues
         state = tuple(s[:, rows] for s in state)
         tokens = word.view(-1)
         if finished.all():
             break
+    hypotheses: list[list[Hypothesis]] = [[] for _ in range(batch)]
     ranked = (scores / lengths.clamp(min=1)).argsort(dim=-1, descending=True)  # (B, k)
-    results = []
     for b in range(batch):
-        hyps = []
         for j in ranked[b].tolist():
-            if math.isfinite(scores[b, j].item()):
-                row = sequences[b, j, : int(lengths[b, j].item())].tolist()
-                hyps.append(Hypothesis(row, scores[b, j].item(), finished=bool(finished[b, j])))
-        results.append(hyps[: options.num_captions])
-    return results
+            if math.isfinite(scores[b, j].item()) and len(hypotheses[b]) < options.num_captions:
+                length = int(lengths[b, j].item())
+                hyp = Hypothesis(sequences[b, j, :length].tolist(), scores[b, j].item(), finished=bool(finished[b, j]))
+                if options.explain:
+                    _attach([hyp], said[b, j : j + 1], looked[b, j : j + 1])
+                hypotheses[b].append(hyp)
+    return hypotheses
 
 
-def explain(decoder, features: torch.Tensor, hypotheses: list[list[Hypothesis]], ids: SpecialIds) -> None:
-    """Fills in each hypothesis's per-word log-probabilities and attention, in place.
+def _extend(history: torch.Tensor, beam: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """(B, k, T, ...) per-beam history, reordered to the beams each new beam continues ((B, k)
+    ``beam``), with this step's (B, k, ...) ``new`` appended -> (B, k, T + 1, ...)."""
+    index = beam.view(*beam.shape, *[1] * (history.dim() - 2)).expand(-1, -1, *history.shape[2:])
+    return torch.cat([history.gather(1, index), new.unsqueeze(2).to(history.dtype)], dim=2)
 
-    The captions are replayed through the decoder (teacher forcing, one step at a time): one more
-    pass over the final captions, whatever the mode, so greedy, sampling and beam search keep
-    their loops free of bookkeeping that only explanations need. A step's attention is what it
-    added to the coverage (the attention each cell has had so far): the weights ``_Attention``
-    computed, with no second path through the decoder.
 
-    Args:
-        decoder: an ``LSTMDecoder``.
-        features: (B, F) image features.
-        hypotheses: per image, its hypotheses (as ``generate`` returns them).
-        ids: the special token ids.
-    """
-    for hyps in hypotheses:
-        for h in hyps:
-            h.word_log_probs, h.attention = [], []  # stays so for a caption without tokens
-    rows = [(b, h) for b, hyps in enumerate(hypotheses) for h in hyps if h.tokens]
-    if not rows:
-        return
-    index = torch.tensor([b for b, _ in rows], device=features.device)
-    steps = max(len(h.tokens) for _, h in rows)
-    tokens = torch.zeros(len(rows), steps, dtype=torch.long, device=features.device)  # (R, T)
-    for r, (_, h) in enumerate(rows):
-        tokens[r, : len(h.tokens)] = torch.tensor(h.tokens)
-    memory, state = decoder.start(features[index])
-    previous = torch.full((len(rows),), ids.start, dtype=torch.long, device=features.device)
-    chosen, attention = [], []
-    for t in range(steps):
-        coverage = state[-1][0]  # (R, N) before this step
-        logits, state = decoder.step(previous, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (R, V)
-        chosen.append(logp.gather(1, tokens[:, t : t + 1]).squeeze(1))
-        attention.append(state[-1][0] - coverage)
-        previous = tokens[:, t]
-    chosen = torch.stack(chosen, dim=1).tolist()  # (R, T)
-    attention = torch.stack(attention, dim=1).float().clamp_(min=0).tolist()  # (R, T, N)
-    for r, (_, h) in enumerate(rows):
-        h.word_log_probs = chosen[r][: len(h.tokens)]
-        h.attention = attention[r][: len(h.tokens)]
+def _attach(hypotheses: list[Hypothesis], log_probs: torch.Tensor, attention: torch.Tensor) -> None:
+    """Gives each hypothesis its row of (R, T) word log-probabilities and (R, T, N) attention,
+    cut to its own length."""
+    log_probs, attention = log_probs.tolist(), attention.float().clamp(min=0).tolist()
+    for h, said, looked in zip(hypotheses, log_probs, attention, strict=True):
+        h.word_log_probs, h.attention = said[: len(h.tokens)], looked[: len(h.tokens)]

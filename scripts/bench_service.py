@@ -109,6 +109,31 @@ def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Names
     return {"images_per_s": done / (time.perf_counter() - started), "images": done}
 
 
+def explain_model_cost(model_path: Path, paths: list[Path], args: argparse.Namespace, repeats: int = 30) -> dict:
+    """Seconds of the model's decoding (``generate`` and ``describe``) per batch of 8 images, with and
+    without explanations, taken in turn so that the machine's load falls on both alike."""
+    import torch
+    from dataclasses import replace
+
+    from captioner.data.images import decode_image
+    from captioner.options import DecodeOptions
+    from captioner.models.captioner import Captioner
+
+    torch.set_num_threads(args.torch_threads)
+    model = Captioner.load(model_path)
+    images = [decode_image(p.read_bytes()).image for p in paths[:8]]
+    features = model.encode(model.images_to_batch(images))  # (8, F): a batch as the service makes them
+    plain = DecodeOptions(mode=args.mode)
+    times = {False: [], True: []}
+    for _ in range(repeats):
+        for explain in (False, True):
+            started = time.perf_counter()
+            model.describe(model.generate(features, replace(plain, explain=explain)))
+            times[explain].append(time.perf_counter() - started)
+    off, on = (sorted(times[k])[repeats // 2] for k in (False, True))  # medians
+    return {"decode_ms_off": off * 1000, "decode_ms_on": on * 1000, "ratio": on / off}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -260,6 +285,7 @@ def main(args: argparse.Namespace) -> dict:
         report["batching_off"] = bench_service(model_path, images, args, folder, batching=False)
         if args.explain:
             report["explain_on"] = bench_service(model_path, images, args, folder, batching=True, explain=True)
+            report["explain_model_cost"] = explain_model_cost(model_path, paths, args)
     offline = report["offline"]["images_per_s"]
     print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}")
     print(f"{'offline':14}{offline:9.1f}{1:12.2f}")
@@ -274,6 +300,11 @@ def main(args: argparse.Namespace) -> dict:
         cost = report["explain_on"]["requests_per_s"] / report["batching_on"]["requests_per_s"]
         report["explain_throughput_ratio"] = cost
         print(f"explanations on: {cost:.2f} of the throughput with them off (batching on, same run)")
+        model_cost = report["explain_model_cost"]
+        print(
+            f"decoding a batch of 8 ({args.mode}): {model_cost['decode_ms_off']:.1f} ms, with explanations "
+            f"{model_cost['decode_ms_on']:.1f} ms ({model_cost['ratio']:.2f} times; medians, taken in turn)"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return report
