@@ -1,7 +1,11 @@
 """Caption generation from image features: greedy, sampling (temperature, top-k, top-p), beam search.
 
 All three work on a batch of images at once. Every caption carries its log-probability under the
-model (sum over its words and ``<end>``) and its perplexity ``exp(-log_prob / length)``.
+model (sum over its words and ``<end>``), its perplexity ``exp(-log_prob / length)`` and whether it
+is finished (ends with ``<end>``) or was cut at ``max_length``. With ``explain``, each also carries,
+per word, its log-probability and the attention over the image's cells when it was said, kept as
+decoding goes (beam search carries them through its reordering of the beams, as it does the words);
+a step's attention is what it added to the coverage, the attention each cell has had so far.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ class Hypothesis:
 
     tokens: list[int]
     log_prob: float
+    finished: bool = True  # False: cut at max_length before <end>
+    # With explain: per token, its log-probability (T,) and the attention over the cells (T, N).
+    word_log_probs: list[float] | None = None
+    attention: list[list[float]] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -98,13 +106,17 @@ def _decode_rows(decoder, features, options, ids, generators):
     is drawn by inverse-CDF sampling from per-image uniform numbers. A row that has said ``<end>``
     leaves the batch: the steps after it cost only the captions still being written.
     """
-    n_rows, device = features.size(0), features.device
+    n_rows, device, length = features.size(0), features.device, options.max_length
     memory, state = decoder.start_stepwise(features)
     tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=device)
-    words = torch.full((n_rows, options.max_length), ids.pad, dtype=torch.long, device=device)
+    words = torch.full((n_rows, length), ids.pad, dtype=torch.long, device=device)
     log_prob = torch.zeros(n_rows, device=device)
+    if options.explain:  # per row and step, the word's log-probability and the attention it was said with
+        said = torch.zeros(n_rows, length, device=device)
+        looked = torch.zeros(n_rows, length, state[-1].size(-1), device=device)
     active = torch.arange(n_rows, device=device)  # the rows still writing, in order
-    for t in range(options.max_length):
+    for t in range(length):
+        coverage = state[-1][0]  # (A, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1)  # (A, V)
         if generators is None:
@@ -115,8 +127,12 @@ def _decode_rows(decoder, features, options, ids, generators):
             uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(device)[active]
             cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (A, V)
             word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
-        log_prob[active] += logp.gather(1, word.unsqueeze(1)).squeeze(1)
+        chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)  # (A,)
+        log_prob[active] += chosen
         words[active, t] = word
+        if options.explain:
+            said[active, t] = chosen
+            looked[active, t] = state[-1][0] - coverage  # this step's attention weights
         writing = word != ids.end
         if not writing.all():
             if not writing.any():
@@ -124,8 +140,13 @@ def _decode_rows(decoder, features, options, ids, generators):
             active, word, memory = active[writing], word[writing], memory.rows(writing)
             state = tuple(s[:, writing] for s in state)
         tokens = word
-    rows = words.tolist()
-    return [Hypothesis(_trim(row, ids.end), float(lp)) for row, lp in zip(rows, log_prob.tolist())]
+    hypotheses = [
+        Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
+        for row, lp in zip(words.tolist(), log_prob.tolist())
+    ]
+    if options.explain:
+        _attach(hypotheses, said, looked)
+    return hypotheses
 
 
 def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
@@ -139,7 +160,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     Args:
         decoder: an ``LSTMDecoder``.
         features: (B, F) image features.
-        options: ``beam_size``, ``num_captions`` and ``max_length`` are used.
+        options: ``beam_size``, ``num_captions``, ``max_length`` and ``explain`` are used.
         ids: the special token ids.
 
     Returns:
@@ -156,49 +177,77 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, k, device=device)
     sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
+    # With explain, each beam's history of word log-probabilities (B, k, T) and attention (B, k, T, N).
+    said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state[-1].size(-1), device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
     searching = torch.arange(batch, device=device)  # the images whose beams are not all finished
-    done: dict[int, tuple] = {}  # image -> its final scores, lengths and sequences
+    done: dict[int, tuple] = {}  # image -> its final beams (scores, lengths, finished, words, said, looked)
     for _ in range(options.max_length):
+        b = len(searching)
+        coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1).view(len(searching), k, -1)  # (B, k, V)
+        logp = F.log_softmax(logits.float(), dim=-1).view(b, k, -1)  # (b, k, V)
         vocab = logp.size(-1)
-        candidates = scores.unsqueeze(-1) + logp  # (B, k, V)
+        candidates = scores.unsqueeze(-1) + logp  # (b, k, V)
         # A finished beam has one continuation, <pad>, which keeps its score.
         frozen = torch.full_like(candidates, float("-inf"))
         frozen[..., ids.pad] = scores
         candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
-        new_lengths = lengths + (~finished).float()  # (B, k)
-        normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (B, k, V)
-        _, flat = normalised.view(len(searching), -1).topk(k, dim=-1)  # (B, k)
+        new_lengths = lengths + (~finished).float()  # (b, k)
+        normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (b, k, V)
+        _, flat = normalised.view(b, -1).topk(k, dim=-1)  # (b, k)
         beam, word = flat // vocab, flat % vocab
-        scores = candidates.view(len(searching), -1).gather(1, flat)
+        scores = candidates.view(b, -1).gather(1, flat)
         lengths = new_lengths.gather(1, beam)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
-        sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand_as(sequences)), word.unsqueeze(-1)], -1)
+        sequences = _extend(sequences, beam, word)
+        if options.explain:
+            said = _extend(said, beam, logp.view(b, -1).gather(1, flat))
+            attention = (state[-1][0] - coverage).view(b, k, -1)  # (b, k, N) of the beams before
+            looked = _extend(looked, beam, attention.gather(1, beam.unsqueeze(-1).expand_as(attention)))
         finished = was_finished | (word == ids.end)
-        rows = beam + (torch.arange(len(searching), device=device) * k).unsqueeze(1)  # (B, k) state each beam continues
-        going = ~finished.all(dim=1)  # (B,)
+        rows = beam + (torch.arange(b, device=device) * k).unsqueeze(1)  # (b, k) the state each beam continues
+        going = ~finished.all(dim=1)  # (b,)
         if not going.all():  # images with every beam finished leave the batch
             for i in (~going).nonzero().flatten().tolist():
-                done[int(searching[i])] = (scores[i], lengths[i], sequences[i])
+                done[int(searching[i])] = (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i])
             if not going.any():
                 break
             searching, scores, lengths, finished = searching[going], scores[going], lengths[going], finished[going]
-            sequences, rows, word = sequences[going], rows[going], word[going]
+            sequences, said, looked, rows, word = sequences[going], said[going], looked[going], rows[going], word[going]
             memory = memory.rows(going.repeat_interleave(k))
         state = tuple(s[:, rows.view(-1)] for s in state)
         tokens = word.view(-1)
     for i, image in enumerate(searching.tolist()):
-        done.setdefault(image, (scores[i], lengths[i], sequences[i]))
-    return [_best_beams(*done[b], options.num_captions) for b in range(batch)]
+        done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))
+    return [_best_beams(*done[image], options) for image in range(batch)]
 
 
-def _best_beams(scores: torch.Tensor, lengths: torch.Tensor, sequences: torch.Tensor, n: int) -> list[Hypothesis]:
-    """An image's (k,) beam scores and lengths and (k, T) words -> its ``n`` best hypotheses."""
-    hyps = []
+def _best_beams(scores, lengths, finished, sequences, said, looked, options: DecodeOptions) -> list[Hypothesis]:
+    """An image's (k,) beam scores, lengths and finished flags, (k, T) words and, with explain,
+    (k, T) and (k, T, N) histories -> its ``num_captions`` best hypotheses, best first."""
+    hypotheses = []
     for j in (scores / lengths.clamp(min=1)).argsort(descending=True).tolist():
-        if math.isfinite(scores[j].item()):
-            hyps.append(Hypothesis(sequences[j, : int(lengths[j].item())].tolist(), scores[j].item()))
-    return hyps[:n]
+        if math.isfinite(scores[j].item()) and len(hypotheses) < options.num_captions:
+            length = int(lengths[j].item())
+            hyp = Hypothesis(sequences[j, :length].tolist(), scores[j].item(), finished=bool(finished[j]))
+            if options.explain:
+                _attach([hyp], said[j : j + 1], looked[j : j + 1])
+            hypotheses.append(hyp)
+    return hypotheses
+
+
+def _extend(history: torch.Tensor, beam: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """(B, k, T, ...) per-beam history, reordered to the beams each new beam continues ((B, k)
+    ``beam``), with this step's (B, k, ...) ``new`` appended -> (B, k, T + 1, ...)."""
+    index = beam.view(*beam.shape, *[1] * (history.dim() - 2)).expand(-1, -1, *history.shape[2:])
+    return torch.cat([history.gather(1, index), new.unsqueeze(2).to(history.dtype)], dim=2)
+
+
+def _attach(hypotheses: list[Hypothesis], log_probs: torch.Tensor, attention: torch.Tensor) -> None:
+    """Gives each hypothesis its row of (R, T) word log-probabilities and (R, T, N) attention,
+    cut to its own length."""
+    log_probs, attention = log_probs.tolist(), attention.float().clamp(min=0).tolist()
+    for h, said, looked in zip(hypotheses, log_probs, attention, strict=True):
+        h.word_log_probs, h.attention = said[: len(h.tokens)], looked[: len(h.tokens)]

@@ -127,6 +127,9 @@ class DecodeOptions:
     beam_size: int = option(3, "beams kept in beam search")
     max_length: int = option(30, "most words per caption")
     seed: int | None = option(None, "seed for sampling")
+    # A decoding option, not a service flag: it changes what decoding returns (and what it
+    # computes), and so reaches the command line, Python and the service from this one field.
+    explain: bool = option(False, "with each caption, every word's probability and the attention over the image's cells")
 
     def __post_init__(self):
         def bad(message):
@@ -164,7 +167,7 @@ MODE_OPTIONS = {
     "top_p": ("sample",),
     "seed": ("sample",),
     "beam_size": ("beam",),
-}  # options not listed (mode, max_length) apply to every mode
+}  # options not listed (mode, max_length, explain) apply to every mode
 
 
 def check_applicable(mode: str, names) -> None:

@@ -293,7 +293,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
     )
     decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
-    return Captioner(encoder, decoder, vocab, embedding=info)
+    return Captioner(encoder, decoder, vocab, embedding=info, data=dataset.summary())
 
 
 def copy_ids(cell_classes: tuple[tuple[str, ...], ...], vocab: Vocabulary) -> tuple[tuple[int, ...], ...]:

@@ -76,15 +76,18 @@ def _caption(batcher: MicroBatcher, started: float):
         raise ServiceError(503, "timeout", "the model did not answer in time; retry shortly") from None
     except NotReady:
         raise ServiceError(503, "not_ready", "the service is shutting down; retry shortly") from None
-    return jsonify(
-        {
-            "request_id": g.request_id,
-            "model": {"name": model.name, "version": model.version},
-            "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
-            "captions": result.captions,
-            "timing_ms": {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)},
-        }
-    )
+    current_app.extensions["captioner"].metrics.observe_captions(options.mode, options.explain)
+    body = {
+        "request_id": g.request_id,
+        "model": {"name": model.name, "version": model.version},
+        "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
+        "captions": result.captions,
+    }
+    if options.explain:
+        grid = model.encoder.config.pool_grid
+        body["attention_grid"] = [grid, grid]  # each word's attention: rows x columns over the whole image
+    body["timing_ms"] = {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)}
+    return jsonify(body)
 
 
 @api.get("/v1/model")
@@ -92,7 +95,8 @@ def model():
     batcher = _batcher()
     if not batcher.ready:
         raise _not_ready()
-    return jsonify(model_card(batcher.model))
+    config = current_app.config
+    return jsonify(model_card(batcher.model, config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"]))
 
 
 @api.get("/healthz")

@@ -9,7 +9,9 @@ import uuid
 from dataclasses import dataclass
 from functools import partial
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.errors import CaptionerError
@@ -54,6 +56,27 @@ _QUIET_ENDPOINTS = ("/healthz", "/readyz", "/metrics")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def rounded(value, digits: int = 6):
+    """``value`` with every float rounded to ``digits`` significant digits (in dicts and lists too)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+class RoundedJSON(DefaultJSONProvider):
+    """Flask's JSON with floats at 6 significant digits: float32 scores carry no more, and 16
+    digits of noise make responses longer and harder to read."""
+
+    sort_keys = False  # keep the documented key order in responses
+
+    def dumps(self, obj, **kwargs) -> str:
+        return super().dumps(rounded(obj), **kwargs)
+
+
 @dataclass
 class Runtime:
     """What an app's requests share, kept in ``app.extensions["captioner"]``."""
@@ -82,7 +105,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.from_prefixed_env("CAPTIONER")
     app.config.from_mapping(config or {})
     _check_config(app.config)
-    app.json.sort_keys = False  # keep the documented key order in responses
+    app.json = RoundedJSON(app)
 
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
@@ -127,9 +150,9 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
     def finish_request(response):
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # bounded label values
+        endpoint = _route(app)
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.observe_request(endpoint, request.method, response.status_code, seconds)
+        metrics.observe_request(endpoint, request.method, response.status_code, seconds, _error_code(response))
         level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
         fields = {
             "request_id": request_id,
@@ -140,6 +163,33 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
         }
         logger.log(level, "request", extra={"fields": fields})
         return response
+
+
+def _route(app: Flask) -> str:
+    """The route pattern a request matched (bounded label values), also for a method the route
+    does not allow; "unmatched" for a path no route has."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if isinstance(refused, MethodNotAllowed) and refused.valid_methods:
+        try:
+            rule, _ = app.url_map.bind_to_environ(request.environ).match(
+                method=refused.valid_methods[0], return_rule=True
+            )
+            return rule.rule
+        except HTTPException:
+            pass
+    return "unmatched"
+
+
+def _error_code(response: Response) -> str | None:
+    """The ``error.code`` of a JSON error answer (every error the service gives is one)."""
+    if response.status_code < 400 or not response.is_json:
+        return None
+    body = response.get_json(silent=True)
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else "unknown"
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str = "eager") -> None:

@@ -166,3 +166,50 @@ def test_one_step_at_a_time_equals_teacher_forcing():
             logits, state = decoder.step(tokens[:, t], state, memory)
             steps.append(logits)
         assert torch.allclose(torch.stack(steps, dim=1), decoder(features, tokens), atol=1e-5)
+
+
+MODES = [
+    DecodeOptions(max_length=9),
+    DecodeOptions(mode="sample", num_captions=2, seed=4, max_length=9),
+    DecodeOptions(mode="beam", beam_size=3, num_captions=2, max_length=9),
+]
+
+
+@pytest.mark.parametrize("options", MODES, ids=lambda o: o.mode)
+def test_a_caption_cut_at_max_length_is_reported_unfinished(decoder, features, options):
+    finishing = generate(decoder, features, DecodeOptions(**{**options.to_dict(), "max_length": 30}), IDS)
+    assert all(h.finished == (h.tokens[-1] == IDS.end) for hyps in finishing for h in hyps)
+    with torch.no_grad():
+        decoder.out.bias[IDS.end] = -1e4  # never ends: every caption is cut
+    for hyps in generate(decoder, features, options, IDS):
+        assert hyps and all(not h.finished and len(h.tokens) == 9 and IDS.end not in h.tokens for h in hyps)
+
+
+@pytest.fixture
+def attending_decoder():
+    """A decoder over a 3 x 3 grid of cells, so that attention has somewhere to choose."""
+    torch.manual_seed(2)
+    config = DecoderConfig(feature_dim=9 * 4, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
+    return LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+
+
+@pytest.mark.parametrize("options", MODES, ids=lambda o: o.mode)
+def test_explain_gives_each_words_probability_and_the_attention_that_chose_it(attending_decoder, options):
+    features = torch.randn(3, 36, generator=torch.Generator().manual_seed(5))
+    plain = generate(attending_decoder, features, options, IDS)
+    explained = generate(attending_decoder, features, DecodeOptions(**{**options.to_dict(), "explain": True}), IDS)
+    assert all(h.word_log_probs is None for hyps in plain for h in hyps)
+    captured = []
+    attending_decoder.attention.register_forward_hook(lambda module, args, out: captured.append(out[1]))
+    for feature, hyps, plain_hyps in zip(features, explained, plain):
+        for hyp, same in zip(hyps, plain_hyps):
+            assert hyp.tokens == same.tokens  # explaining changes nothing that was decided
+            assert len(hyp.word_log_probs) == len(hyp.attention) == len(hyp.tokens)
+            assert sum(hyp.word_log_probs) == pytest.approx(hyp.log_prob, abs=1e-4)
+            captured.clear()
+            ids = torch.tensor([[IDS.start, *hyp.tokens[:-1]]])
+            with torch.no_grad():
+                attending_decoder(feature.unsqueeze(0), ids)  # teacher forcing: _Attention's own weights
+            expected = captured[0][0]  # (T, N)
+            assert torch.allclose(torch.tensor(hyp.attention), expected, atol=1e-5)
+            assert expected.std(dim=-1).min() > 0  # not uniform: the test can tell cells apart

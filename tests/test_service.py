@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 import subprocess
@@ -157,7 +158,7 @@ def test_multipart_upload_gives_captions_in_the_documented_shape(client, model_p
     assert body["model"] == {"name": "captioner-resnet18-lstm", "version": file_digest(model_path)}
     assert body["image"] == {"width": 40, "height": 30, "format": "PNG"}
     [caption] = body["captions"]
-    assert set(caption) == {"text", "log_prob", "perplexity"}
+    assert set(caption) == {"text", "log_prob", "perplexity", "finished"}
     assert caption["text"].strip() and caption["log_prob"] <= 0 and caption["perplexity"] >= 1
     # The model's own greedy caption of the image, and its scores.
     [[expected]] = Captioner.load(model_path).caption([png()])
@@ -471,6 +472,55 @@ def test_model_card(client, model_path):
     assert card["embedding"]["source"] == "trained" and card["embedding"]["dim"] == model.decoder.embed.weight.size(1)
     assert "val_perplexity" in card["training_metrics"]
     assert str(model_path.parent) not in response.get_data(as_text=True)
+    # What it was trained on: the tiny shapes world of conftest (60 images, green triangles held out).
+    trained_on = card["trained_on"]
+    assert trained_on["name"] == "shapes" and trained_on["world"] == "shapes"
+    assert trained_on == model.data and trained_on["images"]["test"] == 6
+    assert trained_on["images"]["train"] == 48 and trained_on["held_out"] == ["green:triangle"]
+    assert trained_on["train_captions"] >= 48
+    assert card["attention_grid"] == [1, 1]
+    assert card["decoding"]["defaults"] == DecodeOptions().to_dict()
+    assert card["decoding"]["limits"] == {"num_captions": 10, "beam_size": 16, "max_length": 100}
+    assert card["limits"]["max_bytes"] == 16 * 1024 * 1024 and "PNG" in card["limits"]["formats"]
+
+
+def test_explain_gives_each_words_probability_and_attention(client):
+    plain = post_image(client, png(3), "mode=beam&beam_size=3&num_captions=2").get_json()
+    response = post_image(client, png(3), "mode=beam&beam_size=3&num_captions=2&explain=1")
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert "attention_grid" not in plain and body["attention_grid"] == [1, 1]
+    assert all("words" not in c for c in plain["captions"])
+    for caption, same in zip(body["captions"], plain["captions"], strict=True):
+        assert caption["text"] == same["text"]
+        words = caption["words"]
+        said = [w["word"] for w in words if w["word"] != "<end>"]
+        assert " ".join(said) == caption["text"]
+        assert (words[-1]["word"] == "<end>") == caption["finished"]
+        assert sum(math.log(w["prob"]) for w in words) == pytest.approx(caption["log_prob"], abs=1e-3)
+        for w in words:
+            assert 0 < w["prob"] <= 1
+            assert w["attention"] == [[pytest.approx(1.0, abs=1e-5)]]  # one cell: all the attention
+
+
+def test_a_caption_cut_at_the_length_limit_is_unfinished(client):
+    for query in ("max_length=1", "mode=sample&seed=1&max_length=1", "mode=beam&max_length=1"):
+        response = post_image(client, png(4), query)
+        assert response.status_code == 200, response.get_json()
+        for caption in response.get_json()["captions"]:
+            assert caption["finished"] is False and len(caption["text"].split()) == 1
+    finished = post_image(client, png(4), "max_length=30").get_json()["captions"][0]
+    assert finished["finished"] is (len(finished["text"].split()) < 30)
+
+
+def test_floats_are_rounded_to_six_significant_digits(client):
+    text = post_image(client, png(5), "mode=sample&num_captions=3&seed=2&explain=1").get_data(as_text=True)
+    text += client.get("/v1/model").get_data(as_text=True)
+    numbers = re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)
+    assert numbers
+    for number in numbers:
+        mantissa = number.split("e")[0].lstrip("-").replace(".", "").lstrip("0")
+        assert len(mantissa) <= 6, number
 
 
 def test_health_and_readiness(client):
@@ -493,6 +543,16 @@ def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app):
     assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
     assert 'captioner_http_request_duration_seconds_count{endpoint="/v1/captions"} 3.0' in text
     assert "captioner_queue_depth 0.0" in text
+    assert "_created" not in text  # no creation-time twin of every counter
+    client.get("/v1/captions")  # a real route, the wrong method
+    post_image(client, png(), "mode=beam&explain=1")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'captioner_http_requests_total{endpoint="/v1/captions",method="GET",status="405"} 1.0' in text
+    assert 'captioner_http_errors_total{code="invalid_option",status="400"} 1.0' in text
+    assert 'captioner_http_errors_total{code="not_found",status="404"} 1.0' in text
+    assert 'captioner_http_errors_total{code="method_not_allowed",status="405"} 1.0' in text
+    assert 'captioner_caption_requests_total{explain="false",mode="greedy"} 2.0' in text
+    assert 'captioner_caption_requests_total{explain="true",mode="beam"} 1.0' in text
     # A second app counts only its own requests.
     assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == 0
 

@@ -100,6 +100,20 @@ class Dataset:
         return chosen
 
 
+    def summary(self) -> dict:
+        """What a model trained on this data set records of it (plain data, no paths): name,
+        format, images per split, training captions, and for the shapes world its held-out pairs."""
+        world = self.meta.get("shapes_world")
+        return {
+            "name": self.name,
+            "format": self.format,
+            "images": dict(Counter(r.split for r in self.records)),
+            "train_captions": sum(len(r.captions) for r in self.records if r.split == "train"),
+            "world": "shapes" if isinstance(world, dict) else None,
+            "held_out": list(world.get("holdout", [])) if isinstance(world, dict) else [],
+        }
+
+
 class _Entry(NamedTuple):
     """A record before its image folder is known."""
 

@@ -3,6 +3,7 @@ owner of its checkpoint (what goes in, and how the model is rebuilt from it)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class Captioner(nn.Module):
         vocab: the decoder's vocabulary.
         embedding: where the word vectors came from (source, file, dimension, coverage).
         metrics: the training metrics of the epoch that was saved.
+        data: what it was trained on (data set name, format, images per split, captions, and for
+            the shapes world its held-out pairs); empty for checkpoints that predate the record.
         created: when its checkpoint was written (UTC, ISO 8601).
 
     Attributes:
@@ -44,6 +47,7 @@ class Captioner(nn.Module):
         *,
         embedding: dict | None = None,
         metrics: dict | None = None,
+        data: dict | None = None,
         created: str | None = None,
     ):
         super().__init__()
@@ -52,6 +56,7 @@ class Captioner(nn.Module):
         self.vocab = vocab
         self.embedding = embedding or {}
         self.metrics = metrics or {}
+        self.data = data or {}
         self.created = created
         self.name = f"captioner-{encoder.config.name}-lstm"
         self.version: str | None = None
@@ -70,6 +75,7 @@ class Captioner(nn.Module):
             "decoder": {"config": self.decoder.config.to_dict(), "state_dict": self.decoder.state_dict()},
             "vocab": list(self.vocab.words),
             "embedding": self.embedding,
+            "data": self.data,
             **extra,
         }
 
@@ -97,6 +103,7 @@ class Captioner(nn.Module):
             vocab,
             embedding=state.get("embedding", {}),
             metrics=state.get("metrics", {}),
+            data=state.get("data", {}),
             created=state.get("created"),
         )
 
@@ -135,11 +142,29 @@ class Captioner(nn.Module):
         return generate(self.decoder, features.to(self.device), options, self.ids, seeds)
 
     def describe(self, hypotheses: list[list[Hypothesis]]) -> list[list[dict]]:
-        """Hypotheses -> ``{"text", "log_prob", "perplexity"}`` dictionaries."""
-        return [
-            [{"text": self.vocab.decode(h.tokens), "log_prob": h.log_prob, "perplexity": h.perplexity} for h in hyps]
-            for hyps in hypotheses
-        ]
+        """Hypotheses -> ``{"text", "log_prob", "perplexity", "finished"}`` dictionaries; explained
+        ones add ``"words"``: ``[{"word", "prob", "attention"}]``, the attention as rows x columns
+        of the encoder's cell grid (the whole image, resized, is the grid)."""
+        return [[self._describe_one(h) for h in hyps] for hyps in hypotheses]
+
+    def _describe_one(self, h: Hypothesis) -> dict:
+        described = {
+            "text": self.vocab.decode(h.tokens),
+            "log_prob": h.log_prob,
+            "perplexity": h.perplexity,
+            "finished": h.finished,
+        }
+        if h.word_log_probs is not None:
+            side = self.encoder.config.pool_grid
+            described["words"] = [
+                {
+                    "word": self.vocab.words[token],
+                    "prob": math.exp(log_p),
+                    "attention": [weights[row * side : (row + 1) * side] for row in range(side)],  # (G, G)
+                }
+                for token, log_p, weights in zip(h.tokens, h.word_log_probs, h.attention)
+            ]
+        return described
 
     def caption(self, images: Sequence, **options) -> list[list[dict]]:
         """Captions for images.
@@ -150,7 +175,8 @@ class Captioner(nn.Module):
                 beam_size, max_length, seed).
 
         Returns:
-            For each image, a list of ``{"text", "log_prob", "perplexity"}``.
+            For each image, a list of ``{"text", "log_prob", "perplexity", "finished"}`` (and
+            ``"words"`` with ``explain=True``).
         """
         decode_options = DecodeOptions(**options)
         pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]
