@@ -53,7 +53,7 @@ class Captioner(nn.Module):
         self.embedding = embedding or {}
         self.metrics = metrics or {}
         self.created = created
-        self.name = f"captioner-{encoder.config.name}-lstm"
+        self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
 
