@@ -124,7 +124,7 @@ GATE_HEATMAPS = {"input": "viridis", "forget": "viridis", "output": "viridis", "
 COLUMNS = 8  # word panels per row
 
 
-def draw_words(inspected: dict, image, output: str | Path, dpi: int = 64) -> Path:
+def draw_words(inspected: dict, image, output: str | Path, dpi: int = 60) -> Path:
     """The Show-Attend-Tell figure with the LSTM's insides: per word, the image with its attention
     overlaid (models with attention), the word's probability and likeliest alternatives, and the
     language layer's gates and cell state as unit-by-word heatmaps.
