@@ -192,8 +192,8 @@ def split_statistics(model: Captioner, features: torch.Tensor, ids: torch.Tensor
     """
     captions, gates = _traced_steps(model, features, ids, image_index, batch_size)
     cells = torch.cat([c for _, c in captions])  # (S, H) over every word read
-    values = torch.tensor(
-        [[column[t] for column in word_properties(words).values()] for words, _ in captions for t in range(len(words))]
+    values = torch.cat(
+        [torch.tensor(list(word_properties(words).values())).view(len(PROPERTIES), -1).T for words, _ in captions]
     )  # (S, K)
     r = _pearson(values.view(-1, len(PROPERTIES)), cells)  # (K, H)
     best = {}
@@ -320,18 +320,24 @@ def training_history(model_path: Path) -> tuple[list[dict], float | None]:
     return list(training.get("history") or []), clip_norm
 
 
+def reference_captions(model: Captioner, dataset: Dataset, split: str, max_captions: int):
+    """A split's features (N, F) (from the feature cache), and up to ``max_captions`` of its reference
+    captions as (C, T) ids with their (C,) image rows: every image's first caption before any
+    image's second, so a cap still spreads over the split."""
+    records = dataset.split(split)
+    features = cached_features(model.encoder, [r.path for r in records], cache_dir=default_cache_dir(), device=model.device)
+    captions = encode_captions(records, model.vocab, max_length=30)
+    seen: dict[int, int] = {}
+    ranks = [seen.__setitem__(i, seen.get(i, -1) + 1) or seen[i] for i in captions.image_index.tolist()]
+    chosen = torch.tensor(sorted(range(len(ranks)), key=lambda i: (ranks[i], i))[:max_captions])
+    return features, captions.ids[chosen], captions.image_index[chosen]
+
+
 def inspect_split(model: Captioner, dataset: Dataset, split: str, out: Path, *, max_captions: int,
                   gradient_captions: int, history: tuple[list[dict], float | None]) -> list[Path]:
     """Interpretable cells, gate saturation and gradients through time over a split's reference
     captions: ``cells.png``, ``saturation.png`` (gated cells), ``gradients.png`` and ``split.json``."""
-    records = dataset.split(split)
-    features = cached_features(model.encoder, [r.path for r in records], cache_dir=default_cache_dir(), device=model.device)
-    captions = encode_captions(records, model.vocab, max_length=30)
-    # Every image's first captions before any image's later ones, so a cap still covers the split.
-    seen: dict[int, int] = {}
-    ranks = [seen.__setitem__(i, seen.get(i, -1) + 1) or seen[i] for i in captions.image_index.tolist()]
-    chosen = torch.tensor(sorted(range(len(ranks)), key=lambda i: (ranks[i], i))[:max_captions])
-    ids, image_index = captions.ids[chosen], captions.image_index[chosen]
+    features, ids, image_index = reference_captions(model, dataset, split, max_captions)
     with torch.no_grad():
         statistics = split_statistics(model, features, ids, image_index)
     sample = slice(0, gradient_captions)

@@ -313,7 +313,7 @@ class InspectOptions:
     format: str = _data_format()
     images: str | None = _image_folder()
     split: str = option("test", "the data set split whose reference captions are read")
-    max_captions: int = option(2000, "reference captions read for cells and gate saturation")
+    max_captions: int = option(1000, "reference captions read for cells and gate saturation")
     gradient_captions: int = option(64, "reference captions whose gradients through time are measured")
     device: str = _device()
 

@@ -69,7 +69,7 @@ def _save(figure, output: str | Path, dpi: int) -> Path:
     figure.clf()
     _pyplot().close(figure)
     with Image.open(buffer) as image, atomic_write(output, "wb") as f:
-        image.convert("RGB").quantize(256).save(f, format="PNG", optimize=True)
+        image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(f, format="PNG")
     return Path(output)
 
 
@@ -139,19 +139,21 @@ def draw_words(inspected: dict, image, output: str | Path, dpi: int = 60) -> Pat
     attended = words[0]["attention"] is not None
     rows = math.ceil(len(words) / COLUMNS) if attended else 0
     heights = ([1.75 * rows] if attended else []) + [2.2, 3.0]
-    figure = plt.figure(figsize=(1.45 * COLUMNS, sum(heights)), layout="constrained")
-    parts = figure.subfigures(len(heights), 1, height_ratios=heights)
+    # Fixed margins, not a layout engine: constrained layout of 30-odd axes took most of the time.
+    figure = plt.figure(figsize=(1.45 * COLUMNS, sum(heights) + 0.4))
+    parts = figure.subfigures(len(heights) + 1, 1, height_ratios=[0.4, *heights])
+    parts[0].text(0.5, 0.4, f'"{inspected["caption"]}"', ha="center", va="center", fontsize=11, wrap=True)
     if attended:
-        _attention_panels(parts[0], words, image, rows)
-    _probability_bars(parts[-2].subplots(), words)
+        _attention_panels(parts[1], words, image, rows)
+    _probability_bars(parts[-2].subplots(gridspec_kw=dict(left=0.06, right=0.98, top=0.85, bottom=0.3)), words)
     _state_heatmaps(parts[-1], inspected)
-    figure.suptitle(f'"{inspected["caption"]}"', fontsize=11)
     return _save(figure, output, dpi)
 
 
 def _attention_panels(subfigure, words: list[dict], image, rows: int) -> None:
     """One panel per word: the image, the attention over its cells upsampled and overlaid."""
-    axes = subfigure.subplots(rows, COLUMNS, squeeze=False)
+    margins = dict(left=0.01, right=0.99, top=1 - 0.6 / (1.75 * rows), bottom=0.02, wspace=0.08, hspace=0.45)
+    axes = subfigure.subplots(rows, COLUMNS, squeeze=False, gridspec_kw=margins)
     width, height = image.size
     for ax, word in zip(axes.flat, words):
         ax.imshow(image)
@@ -189,7 +191,8 @@ def _probability_bars(ax, words: list[dict]) -> None:
 def _state_heatmaps(subfigure, inspected: dict) -> None:
     """Gates (0 to 1) and the cell state (diverging around 0) of the language layer, unit by word."""
     names = [*inspected["gates"], "cell"]
-    axes = subfigure.subplots(1, len(names), squeeze=False)[0]
+    margins = dict(left=0.05, right=0.97, top=0.84, bottom=0.2, wspace=0.45)
+    axes = subfigure.subplots(1, len(names), squeeze=False, gridspec_kw=margins)[0]
     labels = [w["word"] for w in inspected["words"]]
     for ax, name in zip(axes, names):
         if name == "cell":
@@ -201,7 +204,7 @@ def _state_heatmaps(subfigure, inspected: dict) -> None:
             values = [w["gates"][name] for w in inspected["words"]]
             image = ax.imshow(list(zip(*values)), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
             title = f"{name} gate"
-        subfigure.colorbar(image, ax=ax, shrink=0.8)
+        subfigure.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         ax.set_ylabel("unit", fontsize=8)
@@ -305,4 +308,26 @@ def draw_gradients(curves: dict[str, dict], history: list[dict], clip_norm: floa
         _clip_rate(ax, history)
         if not any("clip_rate" in r for r in history):
             ax.text(0.98, 0.02, "share clipped: not logged by this run", transform=ax.transAxes, ha="right", fontsize=7)
+    return _save(figure, output, dpi)
+
+
+def draw_cell_comparison(curves: dict[str, dict], histories: dict[str, list[dict]], output: str | Path, dpi: int = 80) -> Path:
+    """Cells side by side (``scripts/compare_cells.py``): the mean ||dL_t/dh_k|| against t - k of
+    each, and the per-epoch gradient norm before clipping of each one's training (log scales)."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for label, curve in curves.items():
+        left.plot(curve["distance"], curve["mean_norm"], marker="o", markersize=3, label=label)
+    for label, rows in histories.items():
+        right.plot([r["epoch"] for r in rows], [r["grad_norm"] for r in rows], marker="o", markersize=3, label=label.split(":")[0])
+    left.set_xlabel("distance t - k (words)")
+    left.set_ylabel("mean ||dL_t / dh_k||")
+    left.set_title("gradients through time, test reference captions")
+    right.set_xlabel("epoch")
+    right.set_ylabel("mean gradient norm before clipping")
+    right.set_title("training")
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     return _save(figure, output, dpi)
