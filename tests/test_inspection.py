@@ -180,6 +180,14 @@ def test_other_cells_train_save_load_and_caption(cell, tmp_path, shapes_json, sh
     assert captions[0]["text"] and model.name.endswith(cell)
     metrics = [json.loads(line) for line in (tmp_path / cell / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= metrics[0]["clip_rate"] <= 1.0
+    out = tmp_path / "inspect"
+    argv = ["inspect", str(tmp_path / cell / "model.pt"), str(shapes.split("test")[0].path), "--data", str(shapes_json),
+            "--output", str(out), "--gradient-captions", "4"]  # fmt: skip
+    assert main(argv) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert set(split["saturation"]) == ({"reset", "update"} if cell == "gru" else set())
+    assert (out / "saturation.png").exists() == (cell == "gru")  # a plain RNN has no gates to saturate
+    assert split["gradients"]["mean_norm"][0] > 0 and (out / "cells.png").exists()
 
 
 def test_inspect_command_writes_figures_and_numbers(tmp_path, trained_run, shapes_json, shapes, capsys):
