@@ -165,8 +165,10 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "score a model on a data set split", (EvaluateOptions, DecodeOptions)),
     "inspect": (
         cmd_inspect,
-        "look inside the decoder: attention, gates and cells per word; over a split (--data) interpretable "
-        "cells, gate saturation and gradients through time",
+        (
+            "look inside the decoder: attention, gates and cells per word; over a split (--data) interpretable "
+            "cells, gate saturation and gradients through time"
+        ),
         (InspectOptions, DecodeOptions),
     ),
     "plot": (cmd_plot, "draw a run's training curves (loss, perplexity, gradient norm, BLEU-4, CIDEr)", (PlotOptions,)),

@@ -33,7 +33,13 @@ from captioner.features import cached_features, default_cache_dir
 from captioner.io import atomic_write
 from captioner.models.captioner import Captioner
 from captioner.options import DecodeOptions
-from captioner.plotting import draw_cells, draw_gradients, draw_saturation, draw_words, read_metrics
+from captioner.plotting import (
+    draw_cells,
+    draw_gradients,
+    draw_saturation,
+    draw_words,
+    read_metrics,
+)
 from captioner.shapes import COLOURS, SHAPES
 
 SATURATED = (0.1, 0.9)  # a gate below the first is left-saturated, above the second right-saturated

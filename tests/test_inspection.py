@@ -9,12 +9,16 @@ import torch.nn.functional as F
 
 from captioner.cli import main
 from captioner.decoding import Hypothesis
-from captioner.inspection import by_distance, gradient_norms, inspect_caption, word_properties
+from captioner.inspection import (
+    by_distance,
+    gradient_norms,
+    inspect_caption,
+    word_properties,
+)
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.recurrent import recurrent_layer, run_layer, unroll
 from captioner.training import train
-
 from tests.conftest import tiny_config
 
 
@@ -44,7 +48,7 @@ def test_lstm_gates_follow_the_lectures_equations():
     module = recurrent_layer("lstm", 5, 7).eval()
     x, h, c = torch.randn(3, 6, 5), torch.zeros(1, 3, 7), torch.randn(1, 3, 7)
     record = {}
-    out, _, _ = unroll(module, x, h, c, record)
+    unroll(module, x, h, c, record)
     i, f, g, o = (record["gates"][name] for name in ("input", "forget", "candidate", "output"))
     cells = torch.cat([c.transpose(0, 1), record["cell"]], dim=1)  # (B, T+1, H): c_0 .. c_T
     torch.testing.assert_close(cells[:, 1:], f * cells[:, :-1] + i * g, atol=1e-6, rtol=0)
