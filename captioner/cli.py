@@ -1,4 +1,4 @@
-"""The ``captioner`` command: synth, train, caption, evaluate, plot, serve.
+"""The ``captioner`` command: synth, train, caption, evaluate, inspect, plot, serve.
 
 A user error prints one line, ``captioner: error: ...``, and exits with status 1 (2 for bad
 command-line usage); never a traceback.
@@ -18,6 +18,7 @@ from captioner.options import (
     CaptionJob,
     DecodeOptions,
     EvaluateOptions,
+    InspectOptions,
     PlotOptions,
     ServeOptions,
     SynthOptions,
@@ -146,6 +147,28 @@ def cmd_calibrate(job: CalibrateOptions) -> None:
     )
 
 
+def cmd_inspect(job: InspectOptions, options: DecodeOptions) -> None:
+    from captioner.batch import collect_inputs
+    from captioner.data.datasets import load_dataset
+    from captioner.inspection import inspect_images, inspect_split, training_history
+    from captioner.models.captioner import Captioner
+    from captioner.runtime import resolve_device
+
+    paths = collect_inputs(job.inputs)
+    dataset = job.data and load_dataset(job.data, format=job.format, images=job.images)
+    if dataset:
+        dataset.split(job.split)  # an absent split is an error before the model loads
+    model = Captioner.load(job.model, resolve_device(job.device))
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = inspect_images(model, paths, options, out)
+    if dataset:
+        history = training_history(Path(job.model))
+        written += inspect_split(model, dataset, job.split, out, max_captions=job.max_captions,
+                                 gradient_captions=job.gradient_captions, history=history)  # fmt: skip
+    print("\n".join(map(str, written)))
+
+
 def cmd_plot(options: PlotOptions) -> None:
     from captioner.plotting import plot_run
 
@@ -172,6 +195,14 @@ COMMANDS = {
         cmd_calibrate,
         "calibrate a model's CNN for int8 inference on the CPU (captioner caption --cnn int8)",
         (CalibrateOptions,),
+    ),
+    "inspect": (
+        cmd_inspect,
+        (
+            "look inside the decoder: attention, gates and cells per word; over a split (--data) interpretable "
+            "cells, gate saturation and gradients through time"
+        ),
+        (InspectOptions, DecodeOptions),
     ),
     "plot": (cmd_plot, "draw a run's training curves (loss, perplexity, gradient norm, BLEU-4, CIDEr)", (PlotOptions,)),
     "serve": (

@@ -27,6 +27,7 @@ BACKBONES = (
     "mobilenet_v3_large",
 )
 MODES = ("greedy", "sample", "beam")
+CELLS = ("lstm", "gru", "rnn")  # the decoder's recurrent cell
 MAX_CAPTIONS = 10
 MAX_BEAM_SIZE = 16
 MAX_LENGTH = 100
@@ -236,6 +237,9 @@ class TrainConfig:
     )
     hidden_size: int = option(128, "LSTM hidden size")
     num_layers: int = option(1, "layers of the language LSTM")
+    cell: str = option(
+        "lstm", "the decoder's recurrent cell: lstm, gru, or a plain tanh rnn (to see what gates fix)", choices=CELLS
+    )
     dropout: float = option(0.3, "dropout on features and LSTM outputs")
     min_count: int = option(5, "words seen fewer times become <unk>")
     max_caption_length: int = option(30, "training captions are cut to this many words")
@@ -258,6 +262,8 @@ class TrainConfig:
             raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
             raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
+        if self.cell not in CELLS:
+            raise CaptionerError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.protocol not in PROTOCOLS:
             raise CaptionerError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
@@ -342,6 +348,30 @@ class PlotOptions:
 
     run_dir: str = option(help="run folder holding metrics.jsonl", positional=True)
     output: str | None = option(None, "PNG file (default: RUN_DIR/curves.png)")
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """``captioner inspect`` apart from decoding (``DecodeOptions``): what to look inside, and where to draw it."""
+
+    model: str = _model_file()
+    inputs: list[str] = option(
+        help="an image file, a folder, a glob, or a text file listing images", positional=True, nargs="+", metavar="IMAGE"
+    )
+    output: str = option(help="folder for the figures (PNG) and their numbers (JSON)")
+    data: str | None = option(
+        None, "data set for cells, gate saturation and gradients through time over its reference captions"
+    )
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    split: str = option("test", "the data set split whose reference captions are read")
+    max_captions: int = option(1000, "reference captions read for cells and gate saturation")
+    gradient_captions: int = option(64, "reference captions whose gradients through time are measured")
+    device: str = _device()
+
+    def __post_init__(self):
+        if self.max_captions < 1 or self.gradient_captions < 1:
+            raise CaptionerError("max captions and gradient captions must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -162,15 +162,16 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
             DDP's gradient all-reduce waits forever. ``(0, 1)`` is a single process.
 
     Returns:
-        ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max"}``; the loss is over all
-        ranks' batches; the gradient norms (this rank's, the same on every rank once DDP has
-        averaged the gradients) are measured before clipping, so exploding gradients show in the log.
+        ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max", "clip_rate"}``; the loss
+        is over all ranks' batches; the gradient norms (this rank's, the same on every rank once DDP
+        has averaged the gradients) are measured before clipping, so exploding gradients show in the
+        log, and ``clip_rate`` is the share of steps whose norm was over ``clip_norm`` (clipped).
     """
     rank, world_size = shard
     batches = _length_buckets(captions.ids, pad, batch_size, generator)
     batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
     decoder.train()
-    total_loss, total_words, norms = 0.0, 0, []
+    total_loss, total_words, norms, clipped = 0.0, 0, [], 0
     params = [p for p in decoder.parameters() if p.requires_grad]
     for batch in tqdm(batches, desc="training", unit="batch", disable=not progress, leave=False):
         ids = captions.ids[batch]
@@ -187,6 +188,7 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
         if math.isfinite(norm):  # a float16 overflow: the scaler skips this step and lowers its scale
             norms.append(norm)
+            clipped += norm > clip_norm
         scaler.step(optimizer)
         scaler.update()
         total_loss += value
@@ -201,6 +203,7 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
         "train_perplexity": math.exp(mean) if mean < 700 else math.inf,  # math.exp overflows near 710
         "grad_norm": sum(norms) / max(len(norms), 1),
         "grad_norm_max": max(norms, default=0.0),
+        "clip_rate": clipped / max(len(norms), 1),
     }
 
 
@@ -290,6 +293,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         dropout=config.dropout,
+        cell=config.cell,
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
     )
     decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
@@ -462,7 +466,7 @@ def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainCo
     _log(
         f"epoch {row['epoch']}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
         f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
-        f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
+        f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}, clipped {row['clip_rate']:.0%}){' *' if is_best else ''}"
     )
 
 

@@ -58,7 +58,7 @@ class Captioner(nn.Module):
         self.metrics = metrics or {}
         self.data = data or {}
         self.created = created
-        self.name = f"captioner-{encoder.config.name}-lstm"
+        self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
 

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from captioner.errors import CaptionerError
+from captioner.models.recurrent import recurrent_layer, run_layer, unroll
+from captioner.options import CELLS
 
 # (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
 # every tensor has the batch in dimension 1, so beam search reorders them all alike.
@@ -66,9 +68,12 @@ class DecoderConfig:
     # Per group of the encoder's cell head, the vocabulary id of each class's name (-1: no word, as
     # for "nothing here"): words said by copying them from the attended cell. Empty: no copying.
     copy_ids: tuple[tuple[int, ...], ...] = ()
+    cell: str = "lstm"  # the recurrent cell of both layers; checkpoints before it was chosen are LSTMs
 
     def __post_init__(self):
         object.__setattr__(self, "copy_ids", tuple(tuple(group) for group in self.copy_ids))
+        if self.cell not in CELLS:
+            raise CaptionerError(f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
             raise CaptionerError("hidden size and layers must be positive and dropout in [0, 1)")
         if self.cells < 1 or self.feature_dim % self.cells:
@@ -103,7 +108,8 @@ class LSTMDecoder(nn.Module):
         # Frozen word2vec vectors: no gradient, so never in the optimizer either.
         self.embed = nn.Embedding.from_pretrained(embedding.float(), freeze=True, padding_idx=pad_id)
         self.feature_norm = nn.LayerNorm(cell_dim)
-        self.word_lstm = nn.LSTM(config.embed_dim, hidden, batch_first=True)
+        # "lstm" in the names whatever the cell: the checkpoints' weight names stay as they were.
+        self.word_lstm = recurrent_layer(config.cell, config.embed_dim, hidden)
         self.memory = nn.Linear(cell_dim, hidden)  # what attention reads from each cell
         # Where each cell is: a context vector is a weighted sum of cell contents, which says what
         # was looked at but not where; relations ("left of", "above") need the where. The cells'
@@ -113,7 +119,7 @@ class LSTMDecoder(nn.Module):
         self.position = nn.Linear(2, hidden)
         self.attention = _Attention(hidden)
         between_layers = config.dropout if config.num_layers > 1 else 0.0
-        self.language_lstm = nn.LSTM(2 * hidden, hidden, config.num_layers, batch_first=True, dropout=between_layers)
+        self.language_lstm = recurrent_layer(config.cell, 2 * hidden, hidden, config.num_layers, between_layers)
         self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.copy = _Copy(config.copy_ids, config.vocab_size) if config.copy_ids else None
@@ -142,6 +148,8 @@ class LSTMDecoder(nn.Module):
         """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
         memory, state = self.start(features)
         keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        if self.config.cell != "lstm":  # a GRU or RNN (the lecture's comparison) steps through run: no gates kept
+            return StepMemory(keys, keys[..., :0], cell_features, keys.new_zeros(0, 0)), state
         # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
         # sum of each key's share of the gates, computed once here, saves most of a matrix
         # product at every generated word.
@@ -151,16 +159,26 @@ class LSTMDecoder(nn.Module):
         word_gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, self.embed.weight, lstm.weight_ih_l0.T)  # (V, 4H)
         return StepMemory(keys, context_gates, cell_features, word_gates), state
 
-    def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def run(
+        self, tokens: torch.Tensor, state: State, memory: torch.Tensor, trace: dict | None = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
 
-        With copying the logits are log-probabilities (their softmax is themselves).
+        With copying the logits are log-probabilities (their softmax is themselves). ``trace``, a
+        dict, asks to look inside (``captioner.inspection``): the language layer then runs unrolled
+        by its equations, and the dict receives the (B, T, N) ``attention`` and that layer's
+        ``gates``, ``cell`` and ``hidden`` (see ``recurrent.unroll``). Without it nothing changes.
         """
         word_h, word_c, h, c, context, coverage = state
         keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
-        queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
+        queries, word_h, word_c = run_layer(self.word_lstm, self.embed(tokens), word_h, word_c)  # (B, T, H)
         contexts, weights, context, coverage = self.attention(queries, keys, context[0], coverage[0])
-        x, (h, c) = self.language_lstm(torch.cat([queries, contexts], dim=-1), (h, c))
+        inputs = torch.cat([queries, contexts], dim=-1)  # (B, T, 2H)
+        if trace is None:
+            x, h, c = run_layer(self.language_lstm, inputs, h, c)
+        else:
+            x, h, c = unroll(self.language_lstm, inputs, h, c, trace)
+            trace["attention"] = weights
         logits = self.out(self.dropout(x))  # (B, T, V + slots)
         if self.copy is not None:
             logits = self.copy(logits, weights, cell_features)
@@ -181,6 +199,10 @@ class LSTMDecoder(nn.Module):
         stacking of one-step sequences, the input side of both LSTMs looked up or summed from
         ``start_stepwise``'s precomputed gates).
         """
+        if self.config.cell != "lstm":
+            keys, _, cells, _ = memory
+            logits, state = self.run(tokens.unsqueeze(1), state, torch.cat([keys, cells.to(keys.dtype)], dim=-1))
+            return logits.squeeze(1), state
         word_h, word_c, h, c, context, coverage = state
         keys, context_gates, cell_features, word_gates = memory
         word_gates = torch.addmm(word_gates[tokens], word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
