@@ -75,9 +75,12 @@ def cmd_train(config: TrainConfig) -> None:
 
 
 def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
+    import torch
+
     from captioner.batch import RecordFormat, caption_paths, collect_inputs, run_batch_job
     from captioner.models.captioner import Captioner
-    from captioner.runtime import init_process, process_device, resolve_device, shutdown
+    from captioner.runtime import decoding_workers, init_process, process_device, resolve_device, shutdown
+    from captioner.runtime import torch_threads
 
     paths = collect_inputs(job.inputs)
     device = resolve_device(process_device(job.device))
@@ -86,7 +89,10 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
         if process.distributed and not job.output:
             raise CaptionerError("under torchrun, --output is needed: each process writes its part of it")
         model = Captioner.load(job.model, device, cnn=job.cnn)
-        settings = dict(batch_size=job.batch_size, num_workers=job.num_workers)
+        workers = decoding_workers() if job.num_workers is None else job.num_workers
+        if not os.environ.get("OMP_NUM_THREADS"):  # torchrun sets it when it starts several processes
+            torch.set_num_threads(torch_threads(reserved=workers))  # a CPU for each decoding worker
+        settings = dict(batch_size=job.batch_size, num_workers=workers)
         if job.output:
             run_batch_job(model, paths, options, Path(job.output), format=job.format, process=process, progress=True, **settings)
             return

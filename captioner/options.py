@@ -303,7 +303,9 @@ class CaptionJob:
     output: str | None = option(None, "write here instead of standard output; a rerun resumes an unfinished file")
     format: str = option("jsonl", "JSON lines or CSV", choices=("jsonl", "csv"))
     batch_size: int = option(32, "images per model call")
-    num_workers: int = option(0, "image-decoding worker processes")
+    num_workers: int | None = option(
+        None, "image-decoding worker processes (default: a quarter of the usable CPUs, 1 on 2 or 3)"
+    )
     device: str = _device()
     cnn: str = _cnn()
 

@@ -140,13 +140,22 @@ def _cgroup_quota() -> float | None:
         return None
 
 
-def torch_threads(processes: int = 1) -> int:
+def torch_threads(processes: int = 1, reserved: int = 1) -> int:
     """Threads for one process's torch pool when ``processes`` share the usable CPUs.
 
-    One usable CPU is left out for each process's own other threads (request threads decoding
-    images, the batcher's Python between ops, data loading) and the system: a torch pool that
-    wants every CPU waits at each parallel op for whichever of its threads lost its CPU, which
-    on a busy machine made a caption 30 times slower than one thread (scripts/bench_threads.py).
-    A fractional quota rounds down too; always at least 1.
+    ``reserved`` usable CPUs are left out for other work: by default one for each process's own
+    other threads (request threads decoding images, the batcher's Python between ops) and the
+    system; for batch captioning, one per image-decoding worker process. A torch pool that wants
+    every CPU waits at each parallel op for whichever of its threads lost its CPU, which on a busy
+    machine made a caption 30 times slower than one thread (scripts/bench_threads.py), and with a
+    decoding worker beside it made batch captioning a quarter slower (README, "Captioning many
+    images"). A fractional quota rounds down too; always at least 1.
     """
-    return max(1, int((usable_cpus() - 1) // max(1, processes)))
+    return max(1, int((usable_cpus() - reserved) // max(1, processes)))
+
+
+def decoding_workers() -> int:
+    """Image-decoding worker processes for batch captioning, by default: a quarter of the usable
+    CPUs, and one where there are two or three (none on one CPU)."""
+    cpus = int(usable_cpus())
+    return max(1, cpus // 4) if cpus >= 2 else 0

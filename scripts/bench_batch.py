@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -33,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
     parser.add_argument("--images", type=int, default=256, help="images captioned per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers decoding images")
+    parser.add_argument(
+        "--num-workers", type=int, help="DataLoader workers decoding images (default: as captioner caption picks)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="measurements per configuration; the best counts")
     parser.add_argument(
         "--cnn", nargs="+", default=["eager"], choices=["eager", "int8"],
@@ -61,12 +64,19 @@ def bare_cnn(model, paths: list[Path], batch_size: int) -> float:
 
 def batch_job(model, paths: list[Path], options, args, folder: Path) -> float:
     """Images per second of run_batch_job: read, decode, encode, decode captions, write JSONL."""
+    import torch
+
     from captioner.batch import run_batch_job
 
     output = folder / f"bench-{time.monotonic_ns()}.jsonl"
-    started = time.perf_counter()
-    run_batch_job(model, paths, options, output, batch_size=args.batch_size, num_workers=args.num_workers)
-    elapsed = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.caption_threads)  # as captioner caption sets them beside its decoding workers
+    try:
+        started = time.perf_counter()
+        run_batch_job(model, paths, options, output, batch_size=args.batch_size, num_workers=args.num_workers)
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
     assert len(output.read_text().splitlines()) == len(paths)
     return len(paths) / elapsed
 
@@ -103,8 +113,14 @@ def main(argv=None) -> int:
     from captioner.evaluation import int8_agreement
     from captioner.models.captioner import Captioner
     from captioner.options import DecodeOptions
+    from captioner.runtime import decoding_workers, torch_threads
 
     args = parse_args(argv)
+    # Captioning runs as the command does: its decoding workers, and a CPU left to each of them;
+    # the bare CNN has the whole machine, torch's default.
+    args.num_workers = decoding_workers() if args.num_workers is None else args.num_workers
+    explicit = bool(os.environ.get("OMP_NUM_THREADS"))
+    args.caption_threads = torch.get_num_threads() if explicit else torch_threads(reserved=args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model_path = Path(args.model) if args.model else train_small_model(folder, args.encoder, args.image_size)
@@ -121,7 +137,8 @@ def main(argv=None) -> int:
             "images": len(paths),
             "batch_size": args.batch_size,
             "num_workers": args.num_workers,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads_bare_cnn": torch.get_num_threads(),
+            "torch_threads_captioning": args.caption_threads,
         }
         for cnn in args.cnn:
             best = measure(models[cnn], paths, args, folder)
@@ -131,7 +148,8 @@ def main(argv=None) -> int:
             results[f"{prefix}beam3_ratio"] = round(best["beam3"] / best["bare_cnn"], 3)
             print(
                 f"{results['model']} on {results['device']}, CNN {cnn}, batch {args.batch_size}, "
-                f"{args.num_workers} decoding worker(s):\n"
+                f"{args.num_workers} decoding worker(s), torch threads {torch.get_num_threads()} (bare CNN) and "
+                f"{args.caption_threads} (captioning):\n"
                 f"  bare CNN   {best['bare_cnn']:8.1f} img/s\n"
                 f"  greedy     {best['greedy']:8.1f} img/s  ratio {best['greedy'] / best['bare_cnn']:.2f}\n"
                 f"  beam 3     {best['beam3']:8.1f} img/s  ratio {best['beam3'] / best['bare_cnn']:.2f}"
