@@ -187,18 +187,8 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1).view(b, k, -1)  # (b, k, V)
-        vocab = logp.size(-1)
-        candidates = scores.unsqueeze(-1) + logp  # (b, k, V)
-        # A finished beam has one continuation, <pad>, which keeps its score.
-        frozen = torch.full_like(candidates, float("-inf"))
-        frozen[..., ids.pad] = scores
-        candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
-        new_lengths = lengths + (~finished).float()  # (b, k)
-        normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (b, k, V)
-        _, flat = normalised.view(b, -1).topk(k, dim=-1)  # (b, k)
-        beam, word = flat // vocab, flat % vocab
-        scores = candidates.view(b, -1).gather(1, flat)
-        lengths = new_lengths.gather(1, beam)
+        flat, scores, lengths = _best_continuations(logp, scores, finished, lengths, ids.pad)
+        beam, word = flat // logp.size(-1), flat % logp.size(-1)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
         sequences = _extend(sequences, beam, word)
@@ -222,6 +212,24 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     for i, image in enumerate(searching.tolist()):
         done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))
     return [_best_beams(*done[image], options) for image in range(batch)]
+
+
+def _best_continuations(logp, scores, finished, lengths, pad: int):
+    """The k best continuations of (b, k) beams, from their next words' (b, k, V) log-probabilities.
+
+    Ranked by log-probability per word; a finished beam has one continuation, ``<pad>``, which
+    keeps its score and length. Returns the (b, k) choices as indices into k * V, their scores and
+    their lengths.
+    """
+    b, k, _ = logp.shape
+    candidates = scores.unsqueeze(-1) + logp  # (b, k, V)
+    frozen = torch.full_like(candidates, float("-inf"))
+    frozen[..., pad] = scores
+    candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
+    new_lengths = lengths + (~finished).float()  # (b, k)
+    normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (b, k, V)
+    _, flat = normalised.view(b, -1).topk(k, dim=-1)  # (b, k)
+    return flat, candidates.view(b, -1).gather(1, flat), new_lengths.gather(1, flat // logp.size(-1))
 
 
 def _best_beams(scores, lengths, finished, sequences, said, looked, options: DecodeOptions) -> list[Hypothesis]:
