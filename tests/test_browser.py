@@ -259,11 +259,20 @@ def test_an_example_image_is_captioned_and_a_caption_copied(browser, live_server
     from selenium.webdriver.common.by import By
 
     wait = open_page(browser, live_server)
+    browser.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": live_server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
     examples = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .example"))
     examples[0].click()
     wait.until(lambda d: "shapes-1.png" in d.find_element(By.ID, "file-name").text)
-    caption_now(browser, wait)
-    assert shown_captions(browser)[0]
+    [item] = caption_now(browser, wait)
+    [text] = shown_captions(browser)
+    assert text
+    item.find_element(By.CLASS_NAME, "copy").click()
+    wait.until(lambda d: item.find_element(By.CLASS_NAME, "copy").text == "copied")
+    pasted = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0](String(e)))")
+    assert pasted == text
 
 
 def test_on_a_390_px_touch_screen_the_page_fits_and_a_tapped_word_stays_shown(browser, live_server, tmp_path):
