@@ -115,8 +115,16 @@ def read_options(request: Request) -> DecodeOptions:
         raise ServiceError(400, "invalid_option", str(exc)) from None
 
 
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(name: str, text: str):
     kind = OPTION_TYPES[name]
+    if kind is bool:  # bool("0") is True: a flag is read as a word
+        word = text.strip().lower()
+        if word not in _YES + _NO:
+            raise ServiceError(400, "invalid_option", f"{name} must be 1 or 0 (true/false, yes/no), not {text[:_SHOWN]!r}")
+        return word in _YES
     try:
         value = kind(text.strip())
     except ValueError:

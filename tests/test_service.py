@@ -503,6 +503,16 @@ def test_explain_gives_each_words_probability_and_attention(client):
             assert w["attention"] == [[pytest.approx(1.0, abs=1e-5)]]  # one cell: all the attention
 
 
+def test_explain_reads_yes_and_no_and_refuses_anything_else(client):
+    for value in ("0", "false", "no", "off"):
+        body = post_image(client, png(3), f"explain={value}").get_json()
+        assert "attention_grid" not in body and "words" not in body["captions"][0], value
+    for value in ("1", "true", "yes", "on"):
+        assert "words" in post_image(client, png(3), f"explain={value}").get_json()["captions"][0], value
+    refused = post_image(client, png(3), "explain=maybe")
+    assert refused.status_code == 400 and "explain must be" in refused.get_json()["error"]["message"]
+
+
 def test_a_caption_cut_at_the_length_limit_is_unfinished(client):
     for query in ("max_length=1", "mode=sample&seed=1&max_length=1", "mode=beam&max_length=1"):
         response = post_image(client, png(4), query)
