@@ -84,10 +84,22 @@ class _DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            return i, self.transform.load(self.paths[i]), None
-        except ImageError as exc:
-            return i, None, {"code": exc.code, "message": str(exc)}
+        return i, *load_image(self.transform, self.paths[i])
+
+
+def load_image(transform: ImageTransform, source) -> tuple[torch.Tensor | None, dict | None]:
+    """(3, S, S) tensor and no error, or no tensor and ``{"code", "message"}``: a bad image is data."""
+    try:
+        return transform.load(source), None
+    except ImageError as exc:
+        return None, {"code": exc.code, "message": str(exc)}
+
+
+def caption_tensors(model: Captioner, batch: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
+    """(B, 3, S, S) preprocessed images -> their captions, each image seeded alike (``options.seed``),
+    so that an image's captions do not depend on the batch it came in: every engine captions here."""
+    features = model.encode(batch.to(model.device))
+    return model.describe(model.generate(features, options, [options.seed] * len(batch)))
 
 
 def _collate(items):
@@ -117,10 +129,8 @@ def caption_paths(
         good = [(i, x) for i, x, _ in items if x is not None]
         described = {}
         if good:
-            features = model.encode(torch.stack([x for _, x in good]).to(model.device))
-            seeds = [options.seed] * len(good)
-            for (i, _), captions in zip(good, model.describe(model.generate(features, options, seeds))):
-                described[i] = captions
+            captions = caption_tensors(model, torch.stack([x for _, x in good]), options)
+            described = {i: c for (i, _), c in zip(good, captions)}
         for i, _, error in items:
             record = {"image": str(paths[i])}
             record |= {"error": error} if error else {"captions": described[i]}
