@@ -211,7 +211,17 @@ def caption_dataset(
     """
     transform = Captioner.load(model).transform  # a bad model file fails here, before any work
     checkpoint = ray.put(Path(model).read_bytes())
-    decoded = images.map_batches(decode_images, fn_kwargs={"transform": transform}, batch_size=batch_size, batch_format="numpy")
+    size = transform.config.image_size
+    decoded = images.map_batches(
+        decode_images,
+        fn_kwargs={"transform": transform},
+        batch_size=batch_size,
+        batch_format="numpy",
+        # The memory a task's output takes. Asking for it also keeps Ray Data from fusing decoding
+        # into the actors (it fuses steps that ask for the same resources): decoding stays in tasks,
+        # on any CPU of the cluster, while the actors caption.
+        memory=batch_size * 3 * size * size * 4,
+    )
     return decoded.map_batches(
         CaptionActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "options": options, "device": device, "threads": max(1, int(num_cpus))},
@@ -287,3 +297,16 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
             raise CaptionerError(f"{output.path.name} exists; only runs over image files resume: choose another --output")
         done = output.recover(collect_inputs(files)) if output.path.exists() else 0
         output.append(records(caption_dataset(read_images(job.inputs, skip=done), job.model, options, **settings)))
+
+
+def local_actor_pids() -> set[int]:
+    """This machine's captioning actor processes (Ray titles them after ``CaptionActor``): for fault
+    drills, which kill one mid-run to see Ray replace it."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"CaptionActor" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids - {os.getpid()}

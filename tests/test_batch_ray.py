@@ -167,21 +167,11 @@ def test_parquet_output_one_row_per_image_with_errors_in_their_columns(capsys, t
     assert_one_line_error(code, err, "not an empty folder")  # never mixed with another run's shards
 
 
-def caption_actor_pids() -> set[int]:
-    """Processes of Ray Data's captioning actors, by the title Ray gives them."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"CaptionActor" in (entry / "cmdline").read_bytes():
-                pids.add(int(entry.name))
-        except OSError:  # gone meanwhile
-            pass
-    return pids - {os.getpid()}
-
-
 @needs_ray
 @pytest.mark.slow  # starts Ray, kills an actor
 def test_an_actor_killed_mid_run_is_replaced_and_each_image_written_once(capsys, tmp_path, ray_cluster, trained_run, images):
+    from captioner.batch_ray import local_actor_pids
+
     model = trained_run / "model.pt"
     many = tmp_path / "many"
     many.mkdir()
@@ -194,7 +184,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_each_image_written_once(capsys,
     def kill_an_actor_mid_run():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            pids = caption_actor_pids()
+            pids = local_actor_pids()
             if pids and out.exists() and len(out.read_bytes().splitlines()) >= 40:
                 os.kill(min(pids), signal.SIGKILL)
                 killed.append((min(pids), len(out.read_bytes().splitlines())))
