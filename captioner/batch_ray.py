@@ -59,19 +59,24 @@ RECORDS = pa.schema(
 )
 
 
-def _split_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """(image inputs as ``collect_inputs`` reads them, Parquet files, WebDataset shards)."""
-    files, parquet, shards = [], [], []
+def _sources(inputs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The inputs as (kind, names) in the order given: ``files`` (runs of inputs that
+    ``collect_inputs`` reads), ``parquet`` and ``shards`` (each input's files, its glob expanded)."""
+    sources: list[tuple[str, list[str]]] = []
     for name in inputs:
         suffix = name.lower().rsplit(".", 1)[-1] if "." in Path(name).name else ""
-        if suffix not in ("parquet", "tar"):
-            files.append(name)
+        kind = {"parquet": "parquet", "tar": "shards"}.get(suffix, "files")
+        if kind == "files":
+            if sources and sources[-1][0] == "files":
+                sources[-1][1].append(name)
+            else:
+                sources.append((kind, [name]))
             continue
         matches = [name] if Path(name).exists() or not glob.has_magic(name) else sorted(glob.glob(name, recursive=True))
         if not matches or not all(Path(m).is_file() for m in matches):
             raise CaptionerError(f"input not found: {name}")
-        (parquet if suffix == "parquet" else shards).extend(matches)
-    return files, parquet, shards
+        sources.append((kind, matches))
+    return sources
 
 
 def read_images(inputs: Sequence[str], *, skip: int = 0) -> ray.data.Dataset:
@@ -81,26 +86,25 @@ def read_images(inputs: Sequence[str], *, skip: int = 0) -> ray.data.Dataset:
         inputs: image files, folders, globs and lists (as ``collect_inputs`` reads them), Parquet
             files (``*.parquet``: a binary column of image bytes, or a path column) and WebDataset
             shards (``*.tar``: a sample's image is its jpg/png/... member, its id its key).
-        skip: leave out the first ``skip`` image files (a resumed run); only for image files.
+        skip: leave out the first ``skip`` images (a resumed run); only where all are image files.
 
     Raises:
         CaptionerError: an input that is not there, or a Parquet file without an image column.
     """
-    files, parquet, shards = _split_inputs(inputs)
-    if skip and (parquet or shards):
+    sources = _sources(inputs)
+    if skip and any(kind != "files" for kind, _ in sources):
         raise CaptionerError("only runs over image files resume; delete the unfinished output to start again")
     parts = []
-    if files:
-        paths = [str(p) for p in collect_inputs(files)[skip:]]
-        rows = pa.table({"image": paths, "path": paths, "data": pa.nulls(len(paths), pa.binary())}, schema=IMAGES)
-        # Small blocks, so that decoding, captioning and writing overlap and every actor has work.
-        blocks = [rows.slice(i, BLOCK_ROWS) for i in range(0, len(paths), BLOCK_ROWS)]
-        parts.append(ray.data.from_arrow(blocks) if blocks else None)
-    if parquet:
-        parts.append(_read_parquet(parquet))
-    if shards:
-        parts.append(ray.data.read_webdataset(shards, decoder=None).map_batches(_shard_rows, batch_format="pyarrow"))
-    parts = [p for p in parts if p is not None]
+    for kind, names in sources:
+        if kind == "parquet":
+            parts.append(_read_parquet(names))  # each input apart: their columns may differ
+        elif kind == "shards":
+            parts.append(ray.data.read_webdataset(names, decoder=None).map_batches(_shard_rows, batch_format="pyarrow"))
+        else:
+            paths = [str(p) for p in collect_inputs(names)[skip:]]
+            rows = pa.table({"image": paths, "path": paths, "data": pa.nulls(len(paths), pa.binary())}, schema=IMAGES)
+            # Small blocks, so that decoding, captioning and writing overlap and every actor has work.
+            parts += [ray.data.from_arrow([rows.slice(i, BLOCK_ROWS) for i in range(0, len(paths), BLOCK_ROWS)])] if paths else []
     if not parts:
         return ray.data.from_arrow(IMAGES.empty_table())
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -298,10 +302,10 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
                     out.write(record_format.line(record))
             return
         output = ResumableOutput(Path(job.output), record_format)
-        files, parquet, shards = _split_inputs(job.inputs)
-        if output.path.exists() and output.path.stat().st_size and (parquet or shards):
+        only_files = all(kind == "files" for kind, _ in _sources(job.inputs))
+        if output.path.exists() and output.path.stat().st_size and not only_files:
             raise CaptionerError(f"{output.path.name} exists; only runs over image files resume: choose another --output")
-        done = output.recover(collect_inputs(files)) if output.path.exists() else 0
+        done = output.recover(collect_inputs(job.inputs)) if output.path.exists() and only_files else 0
         output.append(records(caption_dataset(read_images(job.inputs, skip=done), job.model, options, **settings)))
 
 

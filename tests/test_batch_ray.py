@@ -131,15 +131,15 @@ def test_parquet_and_webdataset_inputs_give_the_same_captions(capsys, tmp_path, 
     write_parquet(tmp_path / "paths.parquet", images, as_bytes=False)
     shards = write_shards(tmp_path / "shards", images)
 
-    with_bytes = ray_jsonl(capsys, model, [tmp_path / "bytes.parquet"], tmp_path / "a.jsonl", *BEAM)
-    assert_same_captions(with_bytes, [{**by_name[g["image"]], "image": g["image"]} for g in with_bytes])
+    # All three in one run (one pool of actors to start): records in input order, input by input.
+    inputs = [tmp_path / "bytes.parquet", tmp_path / "paths.parquet", f"{shards}/*.tar"]
+    got = ray_jsonl(capsys, model, inputs, tmp_path / "captions.jsonl", *BEAM)
+    with_bytes, with_paths, from_shards = got[:24], got[24:48], got[48:]
     assert [g["image"] for g in with_bytes] == list(by_name)  # the key column names them, in order
-    with_paths = ray_jsonl(capsys, model, [tmp_path / "paths.parquet"], tmp_path / "b.jsonl", *BEAM)
+    assert_same_captions(with_bytes, [{**e, "image": name} for name, e in by_name.items()])
     assert_same_captions(with_paths, expected)
-
-    from_shards = ray_jsonl(capsys, model, [f"{shards}/*.tar"], tmp_path / "c.jsonl", *BEAM)
     assert [g["image"] for g in from_shards] == [Path(e["image"]).stem for e in expected] + ["lonely"]
-    assert from_shards[-1]["error"]["code"] == "empty_image"
+    assert from_shards[-1]["error"]["code"] == "empty_image"  # a sample without an image member
     assert_same_captions(from_shards[:-1], [{**e, "image": Path(e["image"]).stem} for e in expected])
 
 
