@@ -76,10 +76,14 @@ BEAM = ("--mode", "beam", "--num-captions", "2", "--batch-size", "4")
 
 @needs_ray
 @pytest.mark.slow  # starts Ray
-def test_image_files_give_the_single_process_commands_records(capsys, tmp_path, ray_cluster, trained_run, images):
+def test_image_files_give_the_single_process_commands_records_and_resume(capsys, tmp_path, ray_cluster, trained_run, images):
     model = trained_run / "model.pt"
     expected = single_process(capsys, model, [images], *BEAM)
-    got = ray_jsonl(capsys, model, [images], tmp_path / "captions.jsonl", *BEAM)
+    # As an interrupted run leaves its file: 8 whole records and a torn one. The Ray run goes on after them.
+    out = tmp_path / "captions.jsonl"
+    lines = [json.dumps(e) + "\n" for e in expected]
+    out.write_text("".join(lines[:8]) + lines[8][:20])
+    got = ray_jsonl(capsys, model, [images], out, *BEAM)
     assert_same_captions(got, expected)
     assert got[21]["error"]["code"] == "corrupt_image" and len(got) == 24
     # Sampled with a seed: each image's samples are its own, whatever batch it came in. To
