@@ -243,11 +243,13 @@ def caption_dataset(
 
 
 def _actors_that_fit(num_cpus: float, num_gpus: float) -> int:
-    """As many actors as the cluster's GPUs hold, or its CPUs less one for decoding."""
+    """As many actors as the cluster's GPUs hold; on CPUs, four in five of them, the rest decoding
+    (on the shapes world captioning an image takes four times the CPU time decoding it does:
+    3.7 ms against 0.9 ms)."""
     resources = ray.cluster_resources()
     if num_gpus:
         return max(1, int(resources.get("GPU", 0) // num_gpus))
-    return max(1, int((resources.get("CPU", 1) - 1) // num_cpus))
+    return max(1, int(resources.get("CPU", 1) * 4 / 5 // num_cpus))
 
 
 def records(ds: ray.data.Dataset) -> Iterator[dict]:

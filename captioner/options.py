@@ -277,7 +277,7 @@ class CaptionJob:
     ray_address: str | None = option(
         None, "ray: the cluster to run on, ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else a local Ray started for the run)"
     )
-    num_actors: int = option(0, "ray: captioning actors, each loading the model once (0: as many as the cluster has room for)")
+    num_actors: int = option(0, "ray: captioning actors, each loading the model once (0: one per GPU share, or 4/5 of the CPUs, the rest decode)")
     num_cpus: float = option(1.0, "ray: CPUs per captioning actor (its torch threads)")
     num_gpus: float = option(0.0, "ray: GPUs per captioning actor (a fraction shares a GPU between actors)")
 
