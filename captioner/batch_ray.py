@@ -293,13 +293,12 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
                 raise CaptionerError(f"{folder.name} exists and is not an empty folder: choose another --output")
             caption_dataset(read_images(job.inputs), job.model, options, **settings).write_parquet(str(folder))
             return
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # records in input order
         record_format = RecordFormat(job.format, options.num_captions)
         if not job.output:
             out.write(record_format.header())
             # Ray prints its workers' messages (an actor that died...) on standard output: to
             # standard error with them, standard output holds the records alone.
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), _in_input_order():
                 for record in records(caption_dataset(read_images(job.inputs), job.model, options, **settings)):
                     out.write(record_format.line(record))
             return
@@ -308,7 +307,19 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
         if output.path.exists() and output.path.stat().st_size and not only_files:
             raise CaptionerError(f"{output.path.name} exists; only runs over image files resume: choose another --output")
         done = output.recover(collect_inputs(job.inputs)) if output.path.exists() and only_files else 0
-        output.append(records(caption_dataset(read_images(job.inputs, skip=done), job.model, options, **settings)))
+        with _in_input_order():
+            output.append(records(caption_dataset(read_images(job.inputs, skip=done), job.model, options, **settings)))
+
+
+@contextlib.contextmanager
+def _in_input_order() -> Iterator[None]:
+    """Datasets made within give their rows in input order (Ray Data's ``preserve_order``)."""
+    execution = ray.data.DataContext.get_current().execution_options
+    before, execution.preserve_order = execution.preserve_order, True
+    try:
+        yield
+    finally:
+        execution.preserve_order = before
 
 
 def local_actor_pids() -> set[int]:

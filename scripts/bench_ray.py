@@ -2,7 +2,8 @@
 
 Both engines run the same command (``captioner.cli.main``) over the same images in this process,
 interleaved (local, ray, local, ray, ...) so that a slow spell of a shared machine hits both alike;
-the figure is the ratio of each pair's throughputs, with its spread. Ray is started once, before
+the figure is the ratio of each pair's throughputs, with its spread: over the whole run, and
+steady (from the first records written to the last, start-up left out). Ray is started once, before
 the runs, as a cluster stands before the jobs sent to it; its start-up is reported apart. The
 first pair's records are compared image for image, and with ``--kill-actor`` one more Ray run has
 a captioning actor killed by SIGKILL mid-run and is checked to hold every image exactly once.
@@ -44,19 +45,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_run(args, out: Path, engine: str) -> tuple[float, list[dict]]:
-    """Seconds the command took over the images, and its records."""
+def timed_run(args, out: Path, engine: str) -> tuple[dict, list[dict]]:
+    """Seconds the command took over the images, when its first records came (start-up: actors
+    started, model loaded, first batch through) and how many, and its records."""
     from captioner.cli import main
 
     command = ["caption", args.model, args.images, "--batch-size", str(args.batch_size), "--output", str(out)]
     if engine == "ray":
         command += ["--engine", "ray", "--num-actors", str(args.num_actors), "--num-cpus", str(args.num_cpus)]
     out.unlink(missing_ok=True)
+    first, finished = [], threading.Event()
+
+    def watch_for_the_first_records():
+        while not first and not finished.is_set():
+            if out.exists() and out.stat().st_size:
+                first.append((time.perf_counter(), out.read_bytes().count(b"\n")))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch_for_the_first_records)
     started = time.perf_counter()
-    if main(command + args.decoding) != 0:
-        raise SystemExit(f"the {engine} run failed")
-    elapsed = time.perf_counter() - started
-    return elapsed, [json.loads(line) for line in out.read_text().splitlines()]
+    watcher.start()
+    try:
+        if main(command + args.decoding) != 0:
+            raise SystemExit(f"the {engine} run failed")
+    finally:
+        ended = time.perf_counter()
+        finished.set()
+        watcher.join()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    (at, count) = first[0] if first else (ended, len(records))
+    steady = (len(records) - count) / (ended - at) if ended > at else float("nan")
+    return {"seconds": ended - started, "first_records_s": at - started, "steady_img_s": steady}, records
 
 
 def compare(ray_records: list[dict], local_records: list[dict]) -> dict:
@@ -91,12 +110,12 @@ def killed_run(args, out: Path, threshold: int) -> dict:
     killer = threading.Thread(target=kill_one)
     killer.start()
     try:
-        elapsed, records = timed_run(args, out, "ray")
+        timing, records = timed_run(args, out, "ray")
     finally:
         done.set()
         killer.join()
     images = [r["image"] for r in records]
-    return {"killed": killed, "seconds": round(elapsed, 1), "records": len(records), "distinct_images": len(set(images))}, records
+    return {"killed": killed, "seconds": round(timing["seconds"], 1), "records": len(records), "distinct_images": len(set(images))}, records
 
 
 def main(argv=None) -> int:
@@ -109,10 +128,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for i in range(args.repeats):
-            local_s, local_records = timed_run(args, folder / "local.jsonl", "local")
-            ray_s, ray_records = timed_run(args, folder / "ray.jsonl", "ray")
+            local, local_records = timed_run(args, folder / "local.jsonl", "local")
+            ray_run, ray_records = timed_run(args, folder / "ray.jsonl", "ray")
             n = len(local_records)
-            pair = {"images": n, "local_img_s": round(n / local_s, 1), "ray_img_s": round(n / ray_s, 1), "ratio": round(local_s / ray_s, 3)}
+            pair = {
+                "images": n,
+                "local_img_s": round(n / local["seconds"], 1),
+                "ray_img_s": round(n / ray_run["seconds"], 1),
+                "ratio": round(local["seconds"] / ray_run["seconds"], 3),
+                "local_first_records_s": round(local["first_records_s"], 1),
+                "ray_first_records_s": round(ray_run["first_records_s"], 1),
+                "local_steady_img_s": round(local["steady_img_s"], 1),
+                "ray_steady_img_s": round(ray_run["steady_img_s"], 1),
+                "steady_ratio": round(ray_run["steady_img_s"] / local["steady_img_s"], 3),
+            }
             print(f"pair {i + 1}: {pair}", file=sys.stderr)
             results["repeats"].append(pair)
             if i == 0:
@@ -121,8 +150,9 @@ def main(argv=None) -> int:
             results["kill"], killed_records = killed_run(args, folder / "killed.jsonl", len(local_records) // 3)
             results["kill"] |= {"comparison": compare(killed_records, local_records)}
     ray.shutdown()
-    ratios = [p["ratio"] for p in results["repeats"]]
-    results["ratio_median"], results["ratio_min"], results["ratio_max"] = statistics.median(ratios), min(ratios), max(ratios)
+    for key in ("ratio", "steady_ratio"):
+        ratios = [p[key] for p in results["repeats"]]
+        results[f"{key}_median"], results[f"{key}_min"], results[f"{key}_max"] = statistics.median(ratios), min(ratios), max(ratios)
     print(json.dumps(results, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
