@@ -28,7 +28,7 @@ from tqdm import tqdm
 from captioner.data.images import ImageError
 from captioner.runtime import Process
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write
+from captioner.io import atomic_write, remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
@@ -52,12 +52,12 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
         path = Path(name)
         if not path.exists() and glob.has_magic(name):
             matches = sorted(Path(p) for p in glob.glob(name, recursive=True))
-            images = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            images = [p for p in matches if _is_image_name(p)]
             if not images:
                 raise CaptionerError(f"no images match {name}")
             paths += images
         elif path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.rglob("*") if _is_image_name(p))
         elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(path)
         elif path.is_file():
@@ -72,6 +72,12 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
         else:
             raise CaptionerError(f"input not found: {name}")
     return paths
+
+
+def _is_image_name(path: Path) -> bool:
+    """A file named as an image; a dangling or looping link too, so that it gets an error record
+    rather than vanishing from the output."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or path.is_symlink())
 
 
 class _DecodedImages(Dataset):
@@ -93,6 +99,10 @@ def load_image(transform: ImageTransform, source) -> tuple[torch.Tensor | None, 
         return transform.load(source), None
     except ImageError as exc:
         return None, {"code": exc.code, "message": str(exc)}
+    except OSError as exc:  # it opened, then a read failed (a bad disk, a network file system)
+        name = Path(source).name if isinstance(source, (str, Path)) else "image"
+        message = f"image file {name!r} cannot be read ({exc.strerror or type(exc).__name__})"
+        return None, {"code": "unreadable_file", "message": message}
 
 
 def caption_tensors(model: Captioner, batch: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
@@ -158,7 +168,7 @@ class RecordFormat:
     def line(self, record: dict) -> str:
         """One record as one line, newline included."""
         if self.format == "jsonl":
-            return json.dumps(record) + "\n"
+            return strict_json(record) + "\n"
         row = [record["image"]]
         for caption in record.get("captions", []):
             row += [caption["text"], caption["log_prob"], caption["perplexity"]]
@@ -261,6 +271,8 @@ def run_batch_job(
         ``{"images", "resumed", "captioned"}`` for this process's share.
     """
     record_format = RecordFormat(format, options.num_captions)
+    if process.is_main:  # a join of the parts that a kill interrupted
+        remove_temporaries(output.parent, of=output.name)
     final = ResumableOutput(output, record_format)
     parts = [_part_path(output, Process(r, process.world_size)) for r in range(process.world_size)]
     if process.distributed and output.exists():

@@ -174,14 +174,15 @@ class CaptionActor:
         options: decoding options.
         device: ``auto``, ``cpu`` or ``cuda``: an actor given GPUs by Ray sees only those.
         threads: torch threads (the CPUs Ray gave it).
+        cnn: ``eager`` or ``int8`` (``Captioner.load``).
     """
 
-    def __init__(self, checkpoint: ray.ObjectRef, options: DecodeOptions, device: str = "auto", threads: int = 1):
+    def __init__(self, checkpoint: ray.ObjectRef, options: DecodeOptions, device: str = "auto", threads: int = 1, cnn: str = "eager"):
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.pt"
             path.write_bytes(ray.get(checkpoint))
-            self.model = Captioner.load(path, resolve_device(device))
+            self.model = Captioner.load(path, resolve_device(device), cnn=cnn)
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -202,6 +203,7 @@ def caption_dataset(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     device: str = "auto",
+    cnn: str = "eager",
 ) -> ray.data.Dataset:
     """The captioning pipeline over ``images`` (rows of ``read_images``): rows of ``RECORDS``.
 
@@ -214,6 +216,7 @@ def caption_dataset(
         num_cpus: CPUs per actor; its torch threads.
         num_gpus: GPUs per actor.
         device: the actors' device (``auto``: the GPU Ray gives an actor, else CPU).
+        cnn: the CNN's arithmetic, ``eager`` or ``int8`` (as ``caption --cnn``).
     """
     transform = Captioner.load(model).transform  # a bad model file fails here, before any work
     checkpoint = ray.put(Path(model).read_bytes())
@@ -231,7 +234,7 @@ def caption_dataset(
     )
     return decoded.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "options": options, "device": device, "threads": max(1, int(num_cpus))},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "options": options, "device": device, "threads": max(1, int(num_cpus)), "cnn": cnn},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=num_actors or _actors_that_fit(num_cpus, num_gpus),
@@ -285,7 +288,7 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
 
     A JSONL or CSV file of image files resumes as the single-process command's does.
     """
-    settings = dict(batch_size=job.batch_size, num_actors=job.num_actors, num_cpus=job.num_cpus, num_gpus=job.num_gpus, device=job.device)
+    settings = dict(batch_size=job.batch_size, num_actors=job.num_actors, num_cpus=job.num_cpus, num_gpus=job.num_gpus, device=job.device, cnn=job.cnn)
     with ray_session(job.ray_address):
         if job.format == "parquet":
             folder = Path(job.output)

@@ -1,4 +1,4 @@
-"""The ``captioner`` command: synth, train, caption, evaluate, plot, serve.
+"""The ``captioner`` command: synth, train, caption, evaluate, inspect, plot, serve.
 
 A user error prints one line, ``captioner: error: ...``, and exits with status 1 (2 for bad
 command-line usage); never a traceback.
@@ -7,7 +7,6 @@ command-line usage); never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -15,9 +14,11 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 from captioner.options import (
+    CalibrateOptions,
     CaptionJob,
     DecodeOptions,
     EvaluateOptions,
+    InspectOptions,
     PlotOptions,
     ServeOptions,
     SynthOptions,
@@ -91,7 +92,7 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
     try:
         if process.distributed and not job.output:
             raise CaptionerError("under torchrun, --output is needed: each process writes its part of it")
-        model = Captioner.load(job.model, device)
+        model = Captioner.load(job.model, device, cnn=job.cnn)
         settings = dict(batch_size=job.batch_size, num_workers=job.num_workers)
         if job.output:
             run_batch_job(model, paths, options, Path(job.output), format=job.format, process=process, progress=True, **settings)
@@ -108,21 +109,71 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
 def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
     from captioner.data.datasets import load_dataset
     from captioner.evaluation import coco_results, evaluate_split, summary_table
-    from captioner.io import atomic_write
+    from captioner.io import atomic_write, strict_json
     from captioner.models.captioner import Captioner
     from captioner.runtime import resolve_device
 
     dataset = load_dataset(job.data, format=job.format, images=job.images, skip_missing=job.skip_missing)
     dataset.split(job.split)  # an absent split is an error before the model loads
-    model = Captioner.load(job.model, resolve_device(job.device))
+    model = Captioner.load(job.model, resolve_device(job.device), cnn=job.cnn)
     report, captions = evaluate_split(model, dataset, job.split, options=options, batch_size=job.batch_size, progress=True)
-    text = json.dumps(report, indent=2)
-    for path, content in ((job.output, text), (job.save_captions, json.dumps(coco_results(captions), indent=1))):
+    text = strict_json(report, indent=2)
+    for path, content in ((job.output, text), (job.save_captions, strict_json(coco_results(captions), indent=1))):
         if path:
             with atomic_write(path, "w") as f:
                 f.write(content + "\n")
     print(summary_table(report), file=sys.stderr)  # for people; standard output stays one JSON object
     print(text)
+
+
+def cmd_calibrate(job: CalibrateOptions) -> None:
+    from captioner.checkpoint import read_checkpoint, save_checkpoint
+    from captioner.data.datasets import load_dataset
+    from captioner.evaluation import int8_agreement
+    from captioner.features import image_batches
+    from captioner.models.captioner import Captioner
+
+    dataset = load_dataset(job.data, format=job.format, images=job.images, skip_missing=job.skip_missing)
+    paths = [record.path for record in dataset.split(job.split)]
+    if len(paths) < 2:
+        raise CaptionerError(f"the {job.split} split has too few images to calibrate on")
+    state = read_checkpoint(job.model)
+    model = Captioner.from_checkpoint(state, source=Path(job.model).name).eval()
+    # Images evenly over the split, alternately to calibrate and to check: never the same ones.
+    count = min(job.count, len(paths) // 2)
+    chosen = paths[:: len(paths) // (2 * count)][: 2 * count]
+    calibration, check = chosen[0::2], chosen[1::2]
+    model.encoder.calibrate(image_batches(calibration, model.transform, job.batch_size, progress=True))
+    agreement = int8_agreement(model, check, batch_size=job.batch_size)
+    state["encoder"]["int8_calibration"] = model.encoder.int8_calibration
+    save_checkpoint(state, job.output or job.model)
+    print(
+        f"int8 CNN calibrated on {len(calibration)} {job.split} images; on {len(check)} others its features have "
+        f"cosine similarity {agreement['mean_cosine']:.4f} to fp32 (lowest {agreement['min_cosine']:.4f}), "
+        f"and {agreement['same_caption']:.1%} of the greedy captions are the same\nmodel: {job.output or job.model}"
+    )
+
+
+def cmd_inspect(job: InspectOptions, options: DecodeOptions) -> None:
+    from captioner.batch import collect_inputs
+    from captioner.data.datasets import load_dataset
+    from captioner.inspection import inspect_images, inspect_split, training_history
+    from captioner.models.captioner import Captioner
+    from captioner.runtime import resolve_device
+
+    paths = collect_inputs(job.inputs)
+    dataset = job.data and load_dataset(job.data, format=job.format, images=job.images)
+    if dataset:
+        dataset.split(job.split)  # an absent split is an error before the model loads
+    model = Captioner.load(job.model, resolve_device(job.device))
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = inspect_images(model, paths, options, out)
+    if dataset:
+        history = training_history(Path(job.model))
+        written += inspect_split(model, dataset, job.split, out, max_captions=job.max_captions,
+                                 gradient_captions=job.gradient_captions, history=history)  # fmt: skip
+    print("\n".join(map(str, written)))
 
 
 def cmd_plot(options: PlotOptions) -> None:
@@ -134,7 +185,7 @@ def cmd_plot(options: PlotOptions) -> None:
 def cmd_serve(options: ServeOptions) -> None:
     from service import serve
 
-    serve(options.model, host=options.host, port=options.port)
+    serve(options.model, host=options.host, port=options.port, cnn=options.cnn)
 
 
 # Each subcommand: its function, its help, and the option dataclasses its arguments come from.
@@ -147,6 +198,19 @@ COMMANDS = {
         (CaptionJob, DecodeOptions),
     ),
     "evaluate": (cmd_evaluate, "score a model on a data set split", (EvaluateOptions, DecodeOptions)),
+    "calibrate": (
+        cmd_calibrate,
+        "calibrate a model's CNN for int8 inference on the CPU (captioner caption --cnn int8)",
+        (CalibrateOptions,),
+    ),
+    "inspect": (
+        cmd_inspect,
+        (
+            "look inside the decoder: attention, gates and cells per word; over a split (--data) interpretable "
+            "cells, gate saturation and gradients through time"
+        ),
+        (InspectOptions, DecodeOptions),
+    ),
     "plot": (cmd_plot, "draw a run's training curves (loss, perplexity, gradient norm, BLEU-4, CIDEr)", (PlotOptions,)),
     "serve": (
         cmd_serve,

@@ -1,7 +1,11 @@
 """Caption generation from image features: greedy, sampling (temperature, top-k, top-p), beam search.
 
 All three work on a batch of images at once. Every caption carries its log-probability under the
-model (sum over its words and ``<end>``) and its perplexity ``exp(-log_prob / length)``.
+model (sum over its words and ``<end>``), its perplexity ``exp(-log_prob / length)`` and whether it
+is finished (ends with ``<end>``) or was cut at ``max_length``. With ``explain``, each also carries,
+per word, its log-probability and the attention over the image's cells when it was said, kept as
+decoding goes (beam search carries them through its reordering of the beams, as it does the words);
+a step's attention is what it added to the coverage, the attention each cell has had so far.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ class Hypothesis:
 
     tokens: list[int]
     log_prob: float
+    finished: bool = True  # False: cut at max_length before <end>
+    # With explain: per token, its log-probability (T,) and the attention over the cells (T, N).
+    word_log_probs: list[float] | None = None
+    attention: list[list[float]] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -69,8 +77,14 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
 
 
 def _filter_logits(logits: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering of (N, V) logits."""
-    logits = logits / options.temperature
+    """Temperature, then top-k, then top-p (nucleus) filtering of (N, V) logits, in float64.
+
+    A temperature or top_p below about 1e-45 is 0 in float32 and turned every logit into NaN. In
+    float64 with the top logit moved to 0 first, the top word stays at 0 for any temperature > 0
+    and the others fall towards -inf, so a temperature near 0 is greedy decoding, as it should be.
+    """
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / options.temperature
     if 0 < options.top_k < logits.size(-1):
         kth = logits.topk(options.top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,6 +93,7 @@ def _filter_logits(logits: torch.Tensor, options: DecodeOptions) -> torch.Tensor
         probs = sorted_logits.softmax(dim=-1)
         # Drop a word when the words before it already cover top_p; the top word always stays.
         drop = probs.cumsum(dim=-1) - probs >= options.top_p
+        drop[:, 0] = False  # even for a top_p that is 0 in floating point
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
@@ -88,34 +103,50 @@ def _decode_rows(decoder, features, options, ids, generators):
     """Greedy (``generators`` None) or sampled decoding, one caption per row of (N, F) features.
 
     With generators (one per image, each serving ``num_captions`` consecutive rows), the next word
-    is drawn by inverse-CDF sampling from per-image uniform numbers.
+    is drawn by inverse-CDF sampling from per-image uniform numbers. A row that has said ``<end>``
+    leaves the batch: the steps after it cost only the captions still being written.
     """
-    n_rows = features.size(0)
-    memory, state = decoder.start(features)
-    tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(n_rows, dtype=torch.bool, device=features.device)
-    log_prob = torch.zeros(n_rows, device=features.device)
-    steps = []
-    for _ in range(options.max_length):
+    n_rows, device, length = features.size(0), features.device, options.max_length
+    memory, state = decoder.start_stepwise(features)
+    tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=device)
+    words = torch.full((n_rows, length), ids.pad, dtype=torch.long, device=device)
+    log_prob = torch.zeros(n_rows, device=device)
+    if options.explain:  # per row and step, the word's log-probability and the attention it was said with
+        said = torch.zeros(n_rows, length, device=device)
+        looked = torch.zeros(n_rows, length, state[-1].size(-1), device=device)
+    active = torch.arange(n_rows, device=device)  # the rows still writing, in order
+    for t in range(length):
+        coverage = state[-1][0]  # (A, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (A, V)
         if generators is None:
             word = logp.argmax(dim=-1)
         else:
+            # Every image draws at every step, finished or not: its samples never depend on others'.
             per_image = options.num_captions
-            uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(features.device)
-            cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
-            word = torch.searchsorted(cdf, uniform.unsqueeze(1)).squeeze(1).clamp_(max=logp.size(-1) - 1)
-        word = word.masked_fill(finished, ids.pad)
-        chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)
-        log_prob += chosen.masked_fill(finished, 0.0)
-        steps.append(word)
-        finished |= word == ids.end
+            uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(device)[active]
+            cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (A, V)
+            word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
+        chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)  # (A,)
+        log_prob[active] += chosen
+        words[active, t] = word
+        if options.explain:
+            said[active, t] = chosen
+            looked[active, t] = state[-1][0] - coverage  # this step's attention weights
+        writing = word != ids.end
+        if not writing.all():
+            if not writing.any():
+                break
+            active, word, memory = active[writing], word[writing], memory.rows(writing)
+            state = tuple(s[:, writing] for s in state)
         tokens = word
-        if finished.all():
-            break
-    sequences = torch.stack(steps, dim=1).tolist()  # (N, T)
-    return [Hypothesis(_trim(row, ids.end), float(lp)) for row, lp in zip(sequences, log_prob.tolist())]
+    hypotheses = [
+        Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
+        for row, lp in zip(words.tolist(), log_prob.tolist())
+    ]
+    if options.explain:
+        _attach(hypotheses, said, looked)
+    return hypotheses
 
 
 def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
@@ -129,55 +160,94 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     Args:
         decoder: an ``LSTMDecoder``.
         features: (B, F) image features.
-        options: ``beam_size``, ``num_captions`` and ``max_length`` are used.
+        options: ``beam_size``, ``num_captions``, ``max_length`` and ``explain`` are used.
         ids: the special token ids.
 
     Returns:
         For each image, its ``num_captions`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
-    memory, state = decoder.start(features)  # (B, N, H), tensors of (layers, B, H)
-    # Row r of the beams always belongs to image r // k, so the memory is never reordered.
-    memory = memory.repeat_interleave(k, dim=0)  # (B*k, N, H)
+    memory, state = decoder.start_stepwise(features)  # tensors of (layers, B, H)
+    # Row r of the beams always belongs to image r // k, so the memory is only ever reordered
+    # when a finished image leaves the batch.
+    memory = memory.rows(torch.arange(batch, device=device).repeat_interleave(k))  # B*k rows
     state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # (layers, B*k, H)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so they do not duplicate each other
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, k, device=device)
     sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
+    # With explain, each beam's history of word log-probabilities (B, k, T) and attention (B, k, T, N).
+    said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state[-1].size(-1), device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    searching = torch.arange(batch, device=device)  # the images whose beams are not all finished
+    done: dict[int, tuple] = {}  # image -> its final beams (scores, lengths, finished, words, said, looked)
     for _ in range(options.max_length):
+        b = len(searching)
+        coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1).view(batch, k, -1)  # (B, k, V)
+        logp = F.log_softmax(logits.float(), dim=-1).view(b, k, -1)  # (b, k, V)
         vocab = logp.size(-1)
-        candidates = scores.unsqueeze(-1) + logp  # (B, k, V)
+        candidates = scores.unsqueeze(-1) + logp  # (b, k, V)
         # A finished beam has one continuation, <pad>, which keeps its score.
         frozen = torch.full_like(candidates, float("-inf"))
         frozen[..., ids.pad] = scores
         candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
-        new_lengths = lengths + (~finished).float()  # (B, k)
-        normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (B, k, V)
-        _, flat = normalised.view(batch, -1).topk(k, dim=-1)  # (B, k)
+        new_lengths = lengths + (~finished).float()  # (b, k)
+        normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (b, k, V)
+        _, flat = normalised.view(b, -1).topk(k, dim=-1)  # (b, k)
         beam, word = flat // vocab, flat % vocab
-        scores = candidates.view(batch, -1).gather(1, flat)
+        scores = candidates.view(b, -1).gather(1, flat)
         lengths = new_lengths.gather(1, beam)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
-        sequences = torch.cat([sequences.gather(1, beam.unsqueeze(-1).expand_as(sequences)), word.unsqueeze(-1)], -1)
+        sequences = _extend(sequences, beam, word)
+        if options.explain:
+            said = _extend(said, beam, logp.view(b, -1).gather(1, flat))
+            attention = (state[-1][0] - coverage).view(b, k, -1)  # (b, k, N) of the beams before
+            looked = _extend(looked, beam, attention.gather(1, beam.unsqueeze(-1).expand_as(attention)))
         finished = was_finished | (word == ids.end)
-        rows = (beam + offsets).view(-1)  # (B*k,) which state each new beam continues
-        state = tuple(s[:, rows] for s in state)
+        rows = beam + (torch.arange(b, device=device) * k).unsqueeze(1)  # (b, k) the state each beam continues
+        going = ~finished.all(dim=1)  # (b,)
+        if not going.all():  # images with every beam finished leave the batch
+            for i in (~going).nonzero().flatten().tolist():
+                done[int(searching[i])] = (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i])
+            if not going.any():
+                break
+            searching, scores, lengths, finished = searching[going], scores[going], lengths[going], finished[going]
+            sequences, said, looked, rows, word = sequences[going], said[going], looked[going], rows[going], word[going]
+            memory = memory.rows(going.repeat_interleave(k))
+        state = tuple(s[:, rows.view(-1)] for s in state)
         tokens = word.view(-1)
-        if finished.all():
-            break
-    ranked = (scores / lengths.clamp(min=1)).argsort(dim=-1, descending=True)  # (B, k)
-    results = []
-    for b in range(batch):
-        hyps = []
-        for j in ranked[b].tolist():
-            if math.isfinite(scores[b, j].item()):
-                row = sequences[b, j, : int(lengths[b, j].item())].tolist()
-                hyps.append(Hypothesis(row, scores[b, j].item()))
-        results.append(hyps[: options.num_captions])
-    return results
+    for i, image in enumerate(searching.tolist()):
+        done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))
+    return [_best_beams(*done[image], options) for image in range(batch)]
+
+
+def _best_beams(scores, lengths, finished, sequences, said, looked, options: DecodeOptions) -> list[Hypothesis]:
+    """An image's (k,) beam scores, lengths and finished flags, (k, T) words and, with explain,
+    (k, T) and (k, T, N) histories -> its ``num_captions`` best hypotheses, best first."""
+    hypotheses = []
+    for j in (scores / lengths.clamp(min=1)).argsort(descending=True).tolist():
+        if math.isfinite(scores[j].item()) and len(hypotheses) < options.num_captions:
+            length = int(lengths[j].item())
+            hyp = Hypothesis(sequences[j, :length].tolist(), scores[j].item(), finished=bool(finished[j]))
+            if options.explain:
+                _attach([hyp], said[j : j + 1], looked[j : j + 1])
+            hypotheses.append(hyp)
+    return hypotheses
+
+
+def _extend(history: torch.Tensor, beam: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """(B, k, T, ...) per-beam history, reordered to the beams each new beam continues ((B, k)
+    ``beam``), with this step's (B, k, ...) ``new`` appended -> (B, k, T + 1, ...)."""
+    index = beam.view(*beam.shape, *[1] * (history.dim() - 2)).expand(-1, -1, *history.shape[2:])
+    return torch.cat([history.gather(1, index), new.unsqueeze(2).to(history.dtype)], dim=2)
+
+
+def _attach(hypotheses: list[Hypothesis], log_probs: torch.Tensor, attention: torch.Tensor) -> None:
+    """Gives each hypothesis its row of (R, T) word log-probabilities and (R, T, N) attention,
+    cut to its own length."""
+    log_probs, attention = log_probs.tolist(), attention.float().clamp(min=0).tolist()
+    for h, said, looked in zip(hypotheses, log_probs, attention, strict=True):
+        h.word_log_probs, h.attention = said[: len(h.tokens)], looked[: len(h.tokens)]

@@ -285,3 +285,26 @@ def summary_table(report: dict) -> str:
 def _both(part: dict) -> float | None:
     reads = part.get("cnn_reads_held_out", part.get("cnn_reads"))
     return reads["both"] if reads else None
+
+
+def int8_agreement(model: Captioner, paths: Sequence, batch_size: int = 64) -> dict:
+    """How closely the int8 CNN follows fp32 on ``paths``: features' cosine similarity, same greedy captions.
+
+    Returns:
+        ``{"images", "mean_cosine", "min_cosine", "same_caption"}`` (the last a share of images).
+    """
+    features, captions = {}, {}
+    for runtime in ("fp32", "int8"):
+        model.encoder.use_int8(runtime == "int8")
+        features[runtime] = torch.cat(list(compute_features(model.encoder, paths, device=model.device, batch_size=batch_size)))
+        hyps = [h for start in range(0, len(paths), batch_size) for h in model.generate(features[runtime][start : start + batch_size], DecodeOptions())]
+        captions[runtime] = [hyp[0].tokens for hyp in hyps]
+    model.encoder.use_int8(False)
+    cosine = F.cosine_similarity(features["fp32"], features["int8"], dim=1)  # (N,)
+    same = sum(a == b for a, b in zip(captions["fp32"], captions["int8"]))
+    return {
+        "images": len(paths),
+        "mean_cosine": float(cosine.mean()),
+        "min_cosine": float(cosine.min()),
+        "same_caption": same / max(1, len(paths)),
+    }

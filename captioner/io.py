@@ -7,11 +7,17 @@ Checkpoints, the feature cache, joined batch outputs and evaluation reports all 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from captioner.errors import CaptionerError
 
 
 @contextlib.contextmanager
@@ -50,6 +56,45 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN and infinity, which are not JSON (Python writes ``NaN``,
+    which other readers reject), with a one-line error rather than a broken file."""
+    try:
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except ValueError:
+        raise CaptionerError(
+            "a result is not a number (NaN or infinity), which JSON cannot hold: is the model file damaged?"
+        ) from None
+
+
+# What atomic_write names its temporary files; a kill -9 mid-write can leave one behind.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+
+def remove_temporaries(folder: str | Path, older_than: float = 0.0, of: str | None = None) -> list[Path]:
+    """Removes the temporary files that killed ``atomic_write`` calls left in ``folder``.
+
+    Args:
+        folder: where to look (not recursively).
+        older_than: seconds since a file was last written; a younger one may be another live
+            process's write in progress (a feature cache shared by several runs).
+        of: only the temporary files of the file of this name (in a folder that is the user's).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(f".{glob.escape(of)}.*.tmp" if of else ".*.tmp"):
+        try:
+            if _TEMPORARY.fullmatch(path.name) and now - path.stat().st_mtime >= older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # its writer finished or another process removed it
+            pass
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:

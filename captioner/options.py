@@ -29,6 +29,7 @@ BACKBONES = (
 MODES = ("greedy", "sample", "beam")
 ENGINES = ("local", "ray")
 FORMATS = ("jsonl", "csv", "parquet")
+CELLS = ("lstm", "gru", "rnn")  # the decoder's recurrent cell
 MAX_CAPTIONS = 10
 MAX_BEAM_SIZE = 16
 MAX_LENGTH = 100
@@ -106,6 +107,17 @@ def _device():
     return option("auto", "auto, cpu, cuda or cuda:N")
 
 
+CNN_RUNTIMES = ("eager", "int8")
+
+
+def _cnn():
+    return option(
+        "eager",
+        "the CNN's arithmetic: eager (fp32, as trained) or int8 (CPU; several times faster, needs captioner calibrate)",
+        choices=CNN_RUNTIMES,
+    )
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate; validated on construction so every entry point gives the same errors."""
@@ -118,17 +130,18 @@ class DecodeOptions:
     beam_size: int = option(3, "beams kept in beam search")
     max_length: int = option(30, "most words per caption")
     seed: int | None = option(None, "seed for sampling")
+    # A decoding option, not a service flag: it changes what decoding returns (and what it
+    # computes), and so reaches the command line, Python and the service from this one field.
+    explain: bool = option(False, "with each caption, every word's probability and the attention over the image's cells")
 
     def __post_init__(self):
         def bad(message):
             raise CaptionerError(message)
 
         if self.mode not in MODES:
-            bad(f"unknown mode {self.mode!r}: use greedy, sample or beam")
+            bad(f"unknown mode {str(self.mode)[:40]!r}: use greedy, sample or beam")
         if not 1 <= self.num_captions <= MAX_CAPTIONS:
             bad(f"num_captions must be between 1 and {MAX_CAPTIONS}")
-        if self.mode == "greedy" and self.num_captions != 1:
-            bad("greedy decoding gives one caption; use sample or beam for more")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             bad("temperature must be a number greater than 0")
         if self.top_k < 0:
@@ -141,9 +154,32 @@ class DecodeOptions:
             bad(f"beam search with beam_size {self.beam_size} gives at most {self.beam_size} captions")
         if not 1 <= self.max_length <= MAX_LENGTH:
             bad(f"max_length must be between 1 and {MAX_LENGTH}")
+        check_applicable(self.mode, [f.name for f in fields(self) if getattr(self, f.name) != f.default])
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --- Which decoding options each mode uses: one rule for every option ---------------------------
+# An option the chosen mode does not use is refused, never silently ignored: set to anything but its
+# default (every entry point), or named in a request at all (the service knows what was sent).
+MODE_OPTIONS = {
+    "num_captions": ("sample", "beam"),
+    "temperature": ("sample",),
+    "top_k": ("sample",),
+    "top_p": ("sample",),
+    "seed": ("sample",),
+    "beam_size": ("beam",),
+}  # options not listed (mode, max_length, explain) apply to every mode
+
+
+def check_applicable(mode: str, names) -> None:
+    """Raise CaptionerError naming the first of ``names`` that ``mode`` does not use."""
+    for name in names:
+        modes = MODE_OPTIONS.get(name, MODES)
+        if mode not in modes:
+            used_by = " and ".join(modes)
+            raise CaptionerError(f"{name} does not apply to {mode} decoding (only to {used_by}); leave it out")
 
 
 # How the shapes world's held-out (colour, shape) pairs are kept from the model: only from the
@@ -203,6 +239,9 @@ class TrainConfig:
     )
     hidden_size: int = option(128, "LSTM hidden size")
     num_layers: int = option(1, "layers of the language LSTM")
+    cell: str = option(
+        "lstm", "the decoder's recurrent cell: lstm, gru, or a plain tanh rnn (to see what gates fix)", choices=CELLS
+    )
     dropout: float = option(0.3, "dropout on features and LSTM outputs")
     min_count: int = option(5, "words seen fewer times become <unk>")
     max_caption_length: int = option(30, "training captions are cut to this many words")
@@ -225,6 +264,8 @@ class TrainConfig:
             raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
             raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
+        if self.cell not in CELLS:
+            raise CaptionerError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.protocol not in PROTOCOLS:
             raise CaptionerError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
@@ -268,6 +309,7 @@ class CaptionJob:
     batch_size: int = option(32, "images per model call")
     num_workers: int = option(0, "image-decoding worker processes (local engine)")
     device: str = _device()
+    cnn: str = _cnn()
     engine: str = option(
         "local",
         "local: this process (or each torchrun process); ray: a Ray Data pipeline on a Ray cluster, "
@@ -311,6 +353,22 @@ class EvaluateOptions:
     )
     batch_size: int = option(64, "images per model call")
     device: str = _device()
+    cnn: str = _cnn()
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """``captioner calibrate``: the int8 CNN's activation ranges, measured on training images."""
+
+    model: str = _model_file()
+    data: str = _data_file()
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    skip_missing: bool = _skip_missing()
+    split: str = option("train", "the split whose images calibrate the CNN")
+    count: int = option(256, "images to calibrate on (then as many others to check the int8 features against fp32)")
+    output: str | None = option(None, "write the calibrated model here (default: add the calibration to MODEL)")
+    batch_size: int = option(32, "images per model call")
 
 
 @dataclass(frozen=True)
@@ -322,9 +380,34 @@ class PlotOptions:
 
 
 @dataclass(frozen=True)
+class InspectOptions:
+    """``captioner inspect`` apart from decoding (``DecodeOptions``): what to look inside, and where to draw it."""
+
+    model: str = _model_file()
+    inputs: list[str] = option(
+        help="an image file, a folder, a glob, or a text file listing images", positional=True, nargs="+", metavar="IMAGE"
+    )
+    output: str = option(help="folder for the figures (PNG) and their numbers (JSON)")
+    data: str | None = option(
+        None, "data set for cells, gate saturation and gradients through time over its reference captions"
+    )
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    split: str = option("test", "the data set split whose reference captions are read")
+    max_captions: int = option(1000, "reference captions read for cells and gate saturation")
+    gradient_captions: int = option(64, "reference captions whose gradients through time are measured")
+    device: str = _device()
+
+    def __post_init__(self):
+        if self.max_captions < 1 or self.gradient_captions < 1:
+            raise CaptionerError("max captions and gradient captions must be at least 1")
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     """``captioner serve``: the development server."""
 
     model: str = _model_file()
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
+    cnn: str = _cnn()

@@ -104,3 +104,49 @@ def process_device(name: str) -> str:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota if one is set.
+
+    ``os.cpu_count()`` counts the machine; a container or ``taskset`` may allow far fewer, and a
+    torch pool sized for the machine then spins threads that wait on each other.
+    """
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        cpus = float(os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU = "/sys/fs/cgroup/cpu"
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 cpu.max, else v1 cfs_quota/period); None if unlimited."""
+    try:
+        with open(CGROUP_V2_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{CGROUP_V1_CPU}/cpu.cfs_quota_us") as fq, open(f"{CGROUP_V1_CPU}/cpu.cfs_period_us") as fp:
+            quota, period = int(fq.read()), int(fp.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def torch_threads(processes: int = 1) -> int:
+    """Threads for one process's torch pool when ``processes`` share the usable CPUs.
+
+    One usable CPU is left out for each process's own other threads (request threads decoding
+    images, the batcher's Python between ops, data loading) and the system: a torch pool that
+    wants every CPU waits at each parallel op for whichever of its threads lost its CPU, which
+    on a busy machine made a caption 30 times slower than one thread (scripts/bench_threads.py).
+    A fractional quota rounds down too; always at least 1.
+    """
+    return max(1, int((usable_cpus() - 1) // max(1, processes)))

@@ -16,7 +16,6 @@ the feature cache first, evaluates, and writes the run folder.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
 from captioner.evaluation import caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
+from captioner.io import remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
@@ -93,6 +93,10 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     val_records = dataset.split("val")[: config.val_images or None]
     host = _join(config, dataset, process)
     resumed = read_checkpoint(out / "last.pt") if config.resume else None
+    if process.is_main:
+        remove_temporaries(out)  # of writes a kill interrupted: the run folder has one writer, this one
+        if resumed:
+            _repair_best(resumed, out)
     model, train_features, val_features = _rank_zero_first(
         process, host, lambda: _prepare(config, dataset, val_records, out, device, resumed)
     )
@@ -105,7 +109,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     else:  # dropout does not depend on what the feature cache held; each rank draws its own masks
         torch.manual_seed(config.seed + process.rank)
     if process.is_main:  # the log rewritten from the saved history: an epoch that was not saved is dropped
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+        (out / "metrics.jsonl").write_text("".join(strict_json(h) + "\n" for h in progress.history))
     decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
     if process.distributed:
         decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
@@ -119,11 +123,13 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
             batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, generator=generator,
             progress=config.progress, shard=(process.rank, process.world_size),
         )  # fmt: skip
+        _stop_if_not_finite(row)  # every rank: under DDP the training loss is the same on all
         schedule.step()
         rngs = _gather_rng_states(process, host)
         if process.is_main:
             row |= validate(model, val_features, val_records, config.max_caption_length)
             row["seconds"] = round(time.monotonic() - started, 2)
+            _stop_if_not_finite(row)
             _save_epoch(model, row, progress, config, out, (optimizer, schedule, scaler), rngs)
         progress.best = _broadcast(progress.best, process, host)
     return progress.best
@@ -156,30 +162,36 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
             DDP's gradient all-reduce waits forever. ``(0, 1)`` is a single process.
 
     Returns:
-        ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max"}``; the loss is over all
-        ranks' batches; the gradient norms (this rank's, the same on every rank once DDP has
-        averaged the gradients) are measured before clipping, so exploding gradients show in the log.
+        ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max", "clip_rate"}``; the loss
+        is over all ranks' batches; the gradient norms (this rank's, the same on every rank once DDP
+        has averaged the gradients) are measured before clipping, so exploding gradients show in the
+        log, and ``clip_rate`` is the share of steps whose norm was over ``clip_norm`` (clipped).
     """
     rank, world_size = shard
     batches = _length_buckets(captions.ids, pad, batch_size, generator)
     batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
     decoder.train()
-    total_loss, total_words, norms = 0.0, 0, []
+    total_loss, total_words, norms, clipped = 0.0, 0, [], 0
     params = [p for p in decoder.parameters() if p.requires_grad]
     for batch in tqdm(batches, desc="training", unit="batch", disable=not progress, leave=False):
         ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
+        value = loss.item()
+        if not math.isfinite(value) and world_size == 1:
+            total_loss = value
+            break  # no step on it; under DDP every rank must take the same steps, so the epoch ends first
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss / words).backward()
         scaler.unscale_(optimizer)  # clip and log the true norm, not the scaled one
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
         if math.isfinite(norm):  # a float16 overflow: the scaler skips this step and lowers its scale
             norms.append(norm)
+            clipped += norm > clip_norm
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item()
+        total_loss += value
         total_words += words
     if world_size > 1:
         totals = torch.tensor([total_loss, total_words], dtype=torch.float64, device=device)
@@ -188,9 +200,10 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
     mean = total_loss / max(total_words, 1)
     return {
         "train_loss": mean,
-        "train_perplexity": math.exp(mean),
+        "train_perplexity": math.exp(mean) if mean < 700 else math.inf,  # math.exp overflows near 710
         "grad_norm": sum(norms) / max(len(norms), 1),
         "grad_norm_max": max(norms, default=0.0),
+        "clip_rate": clipped / max(len(norms), 1),
     }
 
 
@@ -280,10 +293,11 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         dropout=config.dropout,
+        cell=config.cell,
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
     )
     decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
-    return Captioner(encoder, decoder, vocab, embedding=info)
+    return Captioner(encoder, decoder, vocab, embedding=info, data=dataset.summary())
 
 
 def copy_ids(cell_classes: tuple[tuple[str, ...], ...], vocab: Vocabulary) -> tuple[tuple[int, ...], ...]:
@@ -327,11 +341,11 @@ def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Datase
     saved = out / "encoder-pretrained.pt"
     encoder.weights = "auxiliary:shapes-world"
     if saved.exists():
+        state = read_checkpoint(saved)  # damaged: an error that says so
         try:
-            state = read_checkpoint(saved)
             encoder.load_state_dict(state["state_dict"])
             encoder.pretraining = state["pretraining"]
-        except (CaptionerError, RuntimeError, KeyError, TypeError):
+        except (RuntimeError, KeyError, TypeError):
             raise CaptionerError(
                 f"{saved} does not fit this encoder (another --encoder or an older captioner): "
                 "delete it to pretrain again"
@@ -440,15 +454,52 @@ def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainCo
     }
     if rngs:
         training["rng_ranks"] = rngs
+    # last.pt first: a kill before model.pt is written leaves last.pt holding the best epoch's
+    # weights, from which _repair_best rewrites model.pt on --resume (the other order would lose them).
     save_checkpoint(model.to_checkpoint(metrics=row, training=training), out / "last.pt")
     if is_best:
         model_training = {"epoch": row["epoch"], "config": settings, "history": progress.history}
         save_checkpoint(model.to_checkpoint(metrics=row, training=model_training), out / "model.pt")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(strict_json(row) + "\n")
     truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
     _log(
         f"epoch {row['epoch']}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
         f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
-        f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}){' *' if is_best else ''}"
+        f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}, clipped {row['clip_rate']:.0%}){' *' if is_best else ''}"
     )
+
+
+def _stop_if_not_finite(row: dict) -> None:
+    """Stops training at a NaN or infinite loss or score, before anything of the epoch is saved."""
+    bad = [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise CaptionerError(
+            f"epoch {row['epoch']}: {', '.join(bad)} not finite ({row[bad[0]]}): training stopped before "
+            "saving it (lower --lr or --clip-norm, or check the data); --resume goes on from the last saved epoch"
+        )
+
+
+def _repair_best(resumed: dict, out: Path) -> None:
+    """Makes ``model.pt`` hold the best epoch that ``last.pt`` records.
+
+    A kill after ``last.pt`` of a new best epoch was written and before ``model.pt`` was leaves
+    ``model.pt`` an epoch behind (or absent); ``last.pt`` then holds that best epoch's weights.
+    """
+    training = resumed["training"]
+    best = training["best"]["epoch"]
+    try:
+        held = (read_checkpoint(out / "model.pt").get("training") or {}).get("epoch")
+    except CaptionerError:  # absent or damaged
+        held = None
+    if held == best:
+        return
+    if training["epoch"] != best:
+        raise CaptionerError(
+            f"model.pt does not hold epoch {best}, the best that last.pt records, and that epoch's weights "
+            "are no longer in last.pt: restore model.pt from a copy, or train again in another --out"
+        )
+    model_training = {"epoch": best, "config": training["config"], "history": training["history"]}
+    state = {k: v for k, v in resumed.items() if k not in ("format", "version", "created", "training")}
+    save_checkpoint({**state, "training": model_training}, out / "model.pt")
+    _log(f"model.pt held epoch {held}, not the best epoch {best} that last.pt records: rewritten from last.pt")

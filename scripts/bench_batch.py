@@ -6,6 +6,7 @@ the decoder (greedy or beam search) and writing the records add on top of the CN
 
     .venv/bin/python scripts/bench_batch.py                       # resnet50 at 224 px, 256 images
     .venv/bin/python scripts/bench_batch.py --model runs/shapes/model.pt
+    .venv/bin/python scripts/bench_batch.py --cnn eager int8      # the int8 CNN against fp32, side by side
 
 Without --model a small model is trained first (in a temporary folder, in about a minute), with
 the encoder given; its weights are random, which does not change the time a forward pass takes.
@@ -34,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers decoding images")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per configuration; the best counts")
+    parser.add_argument(
+        "--cnn", nargs="+", default=["eager"], choices=["eager", "int8"],
+        help="CNN arithmetic(s) to measure; int8 is calibrated on other images first if the model has no calibration",
+    )
     parser.add_argument("--output", help="also write the figures here as JSON")
     return parser.parse_args(argv)
 
@@ -66,9 +71,36 @@ def batch_job(model, paths: list[Path], options, args, folder: Path) -> float:
     return len(paths) / elapsed
 
 
+def int8_model(model, folder: Path, args):
+    """The same model with its CNN in int8, calibrated on images other than the measured ones if need be."""
+    import copy
+
+    from captioner.features import image_batches
+
+    quantized = copy.deepcopy(model)
+    if not quantized.encoder.int8_calibration:
+        others = bench_images(folder / "calibration", 2 * args.batch_size, seed=3)
+        quantized.encoder.calibrate(image_batches(others, quantized.transform, args.batch_size))
+    return quantized
+
+
+def measure(model, paths: list[Path], args, folder: Path) -> dict[str, float]:
+    """Images per second of the bare CNN, greedy and beam 3 captioning, each the best of --repeats,
+    interleaved so that a slow spell of the machine hits every configuration alike."""
+    from captioner.options import DecodeOptions
+
+    runs = {"bare_cnn": [], "greedy": [], "beam3": []}
+    for _ in range(args.repeats):
+        runs["bare_cnn"].append(bare_cnn(model, paths, args.batch_size))
+        runs["greedy"].append(batch_job(model, paths, DecodeOptions(), args, folder))
+        runs["beam3"].append(batch_job(model, paths, DecodeOptions(mode="beam", beam_size=3), args, folder))
+    return {name: max(values) for name, values in runs.items()}
+
+
 def main(argv=None) -> int:
     import torch
 
+    from captioner.evaluation import int8_agreement
     from captioner.models.captioner import Captioner
     from captioner.options import DecodeOptions
 
@@ -76,8 +108,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model_path = Path(args.model) if args.model else train_small_model(folder, args.encoder, args.image_size)
-        model = Captioner.load(model_path, "cuda" if torch.cuda.is_available() else "cpu")
+        model = Captioner.load(model_path, "cuda" if torch.cuda.is_available() and "int8" not in args.cnn else "cpu")
         paths = bench_images(folder, args.images)
+        models = {"eager": model}
+        if "int8" in args.cnn:
+            models["int8"] = int8_model(model, folder, args).eval()
+            models["int8"].encoder.use_int8()
         batch_job(model, paths[: args.batch_size], DecodeOptions(), args, folder)  # warm-up, workers included
         results = {
             "model": str(model_path.name if args.model else f"{args.encoder} at {args.image_size} px"),
@@ -87,22 +123,30 @@ def main(argv=None) -> int:
             "num_workers": args.num_workers,
             "torch_threads": torch.get_num_threads(),
         }
-        # Interleaved, so a slow spell of the machine hits every configuration alike.
-        runs = {"bare_cnn": [], "greedy": [], "beam3": []}
-        for _ in range(args.repeats):
-            runs["bare_cnn"].append(bare_cnn(model, paths, args.batch_size))
-            runs["greedy"].append(batch_job(model, paths, DecodeOptions(), args, folder))
-            runs["beam3"].append(batch_job(model, paths, DecodeOptions(mode="beam", beam_size=3), args, folder))
-        best = {name: max(values) for name, values in runs.items()}
-        results |= {f"{name}_images_per_s": round(value, 1) for name, value in best.items()}
-        results["greedy_ratio"] = round(best["greedy"] / best["bare_cnn"], 3)
-        results["beam3_ratio"] = round(best["beam3"] / best["bare_cnn"], 3)
-    print(
-        f"{results['model']} on {results['device']}, batch {args.batch_size}, {args.num_workers} decoding worker(s):\n"
-        f"  bare CNN   {best['bare_cnn']:8.1f} img/s\n"
-        f"  greedy     {best['greedy']:8.1f} img/s  ratio {results['greedy_ratio']:.2f}\n"
-        f"  beam 3     {best['beam3']:8.1f} img/s  ratio {results['beam3_ratio']:.2f}"
-    )
+        for cnn in args.cnn:
+            best = measure(models[cnn], paths, args, folder)
+            prefix = "" if cnn == "eager" else f"{cnn}_"
+            results |= {f"{prefix}{name}_images_per_s": round(value, 1) for name, value in best.items()}
+            results[f"{prefix}greedy_ratio"] = round(best["greedy"] / best["bare_cnn"], 3)
+            results[f"{prefix}beam3_ratio"] = round(best["beam3"] / best["bare_cnn"], 3)
+            print(
+                f"{results['model']} on {results['device']}, CNN {cnn}, batch {args.batch_size}, "
+                f"{args.num_workers} decoding worker(s):\n"
+                f"  bare CNN   {best['bare_cnn']:8.1f} img/s\n"
+                f"  greedy     {best['greedy']:8.1f} img/s  ratio {best['greedy'] / best['bare_cnn']:.2f}\n"
+                f"  beam 3     {best['beam3']:8.1f} img/s  ratio {best['beam3'] / best['bare_cnn']:.2f}"
+            )
+        if {"eager", "int8"} <= set(args.cnn):
+            results["int8_speedup_greedy"] = round(results["int8_greedy_images_per_s"] / results["greedy_images_per_s"], 3)
+            results["int8_speedup_bare_cnn"] = round(results["int8_bare_cnn_images_per_s"] / results["bare_cnn_images_per_s"], 3)
+            models["int8"].encoder.use_int8(False)
+            agreement = int8_agreement(models["int8"], paths, batch_size=args.batch_size)
+            results |= {f"int8_{key}": round(value, 4) for key, value in agreement.items()}
+            print(
+                f"int8 against fp32: greedy captioning {results['int8_speedup_greedy']:.2f}x, bare CNN "
+                f"{results['int8_speedup_bare_cnn']:.2f}x; feature cosine {agreement['mean_cosine']:.4f} "
+                f"(lowest {agreement['min_cosine']:.4f}); same greedy caption on {agreement['same_caption']:.1%}"
+            )
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -2,7 +2,8 @@
 
 Starts the service under gunicorn (service/gunicorn.conf.py) on a free loopback port, drives it
 with N concurrent clients for a bounded time, with micro-batching on and then off
-(MAX_BATCH_SIZE=1), and reports throughput, p50/p99 latency and the mean batch size (from
+(MAX_BATCH_SIZE=1), with --explain also batching on with explanations (explain=1: each word's
+probability and attention), and reports throughput, p50/p99 latency and the mean batch size (from
 /metrics). The baseline is offline captioning of the same images with captioner.batch.caption_paths
 in batches of N, in the same run on the same machine.
 
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=32, help="distinct images the clients cycle through")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the batcher's MAX_WAIT_MS")
     parser.add_argument("--mode", default="greedy", help="decoding mode of every request")
+    parser.add_argument("--explain", action="store_true", help="also measure batching on with explain=1 requests")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -82,10 +84,10 @@ def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
     return folder / "run" / "model.pt"
 
 
-def bench_images(folder: Path, count: int) -> list[Path]:
+def bench_images(folder: Path, count: int, seed: int = 2) -> list[Path]:
     from captioner.shapes import write_shapes_dataset
 
-    write_shapes_dataset(folder / "bench-images", num_images=count, seed=2, image_size=96)
+    write_shapes_dataset(folder / "bench-images", num_images=count, seed=seed, image_size=96)
     return sorted((folder / "bench-images" / "images").glob("*.png"))[:count]
 
 
@@ -105,6 +107,31 @@ def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Names
     while time.perf_counter() - started < args.duration:
         done += sum(1 for _ in caption_paths(model, paths, options, batch_size=batch_size))
     return {"images_per_s": done / (time.perf_counter() - started), "images": done}
+
+
+def explain_model_cost(model_path: Path, paths: list[Path], args: argparse.Namespace, repeats: int = 30) -> dict:
+    """Seconds of the model's decoding (``generate`` and ``describe``) per batch of 8 images, with and
+    without explanations, taken in turn so that the machine's load falls on both alike."""
+    import torch
+    from dataclasses import replace
+
+    from captioner.data.images import decode_image
+    from captioner.options import DecodeOptions
+    from captioner.models.captioner import Captioner
+
+    torch.set_num_threads(args.torch_threads)
+    model = Captioner.load(model_path)
+    images = [decode_image(p.read_bytes()).image for p in paths[:8]]
+    features = model.encode(model.images_to_batch(images))  # (8, F): a batch as the service makes them
+    plain = DecodeOptions(mode=args.mode)
+    times = {False: [], True: []}
+    for _ in range(repeats):
+        for explain in (False, True):
+            started = time.perf_counter()
+            model.describe(model.generate(features, replace(plain, explain=explain)))
+            times[explain].append(time.perf_counter() - started)
+    off, on = (sorted(times[k])[repeats // 2] for k in (False, True))  # medians
+    return {"decode_ms_off": off * 1000, "decode_ms_on": on * 1000, "ratio": on / off}
 
 
 def free_port() -> int:
@@ -171,7 +198,7 @@ class Gunicorn:
         self.log.close()
 
 
-def drive(port: int, images: list[bytes], clients: int, duration: float, max_requests: int, mode: str) -> dict:
+def drive(port: int, images: list[bytes], clients: int, duration: float, max_requests: int, query: str) -> dict:
     """N client threads posting images back to back until the time or request budget is spent."""
     latencies: list[float] = []
     failures: list[int] = []
@@ -189,7 +216,7 @@ def drive(port: int, images: list[bytes], clients: int, duration: float, max_req
                     if next(budget, None) is None:
                         return
                 started = time.perf_counter()
-                connection.request("POST", f"/v1/captions?mode={mode}", images[i % len(images)], IMAGE_HEADERS)
+                connection.request("POST", f"/v1/captions?{query}", images[i % len(images)], IMAGE_HEADERS)
                 response = connection.getresponse()
                 response.read()
                 elapsed = time.perf_counter() - started
@@ -223,18 +250,19 @@ def drive(port: int, images: list[bytes], clients: int, duration: float, max_req
     }
 
 
-def bench_service(model_path, images, args, folder: Path, batching: bool) -> dict:
+def bench_service(model_path, images, args, folder: Path, batching: bool, explain: bool = False) -> dict:
     settings = {
         "max_batch_size": args.clients if batching else 1,
         "max_wait_ms": args.max_wait_ms,
         "torch_threads": args.torch_threads,
     }
-    server = Gunicorn(model_path, folder / f"gunicorn-{'on' if batching else 'off'}.log", **settings)
+    query = f"mode={args.mode}" + ("&explain=1" if explain else "")
+    server = Gunicorn(model_path, folder / f"gunicorn-{'on' if batching else 'off'}-{explain}.log", **settings)
     try:
         server.wait_ready()
-        drive(server.port, images, args.clients, 2.0, 4 * args.clients, args.mode)  # warm-up
+        drive(server.port, images, args.clients, 2.0, 4 * args.clients, query)  # warm-up
         images_before, calls_before = batch_totals(server.port)
-        figures = drive(server.port, images, args.clients, args.duration, args.max_requests, args.mode)
+        figures = drive(server.port, images, args.clients, args.duration, args.max_requests, query)
         images_after, calls_after = batch_totals(server.port)
         figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
         return figures
@@ -255,15 +283,27 @@ def main(args: argparse.Namespace) -> dict:
         report = {"offline": offline_throughput(model_path, paths, args)}
         report["batching_on"] = bench_service(model_path, images, args, folder, batching=True)
         report["batching_off"] = bench_service(model_path, images, args, folder, batching=False)
+        if args.explain:
+            report["explain_on"] = bench_service(model_path, images, args, folder, batching=True, explain=True)
+            report["explain_model_cost"] = explain_model_cost(model_path, paths, args)
     offline = report["offline"]["images_per_s"]
     print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}")
     print(f"{'offline':14}{offline:9.1f}{1:12.2f}")
-    for name in ("batching_on", "batching_off"):
+    for name in [k for k in ("batching_on", "batching_off", "explain_on") if k in report]:
         r = report[name]
         r["vs_offline"] = r["requests_per_s"] / offline
         print(
             f"{name:14}{r['requests_per_s']:9.1f}{r['vs_offline']:12.2f}{r['p50_ms']:9.1f}"
             f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}"
+        )
+    if "explain_on" in report:
+        cost = report["explain_on"]["requests_per_s"] / report["batching_on"]["requests_per_s"]
+        report["explain_throughput_ratio"] = cost
+        print(f"explanations on: {cost:.2f} of the throughput with them off (batching on, same run)")
+        model_cost = report["explain_model_cost"]
+        print(
+            f"decoding a batch of 8 ({args.mode}): {model_cost['decode_ms_off']:.1f} ms, with explanations "
+            f"{model_cost['decode_ms_on']:.1f} ms ({model_cost['ratio']:.2f} times; medians, taken in turn)"
         )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

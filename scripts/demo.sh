@@ -33,4 +33,5 @@ Done in $((SECONDS - started)) s. The model is $run/model.pt
   caption your images:  $bin/captioner caption $run/model.pt IMAGE_OR_FOLDER... [--mode beam]
   its scores:           $run/report.json (captioner evaluate; truthful = every fact it states holds)
   serve it over HTTP:   $bin/captioner serve $run/model.pt   (then open http://127.0.0.1:8000/)
+  look inside it:       $bin/captioner inspect $run/model.pt $run/demo-images.txt --data $data/dataset.json --output $run/inspect
 MSG

@@ -9,9 +9,10 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from captioner.data.images import ImageError, decode_image
+from service.admission import Busy
 from service.batcher import MicroBatcher, NotReady, QueueFull
 from service.errors import ServiceError, error_response
-from service.intake import read_image_bytes, read_options
+from service.intake import hold_body_to_limit, read_image_bytes, read_options
 from service.model import model_card
 
 api = Blueprint("api", __name__)
@@ -39,19 +40,33 @@ def captions():
     batcher = _batcher()
     if not batcher.ready:
         raise _not_ready()
+    try:
+        # Admission comes first: a request turned away costs no read, no decode.
+        with current_app.extensions["captioner"].admission.admitted():
+            return _caption(batcher, started)
+    except Busy as exc:
+        raise ServiceError(429, "busy", f"the server is busy ({exc}); retry shortly", exc.retry_after) from None
+
+
+def _caption(batcher: MicroBatcher, started: float):
+    hold_body_to_limit(request, current_app.config["MAX_CONTENT_LENGTH"])
     options = read_options(request)
     data = read_image_bytes(request)
-    try:
-        decoded = decode_image(data, max_pixels=current_app.config["MAX_PIXELS"])
-    except ImageError as exc:
-        raise ServiceError(exc.status, exc.code, str(exc)) from None
-    # Preparing the tensor here keeps the batcher's thread for the model alone.
-    pixels = batcher.model.transform(decoded.image)  # (3, S, S)
+    model = batcher.model
+    with current_app.extensions["captioner"].admission.decoding():
+        try:
+            max_pixels, size = current_app.config["MAX_PIXELS"], model.encoder.config.image_size
+            decoded = decode_image(data, max_pixels=max_pixels, target_size=size)
+        except ImageError as exc:
+            raise ServiceError(exc.status, exc.code, str(exc)) from None
+        del data
+        # Preparing the tensor here keeps the batcher's thread for the model alone.
+        pixels = model.transform(decoded.image)  # (3, S, S)
     read_ms = _ms(time.perf_counter() - started)
     try:
         future = batcher.submit(pixels, options)
     except QueueFull as exc:
-        raise ServiceError(429, "queue_full", f"the server is busy ({exc}); retry shortly") from None
+        raise ServiceError(429, "queue_full", f"the server is busy ({exc}); retry shortly", 1) from None
     except NotReady:
         raise _not_ready() from None
     try:
@@ -61,16 +76,18 @@ def captions():
         raise ServiceError(503, "timeout", "the model did not answer in time; retry shortly") from None
     except NotReady:
         raise ServiceError(503, "not_ready", "the service is shutting down; retry shortly") from None
-    model = batcher.model
-    return jsonify(
-        {
-            "request_id": g.request_id,
-            "model": {"name": model.name, "version": model.version},
-            "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
-            "captions": result.captions,
-            "timing_ms": {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)},
-        }
-    )
+    current_app.extensions["captioner"].metrics.observe_captions(options.mode, options.explain)
+    body = {
+        "request_id": g.request_id,
+        "model": {"name": model.name, "version": model.version},
+        "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
+        "captions": result.captions,
+    }
+    if options.explain:
+        grid = model.encoder.config.pool_grid
+        body["attention_grid"] = [grid, grid]  # each word's attention: rows x columns over the whole image
+    body["timing_ms"] = {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)}
+    return jsonify(body)
 
 
 @api.get("/v1/model")
@@ -78,7 +95,8 @@ def model():
     batcher = _batcher()
     if not batcher.ready:
         raise _not_ready()
-    return jsonify(model_card(batcher.model))
+    config = current_app.config
+    return jsonify(model_card(batcher.model, config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"]))
 
 
 @api.get("/healthz")

@@ -9,10 +9,14 @@ import uuid
 from dataclasses import dataclass
 from functools import partial
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.errors import CaptionerError
+from captioner.options import CNN_RUNTIMES
+from service.admission import Admission
 from service.api import api
 from service.batcher import MicroBatcher
 from service.errors import register_error_handlers
@@ -25,18 +29,52 @@ DEFAULTS = {
     "MODEL_PATH": None,  # the model.pt to serve
     "MODEL_NAME": None,  # shown to clients; default from the encoder's name
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
+    "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
     "MAX_WAIT_MS": 5,  # how long a request may wait for others to join its batch
     "MAX_QUEUE": 256,  # requests waiting for the model; 429 beyond
+    # Requests in progress (reading, decoding, waiting for the model); 429 with Retry-After beyond,
+    # before the body is read. Below gunicorn's request threads (32), so it is reachable.
+    "MAX_IN_FLIGHT": 16,
+    "MAX_DECODES": 2,  # images decoding at once; each is bounded in memory (README: memory)
     "REQUEST_TIMEOUT_S": 60,  # a request waiting longer for the model gets 503
     "LOG_LEVEL": "INFO",
 }
-_POSITIVE = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_BATCH_SIZE", "MAX_QUEUE", "REQUEST_TIMEOUT_S")
+_POSITIVE = (
+    "MAX_CONTENT_LENGTH",
+    "MAX_PIXELS",
+    "MAX_BATCH_SIZE",
+    "MAX_QUEUE",
+    "REQUEST_TIMEOUT_S",
+    "MAX_IN_FLIGHT",
+    "MAX_DECODES",
+)
 # Quiet endpoints are polled by orchestrators and scrapers; logging each poll would drown the rest.
 _QUIET_ENDPOINTS = ("/healthz", "/readyz", "/metrics")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def rounded(value, digits: int = 6):
+    """``value`` with every float rounded to ``digits`` significant digits (in dicts and lists too)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+class RoundedJSON(DefaultJSONProvider):
+    """Flask's JSON with floats at 6 significant digits: float32 scores carry no more, and 16
+    digits of noise make responses longer and harder to read."""
+
+    sort_keys = False  # keep the documented key order in responses
+
+    def dumps(self, obj, **kwargs) -> str:
+        return super().dumps(rounded(obj), **kwargs)
 
 
 @dataclass
@@ -45,6 +83,7 @@ class Runtime:
 
     batcher: MicroBatcher
     metrics: ServiceMetrics
+    admission: Admission
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -66,18 +105,19 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.from_prefixed_env("CAPTIONER")
     app.config.from_mapping(config or {})
     _check_config(app.config)
-    app.json.sort_keys = False  # keep the documented key order in responses
+    app.json = RoundedJSON(app)
 
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
-        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"]),
+        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"], app.config["CNN"]),
         max_batch_size=app.config["MAX_BATCH_SIZE"],
         max_wait_ms=app.config["MAX_WAIT_MS"],
         max_queue=app.config["MAX_QUEUE"],
         on_batch=metrics.batch_size.observe,
     )
     metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
-    app.extensions["captioner"] = Runtime(batcher, metrics)
+    admission = Admission(int(app.config["MAX_IN_FLIGHT"]), int(app.config["MAX_DECODES"]))
+    app.extensions["captioner"] = Runtime(batcher, metrics, admission)
 
     register_error_handlers(app)
     app.register_blueprint(api)
@@ -92,6 +132,8 @@ def _check_config(config) -> None:
             raise CaptionerError(f"service setting {key} must be a positive number, not {config[key]!r}")
     if not isinstance(config["MAX_WAIT_MS"], (int, float)) or config["MAX_WAIT_MS"] < 0:
         raise CaptionerError(f"service setting MAX_WAIT_MS must be 0 or more, not {config['MAX_WAIT_MS']!r}")
+    if config["CNN"] not in CNN_RUNTIMES:
+        raise CaptionerError(f"service setting CNN must be one of {', '.join(CNN_RUNTIMES)}, not {config['CNN']!r}")
 
 
 def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logger) -> None:
@@ -108,9 +150,9 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
     def finish_request(response):
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # bounded label values
+        endpoint = _route(app)
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.observe_request(endpoint, request.method, response.status_code, seconds)
+        metrics.observe_request(endpoint, request.method, response.status_code, seconds, _error_code(response))
         level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
         fields = {
             "request_id": request_id,
@@ -123,7 +165,34 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
         return response
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def _route(app: Flask) -> str:
+    """The route pattern a request matched (bounded label values), also for a method the route
+    does not allow; "unmatched" for a path no route has."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if isinstance(refused, MethodNotAllowed) and refused.valid_methods:
+        try:
+            rule, _ = app.url_map.bind_to_environ(request.environ).match(
+                method=refused.valid_methods[0], return_rule=True
+            )
+            return rule.rule
+        except HTTPException:
+            pass
+    return "unmatched"
+
+
+def _error_code(response: Response) -> str | None:
+    """The ``error.code`` of a JSON error answer (every error the service gives is one)."""
+    if response.status_code < 400 or not response.is_json:
+        return None
+    body = response.get_json(silent=True)
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else "unknown"
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str = "eager") -> None:
     """Run the service on Flask's threaded development server (gunicorn is for production).
 
     Waits for the model first, so a bad model file is reported at once.
@@ -131,7 +200,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     Raises:
         CaptionerError: the model cannot be loaded.
     """
-    app = create_app({"MODEL_PATH": str(model_path)})
+    app = create_app({"MODEL_PATH": str(model_path), "CNN": cnn})
     batcher = app.extensions["captioner"].batcher
     try:
         while not batcher.wait_ready(0.1):

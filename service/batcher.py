@@ -53,16 +53,10 @@ class CaptionResult:
 def decode_group(options: DecodeOptions) -> DecodeOptions:
     """The options jobs must share to be decoded in one ``generate`` call.
 
-    The seed is applied per image, and options a mode ignores are reset so they do not split
-    groups; sampling's temperature, top_k and top_p act on the whole call, so they must match.
+    The seed is applied per image; every other option acts on the whole call. (Options a mode
+    does not use are always at their defaults: DecodeOptions refuses anything else.)
     """
-    defaults = DecodeOptions()
-    shared = replace(options, seed=None)
-    if options.mode != "beam":
-        shared = replace(shared, beam_size=defaults.beam_size)
-    if options.mode != "sample":
-        shared = replace(shared, temperature=defaults.temperature, top_k=defaults.top_k, top_p=defaults.top_p)
-    return shared
+    return replace(options, seed=None)
 
 
 def _ms(seconds: float) -> float:

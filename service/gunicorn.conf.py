@@ -2,11 +2,15 @@
 
 Suited to PyTorch: the model is loaded in each worker after the fork (never in the master, whose
 threads and torch state would not survive a fork), torch's thread pool is sized per worker so
-workers do not fight over cores, and gthread workers let one worker's micro-batcher see many
-requests at once. Environment: CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS
-(default 1: one batcher sees all traffic and /metrics covers it all), CAPTIONER_THREADS (request
-threads per worker, default 32), CAPTIONER_TORCH_THREADS (default: cores / workers), and the
-app's own CAPTIONER_* settings (service.app.DEFAULTS).
+workers do not fight over cores, and threaded workers let one worker's micro-batcher see many
+requests at once. The worker is gthread that reads request heads in its event loop under a
+deadline (service.worker), so slow clients cannot hold the request threads. Environment:
+CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one batcher sees all traffic
+and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, default 32),
+CAPTIONER_TORCH_THREADS (default: the CPUs this process may use, by affinity and cgroup quota,
+divided by the workers: captioner.runtime.torch_threads), CAPTIONER_READ_TIMEOUT_S (default 20: a
+request must arrive within this of its first byte), and the app's own CAPTIONER_* settings
+(service.app.DEFAULTS).
 """
 
 import os
@@ -14,7 +18,7 @@ import os
 wsgi_app = "service.wsgi:app"
 bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
-worker_class = "gthread"
+worker_class = "service.worker.CaptionerWorker"
 # Threads mostly wait on the batcher, so many of them cost little and feed bigger batches.
 threads = int(os.environ.get("CAPTIONER_THREADS", "32"))
 preload_app = False  # import the app, and so load the model, in each worker after the fork
@@ -40,12 +44,29 @@ def post_fork(server, worker):
 
     import torch
 
+    from captioner.runtime import torch_threads
+
     # Threads created later take this count (torch reads it once per thread), so set it first.
-    default = max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(int(os.environ.get("CAPTIONER_TORCH_THREADS", default)))
+    torch.set_num_threads(int(os.environ.get("CAPTIONER_TORCH_THREADS", torch_threads(workers))))
+    _return_big_blocks_to_the_system()
     # The batcher thread releases the GIL around every torch op; with the default 5 ms switch
     # interval, busy request threads would make it wait that long to get it back each time.
     sys.setswitchinterval(0.0005)
+
+
+def _return_big_blocks_to_the_system():
+    """Have glibc map every block over 1 MiB on its own, so freeing it gives the memory back.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), and
+    keeps the freed memory of decoded images in the heaps of request threads: a burst of big
+    images would leave the worker hundreds of MB above its baseline for good.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; fixing it ends the raising
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def worker_exit(server, worker):

@@ -1,49 +1,85 @@
 """What a caption request carries: the image's bytes and its decoding options, both checked.
 
-The image comes as multipart field ``image`` or as the raw body with an ``image/*`` content type;
-options come as query parameters or (multipart) form fields.
+The image comes as multipart field ``image`` or as the raw body, whatever its content type says
+(an ``image/*`` type is taken at its word; any other, or none, is sniffed for an accepted image
+format); options come as query parameters or (multipart) form fields.
 """
 
 from __future__ import annotations
 
-from flask import Request
+import io
 
+from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from captioner.data.images import looks_like_image
 from captioner.errors import CaptionerError
-from captioner.options import DecodeOptions, field_types
+from captioner.options import DecodeOptions, check_applicable, field_types
 from service.errors import ServiceError
 
 IMAGE_FIELD = "image"
 OPTION_TYPES = field_types(DecodeOptions)  # name -> type, in DecodeOptions' field order
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
-_HOW = f'send the image as multipart field "{IMAGE_FIELD}" or as the request body with an image/* content type'
+_HOW = f'send the image as multipart field "{IMAGE_FIELD}" or as the request body'
+_SHOWN = 40  # characters of a client's text quoted back in a message
 
 
 def _missing(message: str) -> ServiceError:
     return ServiceError(400, "missing_image", f"{message}; {_HOW}")
 
 
+def hold_body_to_limit(request: Request, limit: int) -> None:
+    """Read a body sent without Content-Length (chunked) now, refusing it past ``limit`` bytes.
+
+    Werkzeug would cut such a body at the limit without a word, and the cut bytes would then be
+    judged as an image. Read here, it is handed on with its length, like any other body.
+
+    Raises:
+        RequestEntityTooLarge: more than ``limit`` bytes arrived (answered as 413 ``too_large``).
+    """
+    if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return
+    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    while size <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise RequestEntityTooLarge()
+    # From here on the body is an ordinary one of known length.
+    request.environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+    request.environ["CONTENT_LENGTH"] = str(size)
+    del request.environ["HTTP_TRANSFER_ENCODING"]
+    request.__dict__.pop("content_length", None)  # werkzeug caches it
+
+
 def read_image_bytes(request: Request) -> bytes:
     """The uploaded image's bytes (not yet decoded).
 
     Raises:
-        ServiceError: 400 ``missing_image`` (no image, empty, wrong field name) or 415
-            ``unsupported_media_type`` (a body that is not declared an image).
+        ServiceError: 400 ``missing_image`` (no image, empty, wrong field name, two images) or 415
+            ``unsupported_media_type`` (a body that is neither declared nor recognised an image).
     """
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
-        upload = request.files.get(IMAGE_FIELD)
-        if upload is None:
+        uploads = request.files.getlist(IMAGE_FIELD)
+        if len(uploads) > 1:
+            raise ServiceError(400, "too_many_images", f'{len(uploads)} files in field "{IMAGE_FIELD}"; send one image')
+        if not uploads:
             if IMAGE_FIELD in request.form:
                 raise _missing(f'form field "{IMAGE_FIELD}" holds text, not a file')
-            others = ", ".join(f'"{name}"' for name in request.files)
+            others = ", ".join(f'"{name[:_SHOWN]}"' for name in list(request.files)[:5])
             raise _missing(f"no field named {IMAGE_FIELD!r}" + (f" (got {others})" if others else ""))
-        data = upload.read()
-    elif mimetype.startswith("image/"):
-        data = request.get_data(cache=False)
-    elif mimetype in ("", "application/x-www-form-urlencoded") or not request.content_length:
-        data = b""
+        data = uploads[0].read()
     else:
-        raise ServiceError(415, "unsupported_media_type", f"content type {mimetype!r} is not accepted; {_HOW}")
+        data = request.get_data(cache=False)
+        # curl --data-binary says application/x-www-form-urlencoded, others octet-stream or
+        # nothing: the bytes decide. An image/* type goes to the decoder, which explains itself.
+        if data and not mimetype.startswith("image/") and not looks_like_image(data[:16]):
+            what = f"the body (content type {mimetype[:_SHOWN]!r}) is not a JPEG, PNG, GIF, BMP, WEBP or TIFF image"
+            raise ServiceError(415, "unsupported_media_type", f"{what}; {_HOW}")
     if not data:
         raise _missing("the request carries no image (empty body)")
     return data
@@ -65,14 +101,16 @@ def read_options(request: Request) -> DecodeOptions:
                 continue  # text in the image field: read_image_bytes explains that one
             if name not in OPTION_TYPES:
                 known = ", ".join(OPTION_TYPES)
-                raise ServiceError(400, "unknown_option", f"unknown option {name[:40]!r}; options are {known}")
+                raise ServiceError(400, "unknown_option", f"unknown option {name[:_SHOWN]!r}; options are {known}")
             given = source.getlist(name)
             if name in values or len(given) > 1:
                 raise ServiceError(400, "invalid_option", f"option {name!r} is given more than once")
             values[name] = given[0]
     typed = {name: _convert(name, text) for name, text in values.items()}
     try:
-        return DecodeOptions(**typed)
+        options = DecodeOptions(**typed)
+        check_applicable(options.mode, values)  # named at all, even at its default
+        return options
     except CaptionerError as exc:
         raise ServiceError(400, "invalid_option", str(exc)) from None
 
@@ -83,7 +121,7 @@ def _convert(name: str, text: str):
         value = kind(text.strip())
     except ValueError:
         noun = "an integer" if kind is int else "a number"
-        raise ServiceError(400, "invalid_option", f"{name} must be {noun}, not {text[:40]!r}") from None
+        raise ServiceError(400, "invalid_option", f"{name} must be {noun}, not {text[:_SHOWN]!r}") from None
     if name == "seed" and not 0 <= value <= MAX_SEED:
         raise ServiceError(400, "invalid_option", f"seed must be between 0 and {MAX_SEED}")
     return value

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+# A counter's `_created` series (its creation time) doubles the exposition and no dashboard here
+# reads it; the switch is process-wide in prometheus_client.
+disable_created_metrics()
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServiceMetrics:
-    """Requests by endpoint and status, request latency, model batch sizes and queue depth."""
+    """Requests by endpoint and status, errors by code, captions by decoding mode, request latency,
+    model batch sizes and queue depth."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -18,6 +22,18 @@ class ServiceMetrics:
             "captioner_http_requests",
             "HTTP requests answered, by endpoint (route pattern), method and status",
             ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "captioner_http_errors",
+            "Error answers, by status and error code (the code in the JSON body)",
+            ["status", "code"],
+            registry=self.registry,
+        )
+        self.captions = Counter(
+            "captioner_caption_requests",
+            "Caption requests answered, by decoding mode and whether explanations were asked for",
+            ["mode", "explain"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -42,9 +58,14 @@ class ServiceMetrics:
         self.queue_depth.set_function(depth)
         self.ready.set_function(lambda: float(ready()))
 
-    def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, endpoint: str, method: str, status: int, seconds: float, error_code: str | None) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
+        if error_code is not None:
+            self.errors.labels(str(status), error_code).inc()
+
+    def observe_captions(self, mode: str, explain: bool) -> None:
+        self.captions.labels(mode, "true" if explain else "false").inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything above."""

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioner.data.images import ALLOWED_FORMATS
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
+from captioner.options import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MODES, DecodeOptions
 from captioner.runtime import resolve_device
 
 
-def load_model(path: str | Path | None, device: str = "auto", name: str | None = None) -> Captioner:
-    """The captioner in ``path``, named ``name`` for clients when given.
+def load_model(path: str | Path | None, device: str = "auto", name: str | None = None, cnn: str = "eager") -> Captioner:
+    """The captioner in ``path``, named ``name`` for clients when given, its CNN in ``cnn`` arithmetic.
 
     Raises:
         CaptionerError: no path configured, or not a readable captioner checkpoint.
     """
     if not path:
         raise CaptionerError("no model configured: set CAPTIONER_MODEL_PATH to a model.pt file")
-    model = Captioner.load(path, resolve_device(device))
+    model = Captioner.load(path, resolve_device(device), cnn=cnn)
     if name:
         model.name = name
     return model
 
 
-def model_card(model: Captioner) -> dict:
-    """What ``GET /v1/model`` answers: identity, vocabulary, encoder, embedding, training metrics."""
+def model_card(model: Captioner, max_bytes: int, max_pixels: int) -> dict:
+    """What ``GET /v1/model`` answers: identity, what it was trained on and how it scored, its
+    vocabulary, encoder, embedding, decoding defaults and the limits on requests."""
+    grid = model.encoder.config.pool_grid
     return {
         "name": model.name,
         "version": model.version,
         "created": model.created,
+        "trained_on": model.data or None,  # None: a checkpoint from before the record
+        "training_metrics": model.metrics,  # the saved epoch's: val_* are on the validation split
         "vocab_size": len(model.vocab),
         "encoder": {
             **model.encoder.config.to_dict(),
@@ -36,8 +42,14 @@ def model_card(model: Captioner) -> dict:
             # A weights file is named by its base name only: the rest is server detail.
             "weights": Path(str(model.encoder.weights)).name,
         },
+        "attention_grid": [grid, grid],  # rows, columns of cells over the whole (resized) image
         "decoder": model.decoder.config.to_dict(),
         "embedding": model.embedding,
-        "training_metrics": model.metrics,
+        "decoding": {
+            "defaults": DecodeOptions().to_dict(),
+            "modes": list(MODES),
+            "limits": {"num_captions": MAX_CAPTIONS, "beam_size": MAX_BEAM_SIZE, "max_length": MAX_LENGTH},
+        },
+        "limits": {"max_bytes": max_bytes, "max_pixels": max_pixels, "formats": list(ALLOWED_FORMATS)},
         "device": str(model.device),
     }

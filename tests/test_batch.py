@@ -163,3 +163,39 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_
             assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)
     else:
         assert [r["image"] for r in csv.DictReader(out.read_text().splitlines())] == [json.loads(line)["image"] for line in reference.splitlines()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_files_and_bad_links_are_error_records_and_the_run_goes_on(capsys, tmp_path, trained_run, shapes, workers):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = shapes.split("test")[0].path
+    shutil.copy(good, folder / "a.png")
+    (folder / "b.png").symlink_to("/proc/self/mem")  # opens, then every read fails (EIO)
+    (folder / "c.png").symlink_to(folder / "absent.png")  # dangling
+    (folder / "d.png").symlink_to(folder / "d.png")  # a loop
+    (folder / "e.png").write_bytes(good.read_bytes()[:200])  # truncated
+    shutil.copy(good, folder / "f.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/b.png\nin/d.png\nin/a.png\n")
+    out = tmp_path / "captions.jsonl"
+    code, _, err = run(capsys, "caption", trained_run / "model.pt", folder, listing, "--num-workers", workers, "--output", out)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "b.png", "d.png", "a.png"]
+    codes = [r.get("error", {}).get("code") for r in records]
+    assert codes == [None, "unreadable_file", "file_not_found", "file_not_found", "corrupt_image", None, "unreadable_file", "file_not_found", None]
+    for record in records:
+        assert "error" in record or record["captions"][0]["text"]
+        assert str(tmp_path) not in record.get("error", {}).get("message", "")
+
+
+def test_a_join_that_a_kill_interrupted_leaves_no_temporary_after_a_restart(capsys, tmp_path, trained_run, shapes):
+    out = tmp_path / "captions.jsonl"
+    left = tmp_path / ".captions.jsonl.0123456789ab.tmp"  # what atomic_write leaves when killed
+    others = [tmp_path / ".notes.txt.0123456789ab.tmp", tmp_path / "mine.tmp"]
+    for path in (left, *others):
+        path.write_text("partial")
+    code, _, err = run(capsys, "caption", trained_run / "model.pt", shapes.split("test")[0].path, "--output", out)
+    assert code == 0, err
+    assert not left.exists() and all(path.exists() for path in others)

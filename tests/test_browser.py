@@ -6,7 +6,9 @@ this test fails rather than skips, so CI cannot pass without having run it.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 import threading
 import urllib.request
@@ -72,39 +74,216 @@ def api_captions(base: str, image: bytes, query: str) -> list[str]:
         return [c["text"] for c in json.load(response)["captions"]]
 
 
+def caption_posts(base: str) -> float:
+    """How many caption requests the service has answered (from /metrics)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^captioner_http_requests_total\{endpoint="/v1/captions",method="POST",status="\d+"\} (\S+)$', text, re.M)
+    return sum(float(n) for n in found)
+
+
+def scene_png(path, colour=(220, 30, 30), size=(40, 30)):
+    scene = Image.new("RGB", size, "white")
+    scene.paste(colour, (5, 5, 18, 18))
+    scene.save(path)
+    return path
+
+
+def open_page(browser, base):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(base + "/")
+    wait.until(lambda d: "captioner-resnet18-lstm" in d.find_element(By.ID, "model").text)
+    return wait
+
+
+def shown_captions(browser) -> list[str]:
+    """Each shown caption's words, as text (the end-of-caption mark left out)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#captions li')].map(li => "
+        "[...li.querySelectorAll('.word:not(.end)')].map(w => w.textContent).join(' '))"
+    )
+
+
+def caption_now(browser, wait):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "submit").click()
+    return wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#captions li"))
+
+
 def test_choose_an_image_and_see_its_captions(browser, live_server, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
-    picture = tmp_path / "shapes.png"
-    scene = Image.new("RGB", (40, 30), "white")
-    scene.paste((220, 30, 30), (5, 5, 18, 18))
-    scene.save(picture)
-    wait = WebDriverWait(browser, 30)
-
-    browser.get(live_server + "/")
-    wait.until(lambda d: "captioner-resnet18-lstm" in d.find_element(By.ID, "model").text)
+    picture = scene_png(tmp_path / "shapes.png")
+    wait = open_page(browser, live_server)
     browser.find_element(By.ID, "image-input").send_keys(str(picture))
     Select(browser.find_element(By.ID, "mode")).select_by_value("beam")
     captions_field = browser.find_element(By.NAME, "num_captions")
     captions_field.clear()
     captions_field.send_keys("2")
     assert not browser.find_element(By.NAME, "temperature").is_displayed()  # sampling only
-    browser.find_element(By.ID, "submit").click()
-
-    items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#captions li"))
-    shown = [item.text for item in items]
+    items = caption_now(browser, wait)
     expected = api_captions(live_server, picture.read_bytes(), "mode=beam&num_captions=2")
-    assert len(shown) == 2
-    for line, text in zip(shown, expected, strict=True):
-        assert line.startswith(text) and "perplexity" in line
+    assert shown_captions(browser) == expected  # ranked by perplexity, as beam search ranks
+    for item in items:
+        assert item.find_element(By.CLASS_NAME, "score").text.startswith("perplexity ")  # the ranking key first
+    assert "Ranked by perplexity" in browser.find_element(By.ID, "ranking").text
     assert "PNG 40×30" in browser.find_element(By.ID, "status").text
+    assert "shapes.png" in browser.find_element(By.ID, "file-name").text
+    assert "shapes world" in browser.find_element(By.ID, "knows").text  # what the model knows
 
-    # A file that is not an image: the service's message appears, and no captions.
+
+def test_pointing_at_a_word_overlays_its_attention_and_probability(browser, live_server, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "a.png")))
+    caption_now(browser, wait)
+    overlay = browser.find_element(By.ID, "overlay")
+    assert not overlay.is_displayed()
+    word = browser.find_element(By.CSS_SELECTOR, "#captions .word")
+    ActionChains(browser).move_to_element(word).perform()
+    wait.until(lambda d: overlay.is_displayed())
+    assert overlay.get_attribute("data-word") == word.text
+    assert f"“{word.text}”: probability 0." in browser.find_element(By.ID, "word-readout").text
+    painted = browser.execute_script(
+        "const c = arguments[0]; const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i] > 0) n++; return n;", overlay
+    )
+    assert painted > 0
+    ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
+    wait.until(lambda d: not overlay.is_displayed())
+
+
+def drop_file(browser, name: str, data: bytes, mime: str = "image/png"):
+    """Drops a file on the drop zone as a person's drag and drop does (a DataTransfer holding it)."""
+    browser.execute_script(
+        "const bytes = Uint8Array.from(atob(arguments[1]), c => c.charCodeAt(0));"
+        "const transfer = new DataTransfer();"
+        "transfer.items.add(new File([bytes], arguments[0], {type: arguments[2]}));"
+        "document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));",
+        name, base64.b64encode(data).decode(), mime,
+    )
+
+
+def test_dropping_after_choosing_shows_the_dropped_file_and_clears_the_old_answer(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "chosen.png")))
+    caption_now(browser, wait)
+    assert browser.find_element(By.ID, "status").text
+    dropped = scene_png(tmp_path / "dropped.png", colour=(30, 30, 220))
+    drop_file(browser, "dropped.png", dropped.read_bytes())
+    wait.until(lambda d: "dropped.png" in d.find_element(By.ID, "file-name").text)
+    assert "chosen.png" not in browser.find_element(By.ID, "file-name").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#captions li") == []
+    assert browser.find_element(By.ID, "status").text == ""
+    caption_now(browser, wait)
+    assert shown_captions(browser) == api_captions(live_server, dropped.read_bytes(), "mode=greedy")
+
+
+def test_cancelling_the_dialog_keeps_the_image_and_option_changes_mark_captions_stale(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    wait = open_page(browser, live_server)
+    image_input = browser.find_element(By.ID, "image-input")
+    image_input.send_keys(str(scene_png(tmp_path / "kept.png")))
+    caption_now(browser, wait)
+    # A cancelled file dialog: the input empties and says so with a change event.
+    browser.execute_script("arguments[0].value = ''; arguments[0].dispatchEvent(new Event('change'));", image_input)
+    assert "kept.png" in browser.find_element(By.ID, "file-name").text
+    assert browser.find_element(By.ID, "preview").is_displayed()
+    assert browser.find_element(By.ID, "submit").is_enabled()
+    assert not browser.find_element(By.ID, "stale-note").is_displayed()
+    Select(browser.find_element(By.ID, "mode")).select_by_value("sample")
+    assert browser.find_element(By.ID, "stale-note").is_displayed()
+    assert "stale" in browser.find_element(By.ID, "captions").get_attribute("class")
+    caption_now(browser, wait)
+    assert not browser.find_element(By.ID, "stale-note").is_displayed()
+    assert "stale" not in browser.find_element(By.ID, "captions").get_attribute("class")
+
+
+def test_a_caption_cut_at_the_length_limit_is_marked(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "a.png")))
+    browser.find_element(By.NAME, "max_length").send_keys("1")
+    [item] = caption_now(browser, wait)
+    assert "unfinished" in item.get_attribute("class")
+    assert "cut off at the length limit" in item.text
+
+
+def test_too_large_and_non_image_files_are_refused_before_upload(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    posts = caption_posts(live_server)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(17 * 1024 * 1024))
+    browser.find_element(By.ID, "image-input").send_keys(str(huge))
+    error = wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"))
+    assert "huge.png is 17 MB; the service accepts images up to 16 MB" in error.text
+    assert not browser.find_element(By.ID, "submit").is_enabled()
     fake = tmp_path / "holiday.jpg"
     fake.write_text("not a picture")
     browser.find_element(By.ID, "image-input").send_keys(str(fake))
+    wait.until(lambda d: "holiday.jpg is not an image" in d.find_element(By.ID, "error").text)
+    assert not browser.find_element(By.ID, "submit").is_enabled()
+    assert not browser.find_element(By.ID, "preview").is_displayed()
+    assert caption_posts(live_server) == posts  # nothing was sent
+
+
+def test_an_error_page_from_a_proxy_reads_as_the_status(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    browser.execute_script(
+        "window.fetch = async () => new Response('<html><body>Bad Gateway</body></html>',"
+        " {status: 502, headers: {'Content-Type': 'text/html'}});"
+    )
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "a.png")))
     browser.find_element(By.ID, "submit").click()
     error = wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"))
-    assert "unsupported_format" in error.text
-    assert browser.find_elements(By.CSS_SELECTOR, "#captions li") == []
+    assert error.text == "the service answered with an error (status 502)"
+
+
+def test_an_example_image_is_captioned_and_a_caption_copied(browser, live_server):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, live_server)
+    examples = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .example"))
+    examples[0].click()
+    wait.until(lambda d: "shapes-1.png" in d.find_element(By.ID, "file-name").text)
+    caption_now(browser, wait)
+    assert shown_captions(browser)[0]
+
+
+def test_on_a_390_px_touch_screen_the_page_fits_and_a_tapped_word_stays_shown(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(390, 844)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+    wait = open_page(browser, live_server)
+    assert browser.execute_script("return matchMedia('(pointer: coarse)').matches")
+    hint = browser.find_element(By.ID, "drop-hint").text
+    assert hint.startswith("Tap") and "Drop" not in hint  # nothing to drop on a phone
+    browser.find_element(By.ID, "image-input").send_keys(str(scene_png(tmp_path / "a.png")))
+    caption_now(browser, wait)
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    assert "Tap a word" in browser.find_element(By.ID, "hover-hint").text
+    word = browser.find_element(By.CSS_SELECTOR, "#captions .word")
+    word.click()
+    overlay = browser.find_element(By.ID, "overlay")
+    wait.until(lambda d: overlay.is_displayed())
+    browser.find_element(By.TAG_NAME, "h1").click()  # the tapped word stays until tapped again
+    assert overlay.is_displayed() and "shown" in word.get_attribute("class")
+    word.click()
+    wait.until(lambda d: not overlay.is_displayed())

@@ -81,11 +81,17 @@ def test_sampling_is_seeded_per_image_independent_of_the_batch(decoder, features
     assert [h.tokens for h in other[0]] != [h.tokens for h in both[0]]
 
 
-@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6)])
+# Below about 1e-45 a temperature or top_p is 0 in float32: they must still mean "almost greedy".
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-6), dict(temperature=1e-46), dict(temperature=5e-324),
+     dict(top_p=1e-46), dict(top_p=5e-324), dict(temperature=1e-300, top_p=1e-300, top_k=3)],
+)
 def test_sampling_filters_collapse_to_greedy(decoder, features, options):
     greedy = generate(decoder, features, DecodeOptions(), IDS)
     sampled = generate(decoder, features, DecodeOptions(mode="sample", seed=0, **options), IDS)
     assert [g[0].tokens for g in greedy] == [s[0].tokens for s in sampled]
+    assert [g[0].log_prob for g in greedy] == pytest.approx([s[0].log_prob for s in sampled])
 
 
 @pytest.mark.parametrize(
@@ -97,7 +103,10 @@ def test_sampling_filters_collapse_to_greedy(decoder, features, options):
         (dict(mode="sample", top_k=-1), "top_k"),
         (dict(mode="beam", beam_size=2, num_captions=3), "at most 2 captions"),
         (dict(mode="beam", beam_size=0), "beam_size"),
-        (dict(num_captions=2), "greedy decoding gives one caption"),
+        (dict(num_captions=2), "num_captions does not apply to greedy decoding"),
+        (dict(beam_size=8), "beam_size does not apply to greedy"),
+        (dict(mode="beam", temperature=0.5), "temperature does not apply to beam"),
+        (dict(mode="beam", seed=1), "seed does not apply to beam"),
         (dict(max_length=0), "max_length"),
     ],
 )
@@ -151,9 +160,56 @@ def test_one_step_at_a_time_equals_teacher_forcing():
     torch.nn.init.normal_(decoder.attention.coverage_weight)
     features, tokens = torch.randn(3, 4 * 9), torch.randint(3, VOCAB, (3, 6))
     with torch.no_grad():
-        memory, state = decoder.start(features)
+        memory, state = decoder.start_stepwise(features)
         steps = []
         for t in range(tokens.size(1)):
             logits, state = decoder.step(tokens[:, t], state, memory)
             steps.append(logits)
         assert torch.allclose(torch.stack(steps, dim=1), decoder(features, tokens), atol=1e-5)
+
+
+MODES = [
+    DecodeOptions(max_length=9),
+    DecodeOptions(mode="sample", num_captions=2, seed=4, max_length=9),
+    DecodeOptions(mode="beam", beam_size=3, num_captions=2, max_length=9),
+]
+
+
+@pytest.mark.parametrize("options", MODES, ids=lambda o: o.mode)
+def test_a_caption_cut_at_max_length_is_reported_unfinished(decoder, features, options):
+    finishing = generate(decoder, features, DecodeOptions(**{**options.to_dict(), "max_length": 30}), IDS)
+    assert all(h.finished == (h.tokens[-1] == IDS.end) for hyps in finishing for h in hyps)
+    with torch.no_grad():
+        decoder.out.bias[IDS.end] = -1e4  # never ends: every caption is cut
+    for hyps in generate(decoder, features, options, IDS):
+        assert hyps and all(not h.finished and len(h.tokens) == 9 and IDS.end not in h.tokens for h in hyps)
+
+
+@pytest.fixture
+def attending_decoder():
+    """A decoder over a 3 x 3 grid of cells, so that attention has somewhere to choose."""
+    torch.manual_seed(2)
+    config = DecoderConfig(feature_dim=9 * 4, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
+    return LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+
+
+@pytest.mark.parametrize("options", MODES, ids=lambda o: o.mode)
+def test_explain_gives_each_words_probability_and_the_attention_that_chose_it(attending_decoder, options):
+    features = torch.randn(3, 36, generator=torch.Generator().manual_seed(5))
+    plain = generate(attending_decoder, features, options, IDS)
+    explained = generate(attending_decoder, features, DecodeOptions(**{**options.to_dict(), "explain": True}), IDS)
+    assert all(h.word_log_probs is None for hyps in plain for h in hyps)
+    captured = []
+    attending_decoder.attention.register_forward_hook(lambda module, args, out: captured.append(out[1]))
+    for feature, hyps, plain_hyps in zip(features, explained, plain):
+        for hyp, same in zip(hyps, plain_hyps):
+            assert hyp.tokens == same.tokens  # explaining changes nothing that was decided
+            assert len(hyp.word_log_probs) == len(hyp.attention) == len(hyp.tokens)
+            assert sum(hyp.word_log_probs) == pytest.approx(hyp.log_prob, abs=1e-4)
+            captured.clear()
+            ids = torch.tensor([[IDS.start, *hyp.tokens[:-1]]])
+            with torch.no_grad():
+                attending_decoder(feature.unsqueeze(0), ids)  # teacher forcing: _Attention's own weights
+            expected = captured[0][0]  # (T, N)
+            assert torch.allclose(torch.tensor(hyp.attention), expected, atol=1e-5)
+            assert expected.std(dim=-1).min() > 0  # not uniform: the test can tell cells apart

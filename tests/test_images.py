@@ -436,3 +436,41 @@ def test_other_modes(mode, colour):
     assert rgb.mode == "RGB"
     expected = {"L": (77, 77, 77), "RGB": (1, 2, 3), "YCbCr": RED, "HSV": RED}[mode]
     assert close_to(rgb.getpixel((0, 0)), expected, 2)
+
+
+# --- decoding to the size a model needs -----------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_target_size_decodes_small_and_reports_the_files_size(fmt):
+    stored = Image.new("RGB", (1600, 800), WHITE)
+    stored.paste(RED, (0, 0, 800, 800))  # left half red
+    decoded = decode_image(encode(stored, fmt), target_size=100)
+    assert (decoded.width, decoded.height) == (1600, 800)  # what the file holds
+    # Shrunk, but never below twice the target on either side.
+    assert 200 <= decoded.image.height < 800 and decoded.image.width == 2 * decoded.image.height
+    left = decoded.image.getpixel((decoded.image.width // 4, decoded.image.height // 2))
+    assert left[0] > 240 and left[1] < 20  # still red on the left: the same picture, smaller
+
+
+def test_target_size_keeps_turned_sides_and_leaves_small_images_alone():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1200 wide x 600 high, shown turned: 600 x 1200
+    decoded = decode_image(encode(Image.new("RGB", (1200, 600)), "JPEG", exif=exif), target_size=100)
+    assert (decoded.width, decoded.height) == (600, 1200)
+    assert decoded.image.width < decoded.image.height
+    small = decode_image(encode(noise((150, 150)), "PNG"), target_size=100)
+    assert small.image.size == (150, 150)
+
+
+def test_deep_image_decodes_without_whole_image_float_copies():
+    # 16-bit grey, 6000x6000: 72 MB decoded; the old float64 conversion peaked near 1 GB.
+    values = np.zeros((6000, 6000), dtype=np.uint16)
+    values[::97, ::89] = 65535
+    data = encode(Image.fromarray(values), "PNG")
+    del values
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    decoded = decode_image(data, target_size=96)
+    rise_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert (decoded.width, decoded.height) == (6000, 6000) and decoded.image.mode == "RGB"
+    assert rise_mb < 300, f"decoding raised peak memory by {rise_mb:.0f} MB"

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from captioner.checkpoint import save_checkpoint
-from captioner.io import atomic_write
+from captioner.batch import RecordFormat
+from captioner.errors import CaptionerError
+from captioner.io import atomic_write, remove_temporaries, strict_json
 
 
 def test_writes_the_content_and_leaves_nothing_else_in_the_folder(tmp_path):
@@ -144,3 +146,24 @@ def test_a_checkpoint_that_fails_to_save_leaves_the_old_one(tmp_path):
     state = torch.load(path, weights_only=True)
     assert state["version"] == 1 and torch.equal(state["weights"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_json_output_refuses_nan_and_infinity_in_one_line(bad):
+    assert strict_json({"log_prob": -1.5}) == '{"log_prob": -1.5}'
+    with pytest.raises(CaptionerError, match="not a number"):
+        strict_json({"captions": [{"log_prob": bad}]})
+    with pytest.raises(CaptionerError, match="not a number"):
+        RecordFormat("jsonl", 1).line({"image": "a.png", "captions": [{"text": "", "log_prob": bad, "perplexity": 1.0}]})
+
+
+def test_remove_temporaries_removes_only_what_atomic_write_leaves(tmp_path):
+    left = tmp_path / ".model.pt.0123456789ab.tmp"
+    left.write_bytes(b"torn")
+    keep = [tmp_path / "notes.tmp", tmp_path / ".model.pt.tmp", tmp_path / "model.pt"]
+    for path in keep:
+        path.write_bytes(b"mine")
+    assert remove_temporaries(tmp_path, older_than=3600) == []  # too young: perhaps a write in progress
+    assert remove_temporaries(tmp_path, of="last.pt") == []
+    assert remove_temporaries(tmp_path, of="model.pt") == [left]
+    assert sorted(tmp_path.iterdir()) == sorted(keep)

@@ -43,7 +43,7 @@ def test_types_booleans_choices_and_required_come_from_the_fields():
             parser.parse_args(bad)
     decoding = argparse.ArgumentParser()
     add_dataclass_arguments(decoding, DecodeOptions)
-    assert from_args(DecodeOptions, decoding.parse_args(["--mode", "beam", "--seed", "3"])) == DecodeOptions(mode="beam", seed=3)
+    assert from_args(DecodeOptions, decoding.parse_args(["--mode", "sample", "--seed", "3"])) == DecodeOptions(mode="sample", seed=3)
     with pytest.raises(SystemExit):
         decoding.parse_args(["--mode", "nucleus"])
     with pytest.raises(CaptionerError, match="temperature"):
@@ -53,5 +53,5 @@ def test_types_booleans_choices_and_required_come_from_the_fields():
 def test_field_types_unwrap_optional_and_list():
     assert field_types(DecodeOptions) == {
         "mode": str, "num_captions": int, "temperature": float, "top_k": int,
-        "top_p": float, "beam_size": int, "max_length": int, "seed": int,
+        "top_p": float, "beam_size": int, "max_length": int, "seed": int, "explain": bool,
     }

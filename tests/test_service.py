@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 import subprocess
@@ -157,7 +158,7 @@ def test_multipart_upload_gives_captions_in_the_documented_shape(client, model_p
     assert body["model"] == {"name": "captioner-resnet18-lstm", "version": file_digest(model_path)}
     assert body["image"] == {"width": 40, "height": 30, "format": "PNG"}
     [caption] = body["captions"]
-    assert set(caption) == {"text", "log_prob", "perplexity"}
+    assert set(caption) == {"text", "log_prob", "perplexity", "finished"}
     assert caption["text"].strip() and caption["log_prob"] <= 0 and caption["perplexity"] >= 1
     # The model's own greedy caption of the image, and its scores.
     [[expected]] = Captioner.load(model_path).caption([png()])
@@ -242,7 +243,12 @@ def test_odd_but_valid_images_are_captioned(client, name, make, size, fmt):
         ("mode=sample&top_p=1.5", "invalid_option", "top_p"),
         ("mode=beam&beam_size=0", "invalid_option", "beam_size"),
         ("mode=beam&beam_size=17", "invalid_option", "beam_size"),
-        ("mode=greedy&num_captions=2", "invalid_option", "greedy decoding gives one caption"),
+        ("mode=greedy&num_captions=2", "invalid_option", "num_captions does not apply to greedy decoding"),
+        ("beam_size=8", "invalid_option", "beam_size does not apply to greedy decoding"),
+        ("beam_size=3", "invalid_option", "beam_size does not apply to greedy decoding"),  # named: refused too
+        ("mode=beam&temperature=1.0", "invalid_option", "temperature does not apply to beam decoding"),
+        ("mode=beam&seed=3", "invalid_option", "seed does not apply to beam decoding"),
+        ("mode=sample&beam_size=2", "invalid_option", "beam_size does not apply to sample decoding"),
         ("mode=beam&beam_size=2&num_captions=3", "invalid_option", "at most 2 captions"),
         ("temperature=hot", "invalid_option", "temperature must be a number"),
         ("num_captions=two", "invalid_option", "num_captions must be an integer"),
@@ -406,14 +412,12 @@ def test_full_queue_is_429(make_app, monkeypatch):
 
 def test_decode_groups_split_only_on_options_that_act_on_the_whole_call():
     greedy = DecodeOptions(max_length=10)
-    assert decode_group(greedy) == decode_group(DecodeOptions(max_length=10, temperature=3.0, seed=5, beam_size=9))
     assert decode_group(greedy) != decode_group(DecodeOptions(max_length=11))
     sample = DecodeOptions(mode="sample", num_captions=2, seed=1)
     assert decode_group(sample) == decode_group(DecodeOptions(mode="sample", num_captions=2, seed=2))
     assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, temperature=0.5))
     assert decode_group(sample) != decode_group(DecodeOptions(mode="sample", num_captions=2, top_p=0.9))
     beam = DecodeOptions(mode="beam", beam_size=4, num_captions=2)
-    assert decode_group(beam) == decode_group(DecodeOptions(mode="beam", beam_size=4, num_captions=2, top_k=3))
     assert decode_group(beam) != decode_group(DecodeOptions(mode="beam", beam_size=5, num_captions=2))
 
 
@@ -468,6 +472,55 @@ def test_model_card(client, model_path):
     assert card["embedding"]["source"] == "trained" and card["embedding"]["dim"] == model.decoder.embed.weight.size(1)
     assert "val_perplexity" in card["training_metrics"]
     assert str(model_path.parent) not in response.get_data(as_text=True)
+    # What it was trained on: the tiny shapes world of conftest (60 images, green triangles held out).
+    trained_on = card["trained_on"]
+    assert trained_on["name"] == "shapes" and trained_on["world"] == "shapes"
+    assert trained_on == model.data and trained_on["images"]["test"] == 6
+    assert trained_on["images"]["train"] == 48 and trained_on["held_out"] == ["green:triangle"]
+    assert trained_on["train_captions"] >= 48
+    assert card["attention_grid"] == [1, 1]
+    assert card["decoding"]["defaults"] == DecodeOptions().to_dict()
+    assert card["decoding"]["limits"] == {"num_captions": 10, "beam_size": 16, "max_length": 100}
+    assert card["limits"]["max_bytes"] == 16 * 1024 * 1024 and "PNG" in card["limits"]["formats"]
+
+
+def test_explain_gives_each_words_probability_and_attention(client):
+    plain = post_image(client, png(3), "mode=beam&beam_size=3&num_captions=2").get_json()
+    response = post_image(client, png(3), "mode=beam&beam_size=3&num_captions=2&explain=1")
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert "attention_grid" not in plain and body["attention_grid"] == [1, 1]
+    assert all("words" not in c for c in plain["captions"])
+    for caption, same in zip(body["captions"], plain["captions"], strict=True):
+        assert caption["text"] == same["text"]
+        words = caption["words"]
+        said = [w["word"] for w in words if w["word"] != "<end>"]
+        assert " ".join(said) == caption["text"]
+        assert (words[-1]["word"] == "<end>") == caption["finished"]
+        assert sum(math.log(w["prob"]) for w in words) == pytest.approx(caption["log_prob"], abs=1e-3)
+        for w in words:
+            assert 0 < w["prob"] <= 1
+            assert w["attention"] == [[pytest.approx(1.0, abs=1e-5)]]  # one cell: all the attention
+
+
+def test_a_caption_cut_at_the_length_limit_is_unfinished(client):
+    for query in ("max_length=1", "mode=sample&seed=1&max_length=1", "mode=beam&max_length=1"):
+        response = post_image(client, png(4), query)
+        assert response.status_code == 200, response.get_json()
+        for caption in response.get_json()["captions"]:
+            assert caption["finished"] is False and len(caption["text"].split()) == 1
+    finished = post_image(client, png(4), "max_length=30").get_json()["captions"][0]
+    assert finished["finished"] is (len(finished["text"].split()) < 30)
+
+
+def test_floats_are_rounded_to_six_significant_digits(client):
+    text = post_image(client, png(5), "mode=sample&num_captions=3&seed=2&explain=1").get_data(as_text=True)
+    text += client.get("/v1/model").get_data(as_text=True)
+    numbers = re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)
+    assert numbers
+    for number in numbers:
+        mantissa = number.split("e")[0].lstrip("-").replace(".", "").lstrip("0")
+        assert len(mantissa) <= 6, number
 
 
 def test_health_and_readiness(client):
@@ -490,6 +543,16 @@ def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app):
     assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
     assert 'captioner_http_request_duration_seconds_count{endpoint="/v1/captions"} 3.0' in text
     assert "captioner_queue_depth 0.0" in text
+    assert "_created" not in text  # no creation-time twin of every counter
+    client.get("/v1/captions")  # a real route, the wrong method
+    post_image(client, png(), "mode=beam&explain=1")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'captioner_http_requests_total{endpoint="/v1/captions",method="GET",status="405"} 1.0' in text
+    assert 'captioner_http_errors_total{code="invalid_option",status="400"} 1.0' in text
+    assert 'captioner_http_errors_total{code="not_found",status="404"} 1.0' in text
+    assert 'captioner_http_errors_total{code="method_not_allowed",status="405"} 1.0' in text
+    assert 'captioner_caption_requests_total{explain="false",mode="greedy"} 2.0' in text
+    assert 'captioner_caption_requests_total{explain="true",mode="beam"} 1.0' in text
     # A second app counts only its own requests.
     assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == 0
 
@@ -552,3 +615,98 @@ print(" ".join(sorted(sys.modules)))
     loaded = result.stdout.split()
     assert "captioner.models.captioner" in loaded and "service.api" in loaded
     assert [m for m in loaded if m.startswith(("captioner.training", "captioner.shapes", "captioner.evaluation"))] == []
+
+
+# --- intake: sniffed bodies, one image, bounded chunked bodies, short messages -------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream", "application/x-www-form-urlencoded"])
+def test_body_of_any_or_no_content_type_is_sniffed_for_an_image(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/v1/captions", data=exif_rotated_jpeg(), headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["image"] == {"width": 20, "height": 40, "format": "JPEG"}
+    text = client.post("/v1/captions", data=b"plain words, no pixels", headers=headers)
+    error_of(text, 415, "unsupported_media_type")
+
+
+def test_second_image_field_is_400(client):
+    form = {"image": [(io.BytesIO(png(1)), "a.png"), (io.BytesIO(png(2)), "b.png")]}
+    response = client.post("/v1/captions", data=form, content_type="multipart/form-data")
+    assert "send one image" in error_of(response, 400, "too_many_images")
+
+
+def chunked(data: bytes):
+    """A body stream with no length, as a server hands on a chunked upload."""
+    return {"input_stream": io.BytesIO(data), "headers": {"Transfer-Encoding": "chunked"}}
+
+
+def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=20_000)
+    ready(app)
+    client = app.test_client()
+    image = png(size=(24, 16))
+    over = image + b"\0" * 30_000  # a valid PNG first: cut at the limit it would caption
+    response = client.post("/v1/captions", content_type="image/png", **chunked(over))
+    assert "20,000 bytes" in error_of(response, 413, "too_large")
+    response = client.post("/v1/captions", content_type="image/png", **chunked(image))
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_too_many_form_parts_is_413_that_says_so(make_app):
+    app = make_app(MAX_FORM_PARTS=5)
+    ready(app)
+    fields = {f"f{i}": "x" for i in range(10)}
+    response = app.test_client().post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png"), **fields})
+    message = error_of(response, 413, "too_large")
+    assert "5 parts" in message and "bytes are accepted" not in message
+
+
+def test_long_option_names_and_values_are_cut_in_messages(client):
+    long = "z" * 400_000
+    for query in (f"temperature={long}", f"{long}=1", f"mode={long}"):
+        message = error_of(post_image(client, png(), query), 400, "invalid_option" if "=1" not in query else "unknown_option")
+        assert len(message) < 400
+
+
+def test_busy_is_429_with_retry_after_before_the_image_is_decoded(make_app, monkeypatch):
+    import service.api
+
+    app = make_app(MAX_IN_FLIGHT=1)
+    ready(app)
+    entered, release, decodes = threading.Event(), threading.Event(), []
+    decode_now = service.api.decode_image
+
+    def paused_decode(data, **kwargs):
+        decodes.append(len(data))
+        entered.set()
+        assert release.wait(30)
+        return decode_now(data, **kwargs)
+
+    monkeypatch.setattr(service.api, "decode_image", paused_decode)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            running = pool.submit(post_file, app.test_client(), png(1))
+            assert entered.wait(30)  # the one admitted request holds the slot
+            refused = post_file(app.test_client(), png(2))
+            assert "busy" in error_of(refused, 429, "busy")
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert len(decodes) == 1  # the refused image was never decoded
+            assert app.test_client().get("/healthz").status_code == 200
+        finally:
+            release.set()
+        assert running.result().status_code == 200
+    assert post_file(app.test_client(), png(3)).status_code == 200  # the slot is free again
+
+
+def test_body_that_does_not_arrive_in_time_is_408(client):
+    class Stalled(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            raise TimeoutError("the request did not arrive in time")  # as service.worker raises it
+
+    stalled = {"wsgi.input": Stalled(), "CONTENT_LENGTH": "5000"}
+    response = client.post("/v1/captions", content_type="image/png", environ_overrides=stalled)
+    error_of(response, 408, "request_timeout")

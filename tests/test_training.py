@@ -89,6 +89,12 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes
     step = torch.cat([p.detach().flatten() for p in params]) - before
     assert stats["grad_norm"] > 1e-3
     assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert stats["clip_rate"] == 1.0  # the one step was clipped
+    stats = train_one_epoch(
+        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
+        batch_size=4, clip_norm=1e9, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
+    )
+    assert stats["clip_rate"] == 0.0
 
 
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, shapes_json, feature_cache, trained_run, monkeypatch):

@@ -100,6 +100,20 @@ class Dataset:
         return chosen
 
 
+    def summary(self) -> dict:
+        """What a model trained on this data set records of it (plain data, no paths): name,
+        format, images per split, training captions, and for the shapes world its held-out pairs."""
+        world = self.meta.get("shapes_world")
+        return {
+            "name": self.name,
+            "format": self.format,
+            "images": dict(Counter(r.split for r in self.records)),
+            "train_captions": sum(len(r.captions) for r in self.records if r.split == "train"),
+            "world": "shapes" if isinstance(world, dict) else None,
+            "held_out": list(world.get("holdout", [])) if isinstance(world, dict) else [],
+        }
+
+
 class _Entry(NamedTuple):
     """A record before its image folder is known."""
 
@@ -304,6 +318,8 @@ def _read_karpathy(label: str, source: Path, data: Any, split: str | None) -> _P
         entries.append(_Entry(image_id, file, captions, _split_name(image.get("split"), split), scene))
     name = data.get("dataset")
     meta = {k: v for k, v in data.items() if k not in ("images", "dataset")}
+    if "shapes_world" in meta:
+        _check_shapes_world(label, meta["shapes_world"])
     folder = source.parent
     return _Parsed(
         entries,
@@ -311,6 +327,19 @@ def _read_karpathy(label: str, source: Path, data: Any, split: str | None) -> _P
         meta,
         [folder] + [folder / d for d in _IMAGE_DIRS],
     )
+
+
+def _check_shapes_world(label: str, world: Any) -> None:
+    """The settings ``captioner synth`` wrote, as far as training and evaluation read them."""
+    where = f"{label}: 'shapes_world'"
+    if not isinstance(world, dict):
+        raise CaptionerError(f"{where} must be an object of the generator's settings, not {type(world).__name__}")
+    size = world.get("image_size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 4096):
+        raise CaptionerError(f"{where} 'image_size' must be a whole number of pixels from 8 to 4096")
+    holdout = world.get("holdout", [])
+    if not (isinstance(holdout, list) and all(isinstance(h, str) for h in holdout)):
+        raise CaptionerError(f"{where} 'holdout' must be a list of \"colour:shape\" strings")
 
 
 def _sentence_text(sentence: Any) -> str:

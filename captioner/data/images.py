@@ -36,6 +36,13 @@ _SIGNATURES = (
     b"MM\x00*",  # TIFF, big-endian
 )
 
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether ``head`` (a file's first 16 bytes or more) starts like an allowed format."""
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 # What Pillow's decoders raise on malformed data; anything else is a bug and propagates.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
@@ -86,7 +93,10 @@ class DecodedImage:
 
 
 def decode_image(
-    source: bytes | str | os.PathLike[str] | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: bytes | str | os.PathLike[str] | BinaryIO,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    target_size: int | None = None,
 ) -> DecodedImage:
     """Decode an untrusted image into RGB, refusing anything unsafe or unreadable.
 
@@ -99,6 +109,11 @@ def decode_image(
             binary file object. A seekable file object is read from its start, as
             Pillow does; it is left open.
         max_pixels: Largest accepted ``width * height``.
+        target_size: The side the caller will resize to (a model's input size). When given,
+            a large image is decoded or shrunk to no less than twice that side on each axis
+            (JPEG decodes at 1/2, 1/4 or 1/8 scale; other formats are reduced by an integer
+            factor right after decoding), so memory and later copies stay small. The reported
+            width and height stay those of the file.
 
     Returns:
         The decoded image with its size and format.
@@ -108,7 +123,7 @@ def decode_image(
             ``too_many_pixels`` or (paths only) ``file_not_found``.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode_stream(io.BytesIO(source), max_pixels)
+        return _decode_stream(io.BytesIO(source), max_pixels, target_size)
     if isinstance(source, (str, os.PathLike)):
         # Only the base name may appear in messages: the rest of the path is server detail.
         name = os.path.basename(os.fsdecode(source))
@@ -122,8 +137,8 @@ def decode_image(
         except OSError as exc:
             raise ImageError("file_not_found", f"image file {name!r} cannot be read") from exc
         with fp:
-            return _decode_stream(fp, max_pixels)
-    return _decode_stream(_seekable(source), max_pixels)
+            return _decode_stream(fp, max_pixels, target_size)
+    return _decode_stream(_seekable(source), max_pixels, target_size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -141,8 +156,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Returns:
         An RGB image; ``image`` itself when it already is RGB without transparency.
     """
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_grey8(image)
+    image = _deep_to_grey8(image)
     if image.has_transparency_data:
         white = Image.new("RGBA", image.size, "white")
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -160,7 +174,7 @@ def _seekable(fp: BinaryIO) -> BinaryIO:
     return fp
 
 
-def _decode_stream(fp: BinaryIO, max_pixels: int) -> DecodedImage:
+def _decode_stream(fp: BinaryIO, max_pixels: int, target_size: int | None = None) -> DecodedImage:
     """Decode a seekable binary stream positioned at its start."""
     head = fp.read(16)
     fp.seek(0)
@@ -184,41 +198,85 @@ def _decode_stream(fp: BinaryIO, max_pixels: int) -> DecodedImage:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise _too_many_pixels(max_pixels, f"{width}x{height} pixels")
+                if target_size and opened.format in ("JPEG", "MPO"):
+                    opened.draft(opened.mode, (2 * target_size, 2 * target_size))  # decode at 1/2..1/8
                 opened.load()  # decode now, so corrupt data fails here and not in a caller
-                oriented = ImageOps.exif_transpose(opened)  # always a new, file-free image
+                small = _shrink(_deep_to_grey8(opened), target_size)
+                oriented = ImageOps.exif_transpose(small)  # always a new, file-free image
                 # An MPO (multi-picture, from some cameras) is a JPEG with extra frames.
                 fmt = "JPEG" if opened.format == "MPO" else str(opened.format)
         except Image.DecompressionBombError as exc:  # over Pillow's hard limit
             raise _too_many_pixels(max_pixels) from exc
         except UnidentifiedImageError as exc:
-            if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            if looks_like_image(head):
                 raise _corrupt() from exc
             raise ImageError("unsupported_format", f"not a supported image; {_ACCEPTED}") from exc
         except _DECODE_ERRORS as exc:
             raise _corrupt() from exc
 
+    if oriented.size != small.size:  # turned by 90 degrees: the file's sides swap too
+        width, height = height, width
     try:
         image = to_rgb(oriented)
     except ValueError as exc:  # a colour mode Pillow cannot convert, e.g. from an exotic TIFF
         message = f"{fmt} images in colour mode {oriented.mode} are not supported; {_ACCEPTED}"
         raise ImageError("unsupported_format", message) from exc
-    return DecodedImage(image=image, width=image.width, height=image.height, format=fmt)
+    return DecodedImage(image=image, width=width, height=height, format=fmt)
+
+
+def _deep_to_grey8(image: Image.Image) -> Image.Image:
+    """``image`` itself, or its 8-bit grey version when it holds 16-/32-bit integers or floats."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _to_grey8(image)
+    return image
+
+
+def _shrink(image: Image.Image, target_size: int | None) -> Image.Image:
+    """Reduce by the largest integer factor that keeps both sides at least ``2 * target_size``."""
+    if not target_size:
+        return image
+    factor = min(image.width, image.height) // (2 * target_size)
+    if factor < 2:
+        return image
+    try:
+        return image.reduce(factor)  # a box filter: the same area average a resize would take
+    except ValueError:  # modes reduce cannot take (P, 1): the caller's resize does it later
+        return image
+
+
+# Rows of a deep image scaled at once: bounds the temporary copies to a few megabytes.
+_BAND_PIXELS = 1 << 20
 
 
 def _to_grey8(image: Image.Image) -> Image.Image:
-    """Scale a single-channel integer or float image to 8-bit grey by its bit depth."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-    peak = values.max(initial=0.0)
-    if image.mode == "F":
-        # Float images conventionally hold 0..1; larger values mean Pillow's 0..255 scale.
-        full_scale = 1.0 if peak <= 1.0 else 255.0
-    elif image.mode == "I":
-        # Mode I records no bit depth: Pillow keeps 8-bit (L -> I), 16-bit (signed TIFFs,
-        # I;16 -> I) and true 32-bit data in it, so take the narrowest depth that holds the data.
-        full_scale = next((limit for limit in (255.0, 65535.0) if peak <= limit), 2.0**31 - 1)
-    else:  # I;16, I;16B, ...
-        full_scale = 65535.0
-    grey = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    """Scale a single-channel integer or float image to 8-bit grey by its bit depth.
+
+    Works a band of rows at a time in float32, so the only full-size copy is the 8-bit result:
+    a 6000x6000 16-bit image needs 36 MB here, not the gigabyte of whole-image float64 copies.
+    """
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:  # (bottom - top, width) float32
+        values = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float32)
+        return np.nan_to_num(values, nan=0.0)
+
+    if image.mode.startswith("I;16"):
+        full_scale = 65535.0  # I;16, I;16B, ...
+    else:
+        peak = max((float(band(top, bottom).max(initial=0.0)) for top, bottom in bands), default=0.0)
+        if image.mode == "F":
+            # Float images conventionally hold 0..1; larger values mean Pillow's 0..255 scale.
+            full_scale = 1.0 if peak <= 1.0 else 255.0
+        else:
+            # Mode I records no bit depth: Pillow keeps 8-bit (L -> I), 16-bit (signed TIFFs,
+            # I;16 -> I) and true 32-bit data in it, so take the narrowest depth that holds the data.
+            full_scale = next((limit for limit in (255.0, 65535.0) if peak <= limit), 2.0**31 - 1)
+    grey = np.empty((height, width), dtype=np.uint8)
+    scale = np.float32(255.0 / full_scale)
+    for top, bottom in bands:
+        grey[top:bottom] = np.clip(np.rint(band(top, bottom) * scale), 0, 255)
     return Image.fromarray(grey)
 
 

@@ -3,6 +3,7 @@ owner of its checkpoint (what goes in, and how the model is rebuilt from it)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class Captioner(nn.Module):
         vocab: the decoder's vocabulary.
         embedding: where the word vectors came from (source, file, dimension, coverage).
         metrics: the training metrics of the epoch that was saved.
+        data: what it was trained on (data set name, format, images per split, captions, and for
+            the shapes world its held-out pairs); empty for checkpoints that predate the record.
         created: when its checkpoint was written (UTC, ISO 8601).
 
     Attributes:
@@ -44,6 +47,7 @@ class Captioner(nn.Module):
         *,
         embedding: dict | None = None,
         metrics: dict | None = None,
+        data: dict | None = None,
         created: str | None = None,
     ):
         super().__init__()
@@ -52,8 +56,9 @@ class Captioner(nn.Module):
         self.vocab = vocab
         self.embedding = embedding or {}
         self.metrics = metrics or {}
+        self.data = data or {}
         self.created = created
-        self.name = f"captioner-{encoder.config.name}-lstm"
+        self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
 
@@ -64,11 +69,13 @@ class Captioner(nn.Module):
                 "config": self.encoder.config.to_dict(),
                 "weights": self.encoder.weights,
                 "pretraining": self.encoder.pretraining,
+                "int8_calibration": self.encoder.int8_calibration,
                 "state_dict": self.encoder.state_dict(),
             },
             "decoder": {"config": self.decoder.config.to_dict(), "state_dict": self.decoder.state_dict()},
             "vocab": list(self.vocab.words),
             "embedding": self.embedding,
+            "data": self.data,
             **extra,
         }
 
@@ -84,6 +91,7 @@ class Captioner(nn.Module):
             encoder.load_state_dict(state["encoder"]["state_dict"])
             encoder.weights = state["encoder"].get("weights", "none")
             encoder.pretraining = state["encoder"].get("pretraining", {})
+            encoder.int8_calibration = state["encoder"].get("int8_calibration", {})
             decoder_state = state["decoder"]["state_dict"]
             decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
@@ -95,15 +103,20 @@ class Captioner(nn.Module):
             vocab,
             embedding=state.get("embedding", {}),
             metrics=state.get("metrics", {}),
+            data=state.get("data", {}),
             created=state.get("created"),
         )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
-        """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", cnn: str = "eager") -> Captioner:
+        """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``; ``cnn="int8"``
+        runs its CNN in int8 (CPU only, from the checkpoint's calibration)."""
         model = cls.from_checkpoint(read_checkpoint(path), source=Path(path).name)
         model.version = file_digest(path)
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        if cnn == "int8":
+            model.encoder.use_int8()
+        return model
 
     @property
     def device(self) -> torch.device:
@@ -129,11 +142,29 @@ class Captioner(nn.Module):
         return generate(self.decoder, features.to(self.device), options, self.ids, seeds)
 
     def describe(self, hypotheses: list[list[Hypothesis]]) -> list[list[dict]]:
-        """Hypotheses -> ``{"text", "log_prob", "perplexity"}`` dictionaries."""
-        return [
-            [{"text": self.vocab.decode(h.tokens), "log_prob": h.log_prob, "perplexity": h.perplexity} for h in hyps]
-            for hyps in hypotheses
-        ]
+        """Hypotheses -> ``{"text", "log_prob", "perplexity", "finished"}`` dictionaries; explained
+        ones add ``"words"``: ``[{"word", "prob", "attention"}]``, the attention as rows x columns
+        of the encoder's cell grid (the whole image, resized, is the grid)."""
+        return [[self._describe_one(h) for h in hyps] for hyps in hypotheses]
+
+    def _describe_one(self, h: Hypothesis) -> dict:
+        described = {
+            "text": self.vocab.decode(h.tokens),
+            "log_prob": h.log_prob,
+            "perplexity": h.perplexity,
+            "finished": h.finished,
+        }
+        if h.word_log_probs is not None:
+            side = self.encoder.config.pool_grid
+            described["words"] = [
+                {
+                    "word": self.vocab.words[token],
+                    "prob": math.exp(log_p),
+                    "attention": [weights[row * side : (row + 1) * side] for row in range(side)],  # (G, G)
+                }
+                for token, log_p, weights in zip(h.tokens, h.word_log_probs, h.attention)
+            ]
+        return described
 
     def caption(self, images: Sequence, **options) -> list[list[dict]]:
         """Captions for images.
@@ -144,7 +175,8 @@ class Captioner(nn.Module):
                 beam_size, max_length, seed).
 
         Returns:
-            For each image, a list of ``{"text", "log_prob", "perplexity"}``.
+            For each image, a list of ``{"text", "log_prob", "perplexity", "finished"}`` (and
+            ``"words"`` with ``explain=True``).
         """
         decode_options = DecodeOptions(**options)
         pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]

@@ -27,15 +27,31 @@ green and triangle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from captioner.errors import CaptionerError
+from captioner.models.recurrent import recurrent_layer, run_layer, unroll
+from captioner.options import CELLS
 
 # (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
 # every tensor has the batch in dimension 1, so beam search reorders them all alike.
 State = tuple[torch.Tensor, ...]
+
+
+class StepMemory(NamedTuple):
+    """What generation reads of each image at every step (``LSTMDecoder.start_stepwise``)."""
+
+    keys: torch.Tensor  # (B, N, H) what attention reads from each cell
+    context_gates: torch.Tensor  # (B, N, 4H) each cell's share of the language LSTM's gates
+    cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
+    word_gates: torch.Tensor  # (V, 4H) each word's share of the word LSTM's gates, biases included
+
+    def rows(self, index: torch.Tensor) -> StepMemory:
+        """The memory of the images ``index`` selects (a mask or indices), in that order."""
+        return self._replace(keys=self.keys[index], context_gates=self.context_gates[index], cells=self.cells[index])
 
 
 @dataclass(frozen=True)
@@ -52,9 +68,12 @@ class DecoderConfig:
     # Per group of the encoder's cell head, the vocabulary id of each class's name (-1: no word, as
     # for "nothing here"): words said by copying them from the attended cell. Empty: no copying.
     copy_ids: tuple[tuple[int, ...], ...] = ()
+    cell: str = "lstm"  # the recurrent cell of both layers; checkpoints before it was chosen are LSTMs
 
     def __post_init__(self):
         object.__setattr__(self, "copy_ids", tuple(tuple(group) for group in self.copy_ids))
+        if self.cell not in CELLS:
+            raise CaptionerError(f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
             raise CaptionerError("hidden size and layers must be positive and dropout in [0, 1)")
         if self.cells < 1 or self.feature_dim % self.cells:
@@ -89,7 +108,8 @@ class LSTMDecoder(nn.Module):
         # Frozen word2vec vectors: no gradient, so never in the optimizer either.
         self.embed = nn.Embedding.from_pretrained(embedding.float(), freeze=True, padding_idx=pad_id)
         self.feature_norm = nn.LayerNorm(cell_dim)
-        self.word_lstm = nn.LSTM(config.embed_dim, hidden, batch_first=True)
+        # "lstm" in the names whatever the cell: the checkpoints' weight names stay as they were.
+        self.word_lstm = recurrent_layer(config.cell, config.embed_dim, hidden)
         self.memory = nn.Linear(cell_dim, hidden)  # what attention reads from each cell
         # Where each cell is: a context vector is a weighted sum of cell contents, which says what
         # was looked at but not where; relations ("left of", "above") need the where. The cells'
@@ -99,7 +119,7 @@ class LSTMDecoder(nn.Module):
         self.position = nn.Linear(2, hidden)
         self.attention = _Attention(hidden)
         between_layers = config.dropout if config.num_layers > 1 else 0.0
-        self.language_lstm = nn.LSTM(2 * hidden, hidden, config.num_layers, batch_first=True, dropout=between_layers)
+        self.language_lstm = recurrent_layer(config.cell, 2 * hidden, hidden, config.num_layers, between_layers)
         self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.copy = _Copy(config.copy_ids, config.vocab_size) if config.copy_ids else None
@@ -108,8 +128,8 @@ class LSTMDecoder(nn.Module):
     def start(self, features: torch.Tensor) -> tuple[torch.Tensor, State]:
         """(B, F) image features -> memory (B, N, H + C) and the initial state.
 
-        The memory holds, per cell, what attention reads (H) and the cell's own features (C), which
-        a copying decoder reads as class probabilities.
+        The memory holds, per cell, what attention reads (H) and, for a copying decoder, the
+        probability of each class name the cell holds (C: ``_Copy.cell_words``), else its features.
         """
         batch, cells = features.size(0), self.config.cells
         cell_features = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
@@ -119,19 +139,46 @@ class LSTMDecoder(nn.Module):
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
         keys = self.memory(x) + self.position(self.coordinates)  # (B, N, H)
         context, coverage = keys.new_zeros(1, batch, hidden), keys.new_zeros(1, batch, cells)
+        if self.copy is not None:  # computed once per image, not at every step
+            cell_features = self.copy.cell_words(cell_features.float())  # (B, N, L)
         memory = torch.cat([keys, cell_features.to(keys.dtype)], dim=-1)  # (B, N, H + C)
         return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
 
-    def run(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, State]:
+        """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
+        memory, state = self.start(features)
+        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        if self.config.cell != "lstm":  # a GRU or RNN (the lecture's comparison) steps through run: no gates kept
+            return StepMemory(keys, keys[..., :0], cell_features, keys.new_zeros(0, 0)), state
+        # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
+        # sum of each key's share of the gates, computed once here, saves most of a matrix
+        # product at every generated word.
+        context_gates = keys @ self.language_lstm.weight_ih_l0[:, self.config.hidden_size :].T  # (B, N, 4H)
+        # Likewise the word LSTM's input is one of V word vectors: its gates, a row to look up.
+        lstm = self.word_lstm
+        word_gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, self.embed.weight, lstm.weight_ih_l0.T)  # (V, 4H)
+        return StepMemory(keys, context_gates, cell_features, word_gates), state
+
+    def run(
+        self, tokens: torch.Tensor, state: State, memory: torch.Tensor, trace: dict | None = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
 
-        With copying the logits are log-probabilities (their softmax is themselves).
+        With copying the logits are log-probabilities (their softmax is themselves). ``trace``, a
+        dict, asks to look inside (``captioner.inspection``): the language layer then runs unrolled
+        by its equations, and the dict receives the (B, T, N) ``attention`` and that layer's
+        ``gates``, ``cell`` and ``hidden`` (see ``recurrent.unroll``). Without it nothing changes.
         """
         word_h, word_c, h, c, context, coverage = state
         keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
-        queries, (word_h, word_c) = self.word_lstm(self.embed(tokens), (word_h, word_c))  # (B, T, H)
+        queries, word_h, word_c = run_layer(self.word_lstm, self.embed(tokens), word_h, word_c)  # (B, T, H)
         contexts, weights, context, coverage = self.attention(queries, keys, context[0], coverage[0])
-        x, (h, c) = self.language_lstm(torch.cat([queries, contexts], dim=-1), (h, c))
+        inputs = torch.cat([queries, contexts], dim=-1)  # (B, T, 2H)
+        if trace is None:
+            x, h, c = run_layer(self.language_lstm, inputs, h, c)
+        else:
+            x, h, c = unroll(self.language_lstm, inputs, h, c, trace)
+            trace["attention"] = weights
         logits = self.out(self.dropout(x))  # (B, T, V + slots)
         if self.copy is not None:
             logits = self.copy(logits, weights, cell_features)
@@ -142,10 +189,52 @@ class LSTMDecoder(nn.Module):
         memory, state = self.start(features)
         return self.run(tokens, state, memory)[0]
 
-    def step(self, tokens: torch.Tensor, state: State, memory: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """One word: (B,) last ids -> (B, V) next-word logits and the new state."""
-        logits, state = self.run(tokens.unsqueeze(1), state, memory)
-        return logits.squeeze(1), state
+    def step(self, tokens: torch.Tensor, state: State, memory: StepMemory) -> tuple[torch.Tensor, State]:
+        """One word: (B,) last ids -> (B, V) next-word logits and the new state (memory and the
+        first state from ``start_stepwise``).
+
+        What ``run`` computes for one step, in fewer operations: generation takes one step per
+        word for every caption, and at a batch of a few dozen images the cost of a step is the
+        number of operations as much as their arithmetic (no ``nn.LSTM`` sequence set-up, no
+        stacking of one-step sequences, the input side of both LSTMs looked up or summed from
+        ``start_stepwise``'s precomputed gates).
+        """
+        if self.config.cell != "lstm":
+            keys, _, cells, _ = memory
+            logits, state = self.run(tokens.unsqueeze(1), state, torch.cat([keys, cells.to(keys.dtype)], dim=-1))
+            return logits.squeeze(1), state
+        word_h, word_c, h, c, context, coverage = state
+        keys, context_gates, cell_features, word_gates = memory
+        word_gates = torch.addmm(word_gates[tokens], word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
+        query, word_c = _lstm_from_gates(word_gates, word_c[0])  # (B, H)
+        context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
+        lstm, hidden = self.language_lstm, self.config.hidden_size
+        gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, query, lstm.weight_ih_l0[:, :hidden].T)
+        gates = torch.addmm(gates, h[0], lstm.weight_hh_l0.T)
+        gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), context_gates).squeeze(1)  # (B, 4H)
+        x, c_layer = _lstm_from_gates(gates, c[0])
+        hs, cs = [x], [c_layer]
+        for layer in range(1, self.config.num_layers):
+            x, c_layer = _lstm_cell(self.language_lstm, layer, x, h[layer], c[layer])
+            hs.append(x)
+            cs.append(c_layer)
+        logits = self.out(x)  # (B, V + slots); dropout is off in generation
+        if self.copy is not None:
+            logits = self.copy(logits, weights, cell_features)
+        return logits, (query[None], word_c[None], torch.stack(hs), torch.stack(cs), context[None], coverage[None])
+
+
+def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """One step of one layer of ``lstm``: (B, I) input, (B, H) state -> the new (B, H) h and c."""
+    weights = [getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    return torch.lstm_cell(x, (h, c), *weights)
+
+
+def _lstm_from_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's update from its (B, 4H) pre-activation gates (PyTorch's order: i, f, g, o)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _grid_coordinates(cells: int) -> torch.Tensor:
@@ -178,14 +267,18 @@ class _Attention(nn.Module):
         context and the coverage after."""
         contexts, all_weights = [], []
         for query in self.query(queries).unbind(1):  # the only loop over steps in training
-            keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
-            scores = self.score(torch.tanh(keys)).squeeze(-1) - self.coverage_penalty * coverage  # (B, N)
-            weights = scores.softmax(dim=-1)
-            context = (weights.unsqueeze(1) @ memory).squeeze(1)
-            coverage = coverage + weights
+            context, weights, coverage = self.step(query, memory, context, coverage)
             contexts.append(context)
             all_weights.append(weights)
         return torch.stack(contexts, dim=1), torch.stack(all_weights, dim=1), context, coverage
+
+    def step(self, query: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
+        """One (B, H) projected query -> (B, H) context, (B, N) weights and the coverage after."""
+        keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
+        scores = self.score(torch.tanh(keys)).squeeze(-1) - self.coverage_penalty * coverage  # (B, N)
+        weights = scores.softmax(dim=-1)
+        context = (weights.unsqueeze(1) @ memory).squeeze(1)
+        return context, weights, coverage + weights
 
 
 class _Copy(nn.Module):
@@ -209,17 +302,22 @@ class _Copy(nn.Module):
         self.register_buffer("copied", said, persistent=False)  # (V,) words only copying says
         self.vocab_size, self.num_groups = vocab_size, len(copy_ids)
 
-    def forward(self, logits: torch.Tensor, attention: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """(B, T, V + G) output logits, (B, T, N) attention, (B, N, C) class probabilities per cell
-        -> (B, T, V) log-probabilities of the next word."""
-        logits, attention, cells = logits.float(), attention.float(), cells.float()
-        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
-        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (B, T, V + G)
+    def cell_words(self, cells: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) class probabilities per cell -> (B, N, L) per cell, the probability of each
+        named class within its group (renormalised over the classes that have a name)."""
         named = cells[..., self.classes]  # (B, N, L)
         per_group = named.new_zeros(*named.shape[:-1], self.num_groups).index_add_(-1, self.groups, named)
-        named = named / per_group[..., self.groups].clamp_min(1e-6)  # (B, N, L), each group sums to 1
-        copied = (attention @ named).clamp_min(1e-12).log()  # (B, T, L)
-        slots = log_p[..., self.vocab_size + self.groups]  # (B, T, L)
+        return named / per_group[..., self.groups].clamp_min(1e-6)  # each group sums to 1
+
+    def forward(self, logits: torch.Tensor, attention: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        """(..., V + G) output logits, (..., N) attention, (B, N, L) ``cell_words`` -> (..., V)
+        log-probabilities of the next word (``...``: (B, T) or (B,))."""
+        logits, attention, named = logits.float(), attention.float(), named.float()
+        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
+        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (..., V + G)
+        copied = (attention.unsqueeze(-2) @ named).squeeze(-2) if attention.dim() == 2 else attention @ named
+        copied = copied.clamp_min(1e-12).log()  # (..., L)
+        slots = log_p[..., self.vocab_size + self.groups]  # (..., L)
         out = log_p[..., : self.vocab_size].scatter(-1, self.words.expand_as(copied), slots + copied)
         # Attention on cells with nothing named loses its slots' mass: what is left is renormalised.
         return out - out.logsumexp(dim=-1, keepdim=True)

@@ -9,6 +9,7 @@ caller turns images into tensors through it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from captioner.data.images import decode_image
 from captioner.errors import CaptionerError
+from captioner.models import int8
 from captioner.options import BACKBONES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,6 +108,7 @@ class Encoder(nn.Module):
         weights: what weights it holds, as stored in checkpoints (``none``, ``imagenet:...``,
             ``file:NAME``, ``auxiliary:shapes-world``).
         pretraining: for auxiliary pretraining, how it went (protocol, held-out pairs, accuracies).
+        int8_calibration: the trunk's activation ranges over training images, if calibrated (``calibrate``).
     """
 
     def __init__(self, config: EncoderConfig):
@@ -114,6 +117,8 @@ class Encoder(nn.Module):
         self.transform = ImageTransform(config)
         self.weights = "none"
         self.pretraining: dict = {}  # how it was pretrained, when it was (the shapes world's protocol, accuracies)
+        self.int8_calibration: dict[str, torch.Tensor] = {}  # activation ranges for the int8 trunk (models/int8.py)
+        object.__setattr__(self, "_int8_trunk", None)
         self.backbone = torchvision.models.get_model(config.name, weights=None)
         # The classifier is not used; dropping it keeps checkpoints small.
         if config.name.startswith("resnet"):
@@ -136,13 +141,40 @@ class Encoder(nn.Module):
             self.colour_head = nn.Linear(16, sizes[colour])
         self.feature_dim = (sum(config.group_sizes) or channels) * config.pool_grid**2
 
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
+    def trunk(self) -> nn.Module:
+        """The convolutional trunk as one module, sharing this encoder's layers: what int8 replaces."""
         b = self.backbone
         if self.config.name.startswith("resnet"):
-            x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
-            return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-        return b.features(images)
+            return nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1, b.layer2, b.layer3, b.layer4)
+        return b.features
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
+        if self._int8_trunk is not None:
+            return self._int8_trunk(images)
+        return self.trunk()(images)
+
+    def trunk_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What the trunk sees of (B, 3, H, W) normalised images: without their colours beside a colour path."""
+        return self.colour_free(images) if self.colour_head is not None else images
+
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Records the trunk's activation ranges over ``batches`` of normalised images, for ``use_int8``."""
+        inputs = (self.trunk_input(batch) for batch in batches)
+        self.int8_calibration = int8.calibrate(self.trunk(), self.config.image_size, inputs)
+
+    def use_int8(self, on: bool = True) -> Encoder:
+        """Runs the trunk in int8 from now on, or again in fp32 (CPU only; needs a calibration)."""
+        if not on:
+            object.__setattr__(self, "_int8_trunk", None)
+            return self
+        if not self.int8_calibration:
+            raise CaptionerError("this model has no int8 calibration; run captioner calibrate on it first")
+        if any(p.device.type != "cpu" for p in self.parameters()):
+            raise CaptionerError("the int8 CNN runs on the CPU only; use --device cpu")
+        # Kept out of the state_dict: checkpoints hold the fp32 weights and the calibration.
+        object.__setattr__(self, "_int8_trunk", int8.convert(self.trunk(), self.config.image_size, self.int8_calibration))
+        return self
 
     def cell_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, G * G, classes) logits of the cell head, every group's.
@@ -156,7 +188,7 @@ class Encoder(nn.Module):
             raise CaptionerError("this encoder has no per-cell classifier head")
         if self.colour_head is None:
             return self.head(self.pool(self.feature_map(images)).flatten(2).transpose(1, 2))
-        others = self.head(self.pool(self.feature_map(self.colour_free(images))).flatten(2).transpose(1, 2))
+        others = self.head(self.pool(self.feature_map(self.trunk_input(images))).flatten(2).transpose(1, 2))
         colour = self.colour_head(self.colour_path(images[..., ::2, ::2]).flatten(2).transpose(1, 2))  # (B, G*G, K)
         at = sum(self.config.group_sizes[: self.config.colour_group])
         return torch.cat([others[..., :at], colour, others[..., at:]], dim=-1)

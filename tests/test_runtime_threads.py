@@ -1,0 +1,43 @@
+"""Tests for captioner.runtime's torch-thread rule: affinity, cgroup quotas, workers."""
+
+from __future__ import annotations
+
+import pytest
+
+from captioner import runtime
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+    """A machine of 16 CPUs whose affinity and cgroup files a test sets."""
+
+    def make(affinity=16, v2=None, v1=None):
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+        monkeypatch.setattr(runtime, "CGROUP_V2_CPU_MAX", str(tmp_path / "cpu.max"))
+        monkeypatch.setattr(runtime, "CGROUP_V1_CPU", str(tmp_path / "v1"))
+        if v2 is not None:
+            (tmp_path / "cpu.max").write_text(v2)
+        if v1 is not None:
+            (tmp_path / "v1").mkdir()
+            (tmp_path / "v1" / "cpu.cfs_quota_us").write_text(str(v1[0]))
+            (tmp_path / "v1" / "cpu.cfs_period_us").write_text(str(v1[1]))
+
+    return make
+
+
+def test_threads_follow_affinity_less_one_cpu_shared_by_workers(machine):
+    machine(affinity=16)
+    assert runtime.usable_cpus() == 16
+    assert runtime.torch_threads(1) == 15 and runtime.torch_threads(3) == 5 and runtime.torch_threads(32) == 1
+    machine(affinity=2)  # taskset -c 0,1
+    assert runtime.torch_threads(1) == 1
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "cpus"),
+    [("400000 100000\n", None, 4.0), ("max 100000\n", None, 16.0), (None, (250000, 100000), 2.5), (None, (-1, 100000), 16.0)],
+)
+def test_cgroup_quota_caps_the_cpus(machine, v2, v1, cpus):
+    machine(affinity=16, v2=v2, v1=v1)
+    assert runtime.usable_cpus() == cpus
+    assert runtime.torch_threads(1) == max(1, int(cpus - 1))
