@@ -90,13 +90,26 @@ class _DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            return i, self.transform.load(self.paths[i]), None
-        except ImageError as exc:
-            return i, None, {"code": exc.code, "message": str(exc)}
-        except OSError as exc:  # it opened, then a read failed (a bad disk, a network file system)
-            message = f"image file {self.paths[i].name!r} cannot be read ({exc.strerror or type(exc).__name__})"
-            return i, None, {"code": "unreadable_file", "message": message}
+        return i, *load_image(self.transform, self.paths[i])
+
+
+def load_image(transform: ImageTransform, source) -> tuple[torch.Tensor | None, dict | None]:
+    """(3, S, S) tensor and no error, or no tensor and ``{"code", "message"}``: a bad image is data."""
+    try:
+        return transform.load(source), None
+    except ImageError as exc:
+        return None, {"code": exc.code, "message": str(exc)}
+    except OSError as exc:  # it opened, then a read failed (a bad disk, a network file system)
+        name = Path(source).name if isinstance(source, (str, Path)) else "image"
+        message = f"image file {name!r} cannot be read ({exc.strerror or type(exc).__name__})"
+        return None, {"code": "unreadable_file", "message": message}
+
+
+def caption_tensors(model: Captioner, batch: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
+    """(B, 3, S, S) preprocessed images -> their captions, each image seeded alike (``options.seed``),
+    so that an image's captions do not depend on the batch it came in: every engine captions here."""
+    features = model.encode(batch.to(model.device))
+    return model.describe(model.generate(features, options, [options.seed] * len(batch)))
 
 
 def _collate(items):
@@ -126,10 +139,8 @@ def caption_paths(
         good = [(i, x) for i, x, _ in items if x is not None]
         described = {}
         if good:
-            features = model.encode(torch.stack([x for _, x in good]).to(model.device))
-            seeds = [options.seed] * len(good)
-            for (i, _), captions in zip(good, model.describe(model.generate(features, options, seeds))):
-                described[i] = captions
+            captions = caption_tensors(model, torch.stack([x for _, x in good]), options)
+            described = {i: c for (i, _), c in zip(good, captions)}
         for i, _, error in items:
             record = {"image": str(paths[i])}
             record |= {"error": error} if error else {"captions": described[i]}

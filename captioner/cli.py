@@ -75,6 +75,13 @@ def cmd_train(config: TrainConfig) -> None:
 
 
 def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
+    if job.engine == "ray":
+        try:
+            from captioner.batch_ray import run_ray_job
+        except ImportError as exc:
+            raise CaptionerError(f"--engine ray needs Ray Data ({exc.name} is missing): pip install 'captioner[ray]'") from None
+        run_ray_job(job, options, out=sys.stdout)
+        return
     import torch
 
     from captioner.batch import RecordFormat, caption_paths, collect_inputs, run_batch_job

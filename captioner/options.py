@@ -27,6 +27,8 @@ BACKBONES = (
     "mobilenet_v3_large",
 )
 MODES = ("greedy", "sample", "beam")
+ENGINES = ("local", "ray")
+FORMATS = ("jsonl", "csv", "parquet")
 CELLS = ("lstm", "gru", "rnn")  # the decoder's recurrent cell
 MAX_CAPTIONS = 10
 MAX_BEAM_SIZE = 16
@@ -300,14 +302,41 @@ class CaptionJob:
         nargs="+",
         metavar="INPUT",
     )
-    output: str | None = option(None, "write here instead of standard output; a rerun resumes an unfinished file")
-    format: str = option("jsonl", "JSON lines or CSV", choices=("jsonl", "csv"))
+    output: str | None = option(
+        None, "write here instead of standard output (parquet: a folder of shards); a rerun resumes an unfinished file"
+    )
+    format: str = option("jsonl", "JSON lines, CSV or (--engine ray) Parquet", choices=FORMATS)
     batch_size: int = option(32, "images per model call")
     num_workers: int | None = option(
-        None, "image-decoding worker processes (default: a quarter of the usable CPUs, 1 on 2 or 3)"
+        None, "local engine: image-decoding worker processes (default: a quarter of the usable CPUs, 1 on 2 or 3)"
     )
     device: str = _device()
     cnn: str = _cnn()
+    engine: str = option(
+        "local",
+        "local: this process (or each torchrun process); ray: a Ray Data pipeline on a Ray cluster, "
+        "which also reads Parquet files (an image-bytes or path column) and WebDataset .tar shards",
+        choices=ENGINES,
+    )
+    ray_address: str | None = option(
+        None, "ray: the cluster to run on, ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else a local Ray started for the run)"
+    )
+    num_actors: int = option(0, "ray: captioning actors, each loading the model once (0: one per GPU share, or 4/5 of the CPUs, the rest decode)")
+    num_cpus: float = option(1.0, "ray: CPUs per captioning actor (its torch threads)")
+    num_gpus: float = option(0.0, "ray: GPUs per captioning actor (a fraction shares a GPU between actors)")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise CaptionerError("batch_size must be at least 1")
+        ray_only = {"ray_address": None, "num_actors": 0, "num_cpus": 1.0, "num_gpus": 0.0}
+        changed = [name for name, default in ray_only.items() if getattr(self, name) != default]
+        if self.engine != "ray" and (changed or self.format == "parquet"):
+            named = [f"--{n.replace('_', '-')}" for n in changed] + (["--format parquet"] if self.format == "parquet" else [])
+            raise CaptionerError(f"{', '.join(named)} need --engine ray")
+        if self.format == "parquet" and not self.output:
+            raise CaptionerError("--format parquet writes a folder of shards: give it with --output")
+        if self.num_actors < 0 or self.num_cpus <= 0 or self.num_gpus < 0:
+            raise CaptionerError("num_actors must be 0 (as many as fit) or more, num_cpus positive, num_gpus 0 or more")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes .venv (once) and installs captioner into it, with the torch/torchvision this project is
-# built and tested with. Usage: scripts/setup.sh [EXTRAS]   (EXTRAS: serve, dev or "serve,dev")
+# built and tested with. Usage: scripts/setup.sh [EXTRAS]   (EXTRAS: serve, dev, ray or several: "serve,dev")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-serve}

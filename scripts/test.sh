@@ -2,7 +2,8 @@
 # Installs everything the tests need, then runs the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "serve,dev"
+# ray: Ray Data for `caption --engine ray` (its tests start a 2-CPU local Ray; they skip without it).
+bash scripts/setup.sh "serve,dev,ray"
 # Headless Chromium for tests/test_browser.py; docker-compose to validate docker-compose.yml.
 if ! command -v chromedriver >/dev/null || ! command -v docker-compose >/dev/null; then
   apt-get update -qq && apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null

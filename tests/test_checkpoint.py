@@ -70,3 +70,11 @@ def test_bad_model_files_are_clear_errors(tmp_path, trained_run, content, messag
         Captioner.load(path)
     with pytest.raises(CaptionerError, match="model file not found"):
         read_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_state_read_from_an_older_file_is_saved_as_the_current_version(tmp_path):
+    # captioner calibrate reads a model, adds to it and writes it back: the file it writes has
+    # the current version and its checksum, whatever version it was read from.
+    save_checkpoint({"version": 5, "created": "2026-01-01T00:00:00+00:00", "weights": torch.ones(2)}, tmp_path / "m.pt")
+    state = read_checkpoint(tmp_path / "m.pt")
+    assert state["version"] == VERSION and state["created"] == "2026-01-01T00:00:00+00:00"

@@ -140,11 +140,11 @@ def test_concurrent_writers_each_leave_a_whole_file(tmp_path):
 
 def test_a_checkpoint_that_fails_to_save_leaves_the_old_one(tmp_path):
     path = tmp_path / "model.pt"
-    save_checkpoint({"version": 1, "weights": torch.ones(3)}, path)
+    save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, path)
     with pytest.raises(Exception):
-        save_checkpoint({"version": 2, "weights": torch.zeros(3), "bad": lambda: None}, path)  # a lambda cannot pickle
+        save_checkpoint({"epoch": 2, "weights": torch.zeros(3), "bad": lambda: None}, path)  # a lambda cannot pickle
     state = torch.load(path, weights_only=True)
-    assert state["version"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
