@@ -168,10 +168,10 @@ class Encoder(nn.Module):
         if not on:
             object.__setattr__(self, "_int8_trunk", None)
             return self
-        if not self.int8_calibration:
-            raise CaptionerError("this model has no int8 calibration; run captioner calibrate on it first")
         if any(p.device.type != "cpu" for p in self.parameters()):
             raise CaptionerError("the int8 CNN runs on the CPU only; use --device cpu")
+        if not self.int8_calibration:
+            raise CaptionerError("this model has no int8 calibration; run captioner calibrate on it first")
         # Kept out of the state_dict: checkpoints hold the fp32 weights and the calibration.
         object.__setattr__(self, "_int8_trunk", int8.convert(self.trunk(), self.config.image_size, self.int8_calibration))
         return self
