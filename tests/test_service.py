@@ -625,6 +625,7 @@ print(" ".join(sorted(sys.modules)))
     loaded = result.stdout.split()
     assert "captioner.models.captioner" in loaded and "service.api" in loaded
     assert [m for m in loaded if m.startswith(("captioner.training", "captioner.shapes", "captioner.evaluation"))] == []
+    assert [m for m in loaded if m.split(".")[0] in ("nltk", "gensim")] == []  # a second of start-up, for tokenising
 
 
 # --- intake: sniffed bodies, one image, bounded chunked bodies, short messages -------------------

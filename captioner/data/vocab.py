@@ -7,24 +7,31 @@ and punctuation is dropped, as in Karpathy's preprocessing of COCO and Flickr.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
-
-from nltk.tokenize import TreebankWordTokenizer
 
 from captioner.errors import CaptionerError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_tokenizer = TreebankWordTokenizer()
 _punctuation = set(string.punctuation) | {"``", "''", "--", "..."}
+
+
+@functools.cache
+def _tokenizer():
+    # Imported on first use: nltk takes about a second to import, and captioning (the service, a
+    # batch job, a Ray actor) only turns ids into words, never tokenises.
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens of ``text``, punctuation removed."""
-    return [t for t in _tokenizer.tokenize(text.lower()) if t not in _punctuation]
+    return [t for t in _tokenizer().tokenize(text.lower()) if t not in _punctuation]
 
 
 class Vocabulary:
