@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny shapes world and a tiny model trained on it, made once per session."""
+"""Shared fixtures (a tiny shapes world and a tiny model trained on it, made once per session) and checks."""
 
 from pathlib import Path
 
@@ -50,3 +50,16 @@ def trained_run(tmp_path_factory, shapes_json, feature_cache) -> Path:
     out = tmp_path_factory.mktemp("run") / "tiny"
     train(tiny_config(shapes_json, out, feature_cache))
     return out
+
+
+def assert_same_captions(got, expected):
+    """Same images, errors and caption texts; scores to float precision (batches may be cut apart
+    elsewhere, and matrix kernels round differently for another batch size)."""
+
+    def texts(record):
+        return record["image"], record.get("error"), [c["text"] for c in record.get("captions", [])]
+
+    assert [texts(g) for g in got] == [texts(e) for e in expected]
+    for g, e in zip(got, expected):
+        scores = [c["log_prob"] for c in e.get("captions", [])]
+        assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)

@@ -15,6 +15,7 @@ import pytest
 
 from captioner.models.captioner import Captioner
 
+from .conftest import assert_same_captions
 from .test_cli import assert_one_line_error, run
 
 ROOT = Path(__file__).parent.parent
@@ -153,14 +154,7 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, trained_
         # The same records; scores agree to float precision (a rank's last batch is smaller, and
         # matrix kernels round differently for another batch size).
         got, expected = ([json.loads(line) for line in text.splitlines()] for text in (out.read_text(), reference))
-
-        def texts(record):
-            return record["image"], record.get("error"), [c["text"] for c in record.get("captions", [])]
-
-        assert [texts(g) for g in got] == [texts(e) for e in expected]
-        for g, e in zip(got, expected):
-            scores = [c["log_prob"] for c in e.get("captions", [])]
-            assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)
+        assert_same_captions(got, expected)
     else:
         assert [r["image"] for r in csv.DictReader(out.read_text().splitlines())] == [json.loads(line)["image"] for line in reference.splitlines()]
 

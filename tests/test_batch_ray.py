@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import assert_same_captions
 from .test_cli import assert_one_line_error, run
 
 needs_ray = pytest.mark.skipif(
@@ -56,19 +57,6 @@ def ray_jsonl(capsys, model, inputs, out, *options):
     code, _, err = run(capsys, "caption", model, *inputs, "--engine", "ray", "--output", out, *options)
     assert code == 0, err
     return [json.loads(line) for line in Path(out).read_text().splitlines()]
-
-
-def assert_same_captions(got, expected):
-    """Same images, errors and caption texts; scores to float precision (batches may be cut apart
-    elsewhere, and matrix kernels round differently for another batch size)."""
-
-    def texts(record):
-        return record["image"], record.get("error"), [c["text"] for c in record.get("captions", [])]
-
-    assert [texts(g) for g in got] == [texts(e) for e in expected]
-    for g, e in zip(got, expected):
-        scores = [c["log_prob"] for c in e.get("captions", [])]
-        assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)
 
 
 BEAM = ("--mode", "beam", "--num-captions", "2", "--batch-size", "4")
