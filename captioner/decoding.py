@@ -137,8 +137,9 @@ def _decode_rows(decoder, features, options, ids, generators):
         if not writing.all():
             if not writing.any():
                 break
-            active, word, memory = active[writing], word[writing], memory.rows(writing)
-            state = tuple(s[:, writing] for s in state)
+            kept = writing.nonzero().squeeze(1)
+            active, word, memory = active[kept], word[kept], memory.rows(kept)
+            state = tuple(s.index_select(1, kept) for s in state)
         tokens = word
     hypotheses = [
         Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
@@ -207,7 +208,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
             searching, scores, lengths, finished = searching[going], scores[going], lengths[going], finished[going]
             sequences, said, looked, rows, word = sequences[going], said[going], looked[going], rows[going], word[going]
             memory = memory.rows(going.repeat_interleave(k))
-        state = tuple(s[:, rows.view(-1)] for s in state)
+        state = tuple(s.index_select(1, rows.view(-1)) for s in state)
         tokens = word.view(-1)
     for i, image in enumerate(searching.tolist()):
         done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))

@@ -51,7 +51,11 @@ class StepMemory(NamedTuple):
 
     def rows(self, index: torch.Tensor) -> StepMemory:
         """The memory of the images ``index`` selects (a mask or indices), in that order."""
-        return self._replace(keys=self.keys[index], context_gates=self.context_gates[index], cells=self.cells[index])
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        # index_select: a third to a half of the time of advanced indexing for these gathers.
+        keys, gates, cells = (x.index_select(0, index) for x in (self.keys, self.context_gates, self.cells))
+        return self._replace(keys=keys, context_gates=gates, cells=cells)
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ class LSTMDecoder(nn.Module):
             return logits.squeeze(1), state
         word_h, word_c, h, c, context, coverage = state
         keys, context_gates, cell_features, word_gates = memory
-        word_gates = torch.addmm(word_gates[tokens], word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
+        word_gates = torch.addmm(word_gates.index_select(0, tokens), word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
         query, word_c = _lstm_from_gates(word_gates, word_c[0])  # (B, H)
         context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
         lstm, hidden = self.language_lstm, self.config.hidden_size
