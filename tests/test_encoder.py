@@ -128,3 +128,20 @@ def test_the_backbone_of_a_colour_path_encoder_sees_no_colour():
     # Inside and outside alike; only some antialiased edge pixels, which mix fill and background,
     # differ a little with the fill's brightness.
     assert ((green - red).abs() > 0.05).float().mean() < 0.02 and (green - red).abs().max() < 0.35
+
+
+def test_batch_and_service_preprocess_a_large_photo_alike(tmp_path):
+    # The service decodes with the model's input size as target (a JPEG at reduced scale);
+    # batch captioning and the feature cache load files through the same preprocessing.
+    import numpy as np
+    from PIL import Image
+
+    from captioner.data.images import decode_image
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(photo, quality=90)
+    transform = Encoder(EncoderConfig(name="resnet18", image_size=64)).transform
+    as_served = transform(decode_image(photo.read_bytes(), target_size=64).image)
+    assert torch.equal(transform.load(photo), as_served)
+    assert not torch.equal(transform(decode_image(photo).image), as_served)  # a full decode differs
