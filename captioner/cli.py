@@ -98,7 +98,8 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
         model = Captioner.load(job.model, device, cnn=job.cnn)
         workers = decoding_workers() if job.num_workers is None else job.num_workers
         if not os.environ.get("OMP_NUM_THREADS"):  # torchrun sets it when it starts several processes
-            torch.set_num_threads(torch_threads(reserved=workers))  # a CPU for each decoding worker
+            # The CNN's pool leaves a CPU to the main thread writing captions and one to each decoding worker.
+            torch.set_num_threads(torch_threads(reserved=1 + workers))
         settings = dict(batch_size=job.batch_size, num_workers=workers)
         if job.output:
             run_batch_job(model, paths, options, Path(job.output), format=job.format, process=process, progress=True, **settings)

@@ -156,6 +156,8 @@ def torch_threads(processes: int = 1, reserved: int = 1) -> int:
 
 def decoding_workers() -> int:
     """Image-decoding worker processes for batch captioning, by default: a quarter of the usable
-    CPUs, and one where there are two or three (none on one CPU)."""
+    CPUs where there are four or more; none on fewer, where the main thread decodes images between
+    the captions it writes while the CNN thread runs (``captioner.batch.encoded_ahead``): on two
+    CPUs a worker process beside those two threads made captioning a fifth slower."""
     cpus = int(usable_cpus())
-    return max(1, cpus // 4) if cpus >= 2 else 0
+    return cpus // 4 if cpus >= 4 else 0

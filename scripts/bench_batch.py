@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     # the bare CNN has the whole machine, torch's default.
     args.num_workers = decoding_workers() if args.num_workers is None else args.num_workers
     explicit = bool(os.environ.get("OMP_NUM_THREADS"))
-    args.caption_threads = torch.get_num_threads() if explicit else torch_threads(reserved=args.num_workers)
+    args.caption_threads = torch.get_num_threads() if explicit else torch_threads(reserved=1 + args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model_path = Path(args.model) if args.model else train_small_model(folder, args.encoder, args.image_size)

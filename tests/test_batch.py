@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from captioner.models.captioner import Captioner
 
@@ -193,3 +194,58 @@ def test_a_join_that_a_kill_interrupted_leaves_no_temporary_after_a_restart(caps
     code, _, err = run(capsys, "caption", trained_run / "model.pt", shapes.split("test")[0].path, "--output", out)
     assert code == 0, err
     assert not left.exists() and all(path.exists() for path in others)
+
+
+def test_the_cnn_runs_one_batch_ahead_in_its_own_thread_and_records_keep_their_order():
+    import threading
+
+    from captioner.batch import encoded_ahead
+
+    events = []
+
+    class Images:  # a batch that notes when it is handed to the CNN (moved to its device)
+        def __init__(self, value):
+            self.value = value
+
+        def to(self, device):
+            events.append(("handed over", self.value))
+            return self
+
+    class Model:
+        device = torch.device("cpu")
+
+        def encode(self, images):
+            events.append(("encoded", images.value, threading.current_thread().name))
+            return images.value * 10
+
+    batches = [("a", Images(1)), ("broken", None), ("b", Images(2)), ("c", Images(3))]
+    got = []
+    for key, features in encoded_ahead(Model(), batches):
+        got.append((key, features))
+        events.append(("yielded", key))
+    assert got == [("a", 10), ("broken", None), ("b", 20), ("c", 30)]
+    encoded = [e for e in events if e[0] == "encoded"]
+    assert [e[1] for e in encoded] == [1, 2, 3]
+    assert all(name.startswith("captioner-cnn") for *_, name in encoded)
+    # Batch b went to the CNN before "broken" went to the caller, c before b did.
+    assert events.index(("handed over", 2)) < events.index(("yielded", "broken"))
+    assert events.index(("handed over", 3)) < events.index(("yielded", "b"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pipelined_captions_equal_each_batch_captioned_on_its_own(trained_run, images, workers):
+    from captioner.batch import caption_paths, caption_tensors, load_image
+    from captioner.options import DecodeOptions
+
+    model = Captioner.load(trained_run / "model.pt", "cpu")
+    paths = sorted(images.rglob("*.png"))[140:160]  # the broken image is the 11th
+    options = DecodeOptions(mode="beam", beam_size=3)
+    got = list(caption_paths(model, paths, options, batch_size=4, num_workers=workers))
+    expected = []
+    for start in range(0, len(paths), 4):
+        loaded = [(p, *load_image(model.transform, p)) for p in paths[start : start + 4]]
+        good = [x for _, x, _ in loaded if x is not None]
+        captions = iter(caption_tensors(model, torch.stack(good), options))
+        expected += [{"image": str(p), **({"error": e} if e else {"captions": next(captions)})} for p, _, e in loaded]
+    assert got[10]["error"]["code"] == "corrupt_image"
+    assert_same_captions(got, expected)

@@ -43,15 +43,18 @@ def test_cgroup_quota_caps_the_cpus(machine, v2, v1, cpus):
     assert runtime.torch_threads(1) == max(1, int(cpus - 1))
 
 
-@pytest.mark.parametrize(("cpus", "workers", "threads"), [(1, 0, 1), (2, 1, 1), (3, 1, 2), (8, 2, 6), (16, 4, 12)])
-def test_batch_captioning_leaves_a_cpu_to_each_decoding_worker(machine, cpus, workers, threads):
+@pytest.mark.parametrize(
+    ("cpus", "workers", "threads"), [(1, 0, 1), (2, 0, 1), (3, 0, 2), (4, 1, 2), (8, 2, 5), (16, 4, 11)]
+)
+def test_batch_captioning_leaves_a_cpu_to_the_caption_writer_and_each_decoding_worker(machine, cpus, workers, threads):
     machine(affinity=cpus)
     assert runtime.decoding_workers() == workers
-    assert runtime.torch_threads(reserved=workers) == threads
+    assert runtime.torch_threads(reserved=1 + workers) == threads
 
 
 def test_the_caption_command_sets_threads_beside_its_workers(machine, monkeypatch, tmp_path, trained_run, shapes):
-    # No OMP_NUM_THREADS: the command picks 1 worker and 1 thread on 2 CPUs, and honours --num-workers.
+    # No OMP_NUM_THREADS: on 2 CPUs the command picks no worker and 1 thread for the CNN; on 8,
+    # 2 workers and 5 threads; and it honours --num-workers.
     import torch
 
     from captioner.cli import main
@@ -59,8 +62,10 @@ def test_the_caption_command_sets_threads_beside_its_workers(machine, monkeypatc
     seen = []
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    machine(affinity=2)
     image = str(shapes.split("test")[0].path)
+    machine(affinity=2)
     assert main(["caption", str(trained_run / "model.pt"), image, "--output", str(tmp_path / "a.jsonl")]) == 0
-    assert main(["caption", str(trained_run / "model.pt"), image, "--num-workers", "0", "--output", str(tmp_path / "b.jsonl")]) == 0
-    assert seen == [1, 2]
+    machine(affinity=8)
+    assert main(["caption", str(trained_run / "model.pt"), image, "--output", str(tmp_path / "b.jsonl")]) == 0
+    assert main(["caption", str(trained_run / "model.pt"), image, "--num-workers", "0", "--output", str(tmp_path / "c.jsonl")]) == 0
+    assert seen == [1, 5, 7]
