@@ -103,10 +103,11 @@ def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Names
     model = Captioner.load(model_path)
     options, batch_size = DecodeOptions(mode=args.mode), args.clients
     list(caption_paths(model, paths[:batch_size], options, batch_size=batch_size))  # warm-up
-    done, started = 0, time.perf_counter()
+    done, started, cpu_before = 0, time.perf_counter(), cpu_seconds(os.getpid())
     while time.perf_counter() - started < args.duration:
         done += sum(1 for _ in caption_paths(model, paths, options, batch_size=batch_size))
-    return {"images_per_s": done / (time.perf_counter() - started), "images": done}
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": done / elapsed, "images": done, "cpus_busy": (cpu_seconds(os.getpid()) - cpu_before) / elapsed}
 
 
 def explain_model_cost(model_path: Path, paths: list[Path], args: argparse.Namespace, repeats: int = 30) -> dict:
@@ -150,6 +151,12 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None) -
         connection.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds that process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_totals(port: int) -> tuple[float, float]:
     """(images, model calls) so far, from the batch-size histogram in /metrics."""
     text = http_request(port, "GET", "/metrics")[1].decode()
@@ -183,6 +190,11 @@ class Gunicorn:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"gunicorn did not become ready:\n{self.log_tail()}")
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU seconds used so far by gunicorn's worker processes (the master only watches them)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return sum(cpu_seconds(int(pid)) for pid in children)
 
     def log_tail(self, lines: int = 20) -> str:
         self.log.flush()
@@ -262,7 +274,10 @@ def bench_service(model_path, images, args, folder: Path, batching: bool, explai
         server.wait_ready()
         drive(server.port, images, args.clients, 2.0, 4 * args.clients, query)  # warm-up
         images_before, calls_before = batch_totals(server.port)
+        cpu_before, started = server.worker_cpu_seconds(), time.perf_counter()
         figures = drive(server.port, images, args.clients, args.duration, args.max_requests, query)
+        # How many CPUs the worker kept busy: one process, one GIL, whatever the machine has.
+        figures["worker_cpus_busy"] = (server.worker_cpu_seconds() - cpu_before) / (time.perf_counter() - started)
         images_after, calls_after = batch_totals(server.port)
         figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
         return figures
@@ -287,14 +302,14 @@ def main(args: argparse.Namespace) -> dict:
             report["explain_on"] = bench_service(model_path, images, args, folder, batching=True, explain=True)
             report["explain_model_cost"] = explain_model_cost(model_path, paths, args)
     offline = report["offline"]["images_per_s"]
-    print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}")
-    print(f"{'offline':14}{offline:9.1f}{1:12.2f}")
+    print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}{'CPUs busy':>11}")
+    print(f"{'offline':14}{offline:9.1f}{1:12.2f}{'':39}{report['offline']['cpus_busy']:11.2f}")
     for name in [k for k in ("batching_on", "batching_off", "explain_on") if k in report]:
         r = report[name]
         r["vs_offline"] = r["requests_per_s"] / offline
         print(
             f"{name:14}{r['requests_per_s']:9.1f}{r['vs_offline']:12.2f}{r['p50_ms']:9.1f}"
-            f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}"
+            f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}{r['worker_cpus_busy']:11.2f}"
         )
     if "explain_on" in report:
         cost = report["explain_on"]["requests_per_s"] / report["batching_on"]["requests_per_s"]
