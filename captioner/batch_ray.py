@@ -3,9 +3,13 @@
 The pipeline is the one Ray Data's batch-inference guide describes, in three stages:
 
     read_images(inputs)        image files (folders, globs, lists), Parquet, WebDataset shards
-      -> map_batches(decode_images)     Ray tasks: bytes -> (3, S, S) by the model's own transform
+      -> map_batches(decode_images)     bytes -> (3, S, S) by the model's own transform
       -> map_batches(CaptionActor)      a pool of actors, each loading the model once
     -> write_parquet(folder) in shards, or records streamed in input order to JSONL / CSV
+
+On CPUs, Ray Data fuses the two map steps (they ask for the same resources): each actor decodes
+the images it captions, one actor per CPU, and no pixels cross the object store. With GPUs,
+decoding runs in Ray tasks on the cluster's CPUs while the actors caption on their GPUs.
 
     import ray
     from captioner.batch_ray import caption_dataset, read_images
@@ -103,8 +107,10 @@ def read_images(inputs: Sequence[str], *, skip: int = 0) -> ray.data.Dataset:
         else:
             paths = [str(p) for p in collect_inputs(names)[skip:]]
             rows = pa.table({"image": paths, "path": paths, "data": pa.nulls(len(paths), pa.binary())}, schema=IMAGES)
-            # Small blocks, so that decoding, captioning and writing overlap and every actor has work.
-            parts += [ray.data.from_arrow([rows.slice(i, BLOCK_ROWS) for i in range(0, len(paths), BLOCK_ROWS)])] if paths else []
+            # Small blocks, so that decoding, captioning and writing overlap, and at least one per
+            # CPU, so that every actor has work (Ray Data warns of an actor pool with less).
+            step = max(1, min(BLOCK_ROWS, -(-len(paths) // int(ray.cluster_resources().get("CPU", 1)))))
+            parts += [ray.data.from_arrow([rows.slice(i, step) for i in range(0, len(paths), step)])] if paths else []
     if not parts:
         return ray.data.from_arrow(IMAGES.empty_table())
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -200,6 +206,7 @@ def caption_dataset(
     *,
     batch_size: int = 32,
     num_actors: int = 0,
+    reads_in_tasks: bool = True,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     device: str = "auto",
@@ -213,6 +220,9 @@ def caption_dataset(
         options: decoding options, every one the single-process command has.
         batch_size: images per decoding task and per model call.
         num_actors: captioning actors (0: as many as the cluster's CPUs, or GPUs, have room for).
+            On CPUs each actor also decodes its images (decoding fused into it).
+        reads_in_tasks: whether ``images`` is read by Ray tasks (Parquet, WebDataset: ``read_images``
+            of image files alone is not): on CPUs, one is then kept from the actors for them.
         num_cpus: CPUs per actor; its torch threads.
         num_gpus: GPUs per actor.
         device: the actors' device (``auto``: the GPU Ray gives an actor, else CPU).
@@ -221,23 +231,26 @@ def caption_dataset(
     transform = Captioner.load(model).transform  # a bad model file fails here, before any work
     checkpoint = ray.put(Path(model).read_bytes())
     size = transform.config.image_size
-    decoded = images.map_batches(
-        decode_images,
-        fn_kwargs={"transform": transform},
-        batch_size=batch_size,
-        batch_format="numpy",
+    if num_gpus:
         # A decoding worker's memory (torch and a block of images: 0.6 GiB measured on the shapes
         # world). Asking for it also keeps Ray Data from fusing decoding into the actors (it fuses
-        # steps that ask for the same resources): decoding stays in tasks, on any CPU of the
-        # cluster, while the actors caption.
-        memory=DECODER_MEMORY + batch_size * 3 * size * size * 4,
+        # steps that ask for the same resources): decoding stays in tasks, on the CPUs of the
+        # cluster, while the actors caption on their GPUs.
+        resources = {"memory": DECODER_MEMORY + batch_size * 3 * size * size * 4}
+    else:
+        # On CPUs, the same resources as the actors: Ray Data fuses decoding into them, so each
+        # actor decodes its own images (no pixels through the object store, no worker process
+        # beside the actors starting torch).
+        resources = {"num_cpus": num_cpus}
+    decoded = images.map_batches(
+        decode_images, fn_kwargs={"transform": transform}, batch_size=batch_size, batch_format="numpy", **resources
     )
     return decoded.map_batches(
         CaptionActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "options": options, "device": device, "threads": max(1, int(num_cpus)), "cnn": cnn},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=num_actors or _actors_that_fit(num_cpus, num_gpus),
+        concurrency=_pool_size(num_actors, num_cpus, num_gpus, reads_in_tasks),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         # Fault tolerance is Ray Data's default for actor pools (passing it is deprecated): an actor
@@ -245,14 +258,15 @@ def caption_dataset(
     )
 
 
-def _actors_that_fit(num_cpus: float, num_gpus: float) -> int:
-    """As many actors as the cluster's GPUs hold; on CPUs, four in five of them, the rest decoding
-    (on the shapes world captioning an image takes four times the CPU time decoding it does:
-    3.7 ms against 0.9 ms)."""
+def _pool_size(num_actors: int, num_cpus: float, num_gpus: float, reads_in_tasks: bool) -> int:
+    """``num_actors``, or as many as the cluster's GPUs hold, else its CPUs (each actor decoding its
+    own images). Actors hold their CPUs from the start, so where the images are read by Ray tasks
+    (listing and reading Parquet files or shards) a CPU is kept for those, else they never run."""
     resources = ray.cluster_resources()
     if num_gpus:
-        return max(1, int(resources.get("GPU", 0) // num_gpus))
-    return max(1, int(resources.get("CPU", 1) * 4 / 5 // num_cpus))
+        return num_actors or max(1, int(resources.get("GPU", 0) // num_gpus))
+    fit = max(1, int((resources.get("CPU", 1) - reads_in_tasks) // num_cpus))
+    return min(num_actors, fit) if num_actors and reads_in_tasks else num_actors or fit
 
 
 def records(ds: ray.data.Dataset) -> Iterator[dict]:
@@ -288,7 +302,9 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
 
     A JSONL or CSV file of image files resumes as the single-process command's does.
     """
+    only_files = all(kind == "files" for kind, _ in _sources(job.inputs))
     settings = dict(batch_size=job.batch_size, num_actors=job.num_actors, num_cpus=job.num_cpus, num_gpus=job.num_gpus, device=job.device, cnn=job.cnn)
+    settings |= {"reads_in_tasks": not only_files}  # image files come in memory, as rows of paths
     with ray_session(job.ray_address):
         if job.format == "parquet":
             folder = Path(job.output)
@@ -306,7 +322,6 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
                     out.write(record_format.line(record))
             return
         output = ResumableOutput(Path(job.output), record_format)
-        only_files = all(kind == "files" for kind, _ in _sources(job.inputs))
         if output.path.exists() and output.path.stat().st_size and not only_files:
             raise CaptionerError(f"{output.path.name} exists; only runs over image files resume: choose another --output")
         done = output.recover(collect_inputs(job.inputs)) if output.path.exists() and only_files else 0
