@@ -266,7 +266,9 @@ def _pool_size(num_actors: int, num_cpus: float, num_gpus: float, reads_in_tasks
     if num_gpus:
         return num_actors or max(1, int(resources.get("GPU", 0) // num_gpus))
     fit = max(1, int((resources.get("CPU", 1) - reads_in_tasks) // num_cpus))
-    return min(num_actors, fit) if num_actors and reads_in_tasks else num_actors or fit
+    if not num_actors:
+        return fit
+    return min(num_actors, fit) if reads_in_tasks else num_actors
 
 
 def records(ds: ray.data.Dataset) -> Iterator[dict]:
