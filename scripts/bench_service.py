@@ -157,6 +157,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (started from any of its threads)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+    return found
+
+
 def batch_totals(port: int) -> tuple[float, float]:
     """(images, model calls) so far, from the batch-size histogram in /metrics."""
     text = http_request(port, "GET", "/metrics")[1].decode()
@@ -191,10 +203,12 @@ class Gunicorn:
             time.sleep(0.2)
         raise RuntimeError(f"gunicorn did not become ready:\n{self.log_tail()}")
 
-    def worker_cpu_seconds(self) -> float:
-        """CPU seconds used so far by gunicorn's worker processes (the master only watches them)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        return sum(cpu_seconds(int(pid)) for pid in children)
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by gunicorn's worker processes ("http") and the model processes
+        they started ("model"); the master only watches them."""
+        workers = children(self.process.pid)
+        models = [pid for worker in workers for pid in children(worker)]
+        return {"http": sum(map(cpu_seconds, workers)), "model": sum(map(cpu_seconds, models))}
 
     def log_tail(self, lines: int = 20) -> str:
         self.log.flush()
@@ -274,10 +288,12 @@ def bench_service(model_path, images, args, folder: Path, batching: bool, explai
         server.wait_ready()
         drive(server.port, images, args.clients, 2.0, 4 * args.clients, query)  # warm-up
         images_before, calls_before = batch_totals(server.port)
-        cpu_before, started = server.worker_cpu_seconds(), time.perf_counter()
+        before, client_before, started = server.cpu_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
         figures = drive(server.port, images, args.clients, args.duration, args.max_requests, query)
-        # How many CPUs the worker kept busy: one process, one GIL, whatever the machine has.
-        figures["worker_cpus_busy"] = (server.worker_cpu_seconds() - cpu_before) / (time.perf_counter() - started)
+        elapsed, after = time.perf_counter() - started, server.cpu_seconds()
+        # CPUs kept busy by the HTTP process, the model process and the clients (this process).
+        figures["cpus_busy"] = {key: (after[key] - before[key]) / elapsed for key in after}
+        figures["cpus_busy"]["client"] = (cpu_seconds(os.getpid()) - client_before) / elapsed
         images_after, calls_after = batch_totals(server.port)
         figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
         return figures
@@ -302,14 +318,16 @@ def main(args: argparse.Namespace) -> dict:
             report["explain_on"] = bench_service(model_path, images, args, folder, batching=True, explain=True)
             report["explain_model_cost"] = explain_model_cost(model_path, paths, args)
     offline = report["offline"]["images_per_s"]
-    print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}{'CPUs busy':>11}")
-    print(f"{'offline':14}{offline:9.1f}{1:12.2f}{'':39}{report['offline']['cpus_busy']:11.2f}")
+    print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}", end="")
+    print(f"{'CPUs busy: http + model + client':>34}")
+    print(f"{'offline':14}{offline:9.1f}{1:12.2f}{'':39}{report['offline']['cpus_busy']:34.2f}")
     for name in [k for k in ("batching_on", "batching_off", "explain_on") if k in report]:
         r = report[name]
         r["vs_offline"] = r["requests_per_s"] / offline
         print(
             f"{name:14}{r['requests_per_s']:9.1f}{r['vs_offline']:12.2f}{r['p50_ms']:9.1f}"
-            f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}{r['worker_cpus_busy']:11.2f}"
+            f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}"
+            f"{'{http:.2f} + {model:.2f} + {client:.2f}'.format(**r['cpus_busy']):>34}"
         )
     if "explain_on" in report:
         cost = report["explain_on"]["requests_per_s"] / report["batching_on"]["requests_per_s"]

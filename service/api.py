@@ -10,15 +10,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from captioner.data.images import ImageError, decode_image
 from service.admission import Busy
-from service.batcher import MicroBatcher, NotReady, QueueFull
+from service.batcher import NotReady, QueueFull
 from service.errors import ServiceError, error_response
 from service.intake import hold_body_to_limit, read_image_bytes, read_options
-from service.model import model_card
+from service.model import limits_card
+from service.model_process import ModelProcess
 
 api = Blueprint("api", __name__)
 
 
-def _batcher() -> MicroBatcher:
+def _batcher() -> ModelProcess:
     return current_app.extensions["captioner"].batcher
 
 
@@ -48,20 +49,20 @@ def captions():
         raise ServiceError(429, "busy", f"the server is busy ({exc}); retry shortly", exc.retry_after) from None
 
 
-def _caption(batcher: MicroBatcher, started: float):
+def _caption(batcher: ModelProcess, started: float):
     hold_body_to_limit(request, current_app.config["MAX_CONTENT_LENGTH"])
     options = read_options(request)
     data = read_image_bytes(request)
-    model = batcher.model
+    served = batcher.served
     with current_app.extensions["captioner"].admission.decoding():
         try:
-            max_pixels, size = current_app.config["MAX_PIXELS"], model.encoder.config.image_size
+            max_pixels, size = current_app.config["MAX_PIXELS"], served.transform.config.image_size
             decoded = decode_image(data, max_pixels=max_pixels, target_size=size)
         except ImageError as exc:
             raise ServiceError(exc.status, exc.code, str(exc)) from None
         del data
-        # Preparing the tensor here keeps the batcher's thread for the model alone.
-        pixels = model.transform(decoded.image)  # (3, S, S)
+        # Resizing here keeps the model process for the model; it normalises whole batches.
+        pixels = served.transform.resize(decoded.image)  # (3, S, S) uint8
     read_ms = _ms(time.perf_counter() - started)
     try:
         future = batcher.submit(pixels, options)
@@ -74,18 +75,17 @@ def _caption(batcher: MicroBatcher, started: float):
     except FutureTimeout:
         future.cancel()
         raise ServiceError(503, "timeout", "the model did not answer in time; retry shortly") from None
-    except NotReady:
-        raise ServiceError(503, "not_ready", "the service is shutting down; retry shortly") from None
+    except NotReady as exc:  # shutting down, or the model process died and is starting again
+        raise ServiceError(503, "not_ready", f"{exc}; retry shortly") from None
     current_app.extensions["captioner"].metrics.observe_captions(options.mode, options.explain)
     body = {
         "request_id": g.request_id,
-        "model": {"name": model.name, "version": model.version},
+        "model": {"name": served.name, "version": served.version},
         "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
         "captions": result.captions,
     }
     if options.explain:
-        grid = model.encoder.config.pool_grid
-        body["attention_grid"] = [grid, grid]  # each word's attention: rows x columns over the whole image
+        body["attention_grid"] = [served.pool_grid, served.pool_grid]  # each word's attention: rows x columns over the whole image
     body["timing_ms"] = {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)}
     return jsonify(body)
 
@@ -96,7 +96,7 @@ def model():
     if not batcher.ready:
         raise _not_ready()
     config = current_app.config
-    return jsonify(model_card(batcher.model, config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"]))
+    return jsonify({**batcher.served.card, "limits": limits_card(config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"])})
 
 
 @api.get("/healthz")

@@ -16,13 +16,14 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from captioner.data.images import DEFAULT_MAX_PIXELS
 from captioner.errors import CaptionerError
 from captioner.options import CNN_RUNTIMES
+from captioner.runtime import torch_threads
 from service.admission import Admission
 from service.api import api
-from service.batcher import MicroBatcher
 from service.errors import register_error_handlers
 from service.logs import service_logger
 from service.metrics import ServiceMetrics
 from service.model import load_model
+from service.model_process import ModelProcess
 
 # Every key can be set from the environment as CAPTIONER_<KEY>, e.g. CAPTIONER_MAX_WAIT_MS=10.
 DEFAULTS = {
@@ -30,6 +31,7 @@ DEFAULTS = {
     "MODEL_NAME": None,  # shown to clients; default from the encoder's name
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
     "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
+    "TORCH_THREADS": None,  # the model process's torch threads; default: the CPUs this process may use
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
@@ -81,24 +83,24 @@ class RoundedJSON(DefaultJSONProvider):
 class Runtime:
     """What an app's requests share, kept in ``app.extensions["captioner"]``."""
 
-    batcher: MicroBatcher
+    batcher: ModelProcess
     metrics: ServiceMetrics
     admission: Admission
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the captioning service; the model loads in a background thread.
+    """Build the captioning service; the model loads in a process of its own (service.model_process).
 
     Configuration is layered: ``DEFAULTS``, then ``CAPTIONER_*`` environment variables (values
     are read as JSON where they parse, so numbers are numbers), then ``config``.
-    The model is loaded after this returns, so under gunicorn it happens in each worker after
-    the fork; ``/readyz`` answers 503 until it is loaded.
+    The model is loaded after this returns, in a process the worker starts (under gunicorn, after
+    the fork); ``/readyz`` answers 503 until it is loaded.
 
     Args:
         config: overrides, e.g. ``{"MODEL_PATH": "run/model.pt", "MAX_BATCH_SIZE": 8}``.
 
     Returns:
-        The Flask app, its batcher already started.
+        The Flask app, its model process already starting.
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -108,11 +110,13 @@ def create_app(config: dict | None = None) -> Flask:
     app.json = RoundedJSON(app)
 
     metrics = ServiceMetrics()
-    batcher = MicroBatcher(
+    batcher = ModelProcess(
         partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"], app.config["CNN"]),
         max_batch_size=app.config["MAX_BATCH_SIZE"],
         max_wait_ms=app.config["MAX_WAIT_MS"],
         max_queue=app.config["MAX_QUEUE"],
+        torch_threads=int(app.config["TORCH_THREADS"] or torch_threads()),
+        log_level=app.config["LOG_LEVEL"],
         on_batch=metrics.batch_size.observe,
     )
     metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
@@ -132,6 +136,9 @@ def _check_config(config) -> None:
             raise CaptionerError(f"service setting {key} must be a positive number, not {config[key]!r}")
     if not isinstance(config["MAX_WAIT_MS"], (int, float)) or config["MAX_WAIT_MS"] < 0:
         raise CaptionerError(f"service setting MAX_WAIT_MS must be 0 or more, not {config['MAX_WAIT_MS']!r}")
+    threads = config["TORCH_THREADS"]
+    if threads is not None and (not isinstance(threads, int) or threads <= 0):
+        raise CaptionerError(f"service setting TORCH_THREADS must be a positive whole number, not {threads!r}")
     if config["CNN"] not in CNN_RUNTIMES:
         raise CaptionerError(f"service setting CNN must be one of {', '.join(CNN_RUNTIMES)}, not {config['CNN']!r}")
 

@@ -1,6 +1,6 @@
 """Dynamic micro-batching: concurrent caption requests share one model call.
 
-Request threads decode their image into a tensor and ``submit`` it. One worker thread takes the
+Request threads decode and resize their image and ``submit`` it. One worker thread takes the
 oldest waiting job, gathers more until ``max_batch_size`` or until that job has waited
 ``max_wait_ms``, runs the encoder once over all of them, then decodes each group of jobs whose
 options are compatible in one ``generate`` call. Sampling seeds are per image, so a request's
@@ -37,7 +37,7 @@ class NotReady(Exception):
 class CaptionJob:
     """One image waiting for captions."""
 
-    pixels: torch.Tensor  # (3, S, S) normalised, on the CPU
+    pixels: torch.Tensor  # (3, S, S) uint8, resized (ImageTransform.resize), on the CPU
     options: DecodeOptions
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -175,7 +175,8 @@ class MicroBatcher:
         started = time.perf_counter()
         self._on_batch(len(jobs))
         try:
-            features = model.encode(torch.stack([job.pixels for job in jobs]).to(model.device))  # (B, F)
+            pixels = torch.stack([job.pixels for job in jobs]).to(model.device)
+            features = model.encode(model.transform.normalize(pixels))  # (B, F)
             encode_ms = _ms(time.perf_counter() - started)
             groups: dict[DecodeOptions, list[int]] = {}
             for i, job in enumerate(jobs):

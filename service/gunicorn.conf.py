@@ -1,16 +1,17 @@
 """gunicorn settings for the captioning service: ``gunicorn -c service/gunicorn.conf.py``.
 
-Suited to PyTorch: the model is loaded in each worker after the fork (never in the master, whose
-threads and torch state would not survive a fork), torch's thread pool is sized per worker so
-workers do not fight over cores, and threaded workers let one worker's micro-batcher see many
-requests at once. The worker is gthread that reads request heads in its event loop under a
+Suited to PyTorch: each worker starts its model process after the fork (the master never imports
+torch, whose threads and state would not survive a fork), torch's thread pool is sized per worker
+so workers do not fight over cores, and threaded workers let one worker's micro-batcher see many
+requests at once. The model runs in a process of its own beside each worker
+(service.model_process), so the two do not share a GIL. The worker is gthread that reads request heads in its event loop under a
 deadline (service.worker), so slow clients cannot hold the request threads. Environment:
 CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one batcher sees all traffic
 and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, default 32),
-CAPTIONER_TORCH_THREADS (default: the CPUs this process may use, by affinity and cgroup quota,
-divided by the workers: captioner.runtime.torch_threads), CAPTIONER_READ_TIMEOUT_S (default 20: a
-request must arrive within this of its first byte), and the app's own CAPTIONER_* settings
-(service.app.DEFAULTS).
+CAPTIONER_TORCH_THREADS (torch threads of each model process; default: the CPUs this process may
+use, by affinity and cgroup quota, divided by the workers: captioner.runtime.torch_threads),
+CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
+the app's own CAPTIONER_* settings (service.app.DEFAULTS).
 """
 
 import os
@@ -21,7 +22,7 @@ workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
 worker_class = "service.worker.CaptionerWorker"
 # Threads mostly wait on the batcher, so many of them cost little and feed bigger batches.
 threads = int(os.environ.get("CAPTIONER_THREADS", "32"))
-preload_app = False  # import the app, and so load the model, in each worker after the fork
+preload_app = False  # import the app, and so start the model process, in each worker after the fork
 timeout = 120  # a worker silent this long is restarted; allows for loading a large model
 graceful_timeout = 30  # on SIGTERM, requests in flight get this long to finish
 keepalive = 5
@@ -39,19 +40,16 @@ logconfig_dict = {
 
 
 def post_fork(server, worker):
-    """Tune this worker for PyTorch before the app (and the model) load."""
-    import sys
-
+    """Tune this worker for PyTorch before the app (and its model process) start."""
     import torch
 
     from captioner.runtime import torch_threads
 
-    # Threads created later take this count (torch reads it once per thread), so set it first.
-    torch.set_num_threads(int(os.environ.get("CAPTIONER_TORCH_THREADS", torch_threads(workers))))
+    # The model runs in a process of its own (service.model_process), which takes its thread count
+    # from here; this process only prepares pixels, one image per request thread.
+    os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(torch_threads(workers)))
+    torch.set_num_threads(1)
     _return_big_blocks_to_the_system()
-    # The batcher thread releases the GIL around every torch op; with the default 5 ms switch
-    # interval, busy request threads would make it wait that long to get it back each time.
-    sys.setswitchinterval(0.0005)
 
 
 def _return_big_blocks_to_the_system():

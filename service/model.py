@@ -1,12 +1,15 @@
-"""The served model: loading it, and what clients are told about it (never a file-system path)."""
+"""The served model: loading it, what the HTTP process knows of it, and what clients are told
+about it (never a file-system path)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.data.images import ALLOWED_FORMATS
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
+from captioner.models.encoder import ImageTransform
 from captioner.options import MAX_BEAM_SIZE, MAX_CAPTIONS, MAX_LENGTH, MODES, DecodeOptions
 from captioner.runtime import resolve_device
 
@@ -25,9 +28,25 @@ def load_model(path: str | Path | None, device: str = "auto", name: str | None =
     return model
 
 
-def model_card(model: Captioner, max_bytes: int, max_pixels: int) -> dict:
-    """What ``GET /v1/model`` answers: identity, what it was trained on and how it scored, its
-    vocabulary, encoder, embedding, decoding defaults and the limits on requests."""
+@dataclass(frozen=True)
+class ServedModel:
+    """What the HTTP process knows of the model in the model process: plain data, sent once."""
+
+    name: str
+    version: str
+    transform: ImageTransform  # the model's preprocessing, run by the request threads
+    pool_grid: int  # attention's cells per side
+    card: dict  # model_card's, without the limits on requests
+
+    @classmethod
+    def of(cls, model: Captioner) -> ServedModel:
+        card = model_card(model)
+        return cls(model.name, model.version, model.transform, model.encoder.config.pool_grid, card)
+
+
+def model_card(model: Captioner) -> dict:
+    """What ``GET /v1/model`` answers, less the limits on requests: identity, what it was trained
+    on and how it scored, its vocabulary, encoder, embedding and decoding defaults."""
     grid = model.encoder.config.pool_grid
     return {
         "name": model.name,
@@ -50,6 +69,11 @@ def model_card(model: Captioner, max_bytes: int, max_pixels: int) -> dict:
             "modes": list(MODES),
             "limits": {"num_captions": MAX_CAPTIONS, "beam_size": MAX_BEAM_SIZE, "max_length": MAX_LENGTH},
         },
-        "limits": {"max_bytes": max_bytes, "max_pixels": max_pixels, "formats": list(ALLOWED_FORMATS)},
         "device": str(model.device),
+        "cnn": model.encoder.cnn,  # eager (fp32) or int8
     }
+
+
+def limits_card(max_bytes: int, max_pixels: int) -> dict:
+    """The limits on requests, for the model card."""
+    return {"max_bytes": max_bytes, "max_pixels": max_pixels, "formats": list(ALLOWED_FORMATS)}

@@ -109,7 +109,7 @@ def test_the_service_serves_an_int8_cnn(tmp_path, trained_run):
         deadline = time.monotonic() + 60
         while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert app.extensions["captioner"].batcher.model.encoder._int8_trunk is not None
+        assert client.get("/v1/model").get_json()["cnn"] == "int8"
         image = io.BytesIO()
         Image.new("RGB", (32, 32), "red").save(image, "PNG")
         response = client.post("/v1/captions", data=image.getvalue(), content_type="image/png")

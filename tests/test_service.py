@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from captioner.models.captioner import Captioner
 from service import create_app, serve
 from service.batcher import decode_group
 from captioner.checkpoint import file_digest
+from tests import service_models
 
 CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
 
@@ -329,35 +333,85 @@ def test_unknown_path_and_wrong_method_are_json(client):
     assert "POST" in response.headers["Allow"]
 
 
-def test_model_failure_is_500_json_without_details(make_app, monkeypatch):
+@pytest.fixture
+def switches(tmp_path, monkeypatch):
+    """The folder of tests.service_models' switches, named to the model processes started next."""
+    folder = tmp_path / "switches"
+    folder.mkdir()
+    monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
+    return folder
+
+
+def test_model_failure_is_500_json_without_details(make_app, monkeypatch, switches):
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
     app = make_app()
-    batcher = ready(app)
-
-    def broken(batch):
-        raise RuntimeError("CUDA exploded in /srv/secret/model.py")
-
-    monkeypatch.setattr(batcher.model, "encode", broken)
+    ready(app)
+    (switches / "broken").touch()
     response = post_file(app.test_client(), png())
     message = error_of(response, 500, "internal_error")
     assert "secret" not in message and "CUDA" not in message
-    monkeypatch.undo()
-    assert post_file(app.test_client(), png()).status_code == 200  # the worker survived
+    (switches / "broken").unlink()
+    assert post_file(app.test_client(), png()).status_code == 200  # the model process survived
+
+
+def test_a_model_process_that_dies_is_started_again(make_app, monkeypatch, switches):
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
+    app = make_app()
+    batcher = ready(app)
+    client = app.test_client()
+    assert post_file(client, png()).status_code == 200
+    first = batcher._process
+    (switches / "pause").touch()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post_file, app.test_client(), png(1))
+        wait_until(lambda: (switches / "paused").exists())
+        os.kill(first.pid, signal.SIGKILL)  # mid-batch
+        assert "retry" in error_of(waiting.result(), 503, "not_ready")
+    (switches / "pause").unlink()
+    wait_until(lambda: batcher.ready and batcher._process is not first, timeout=60)
+    assert post_file(client, png()).status_code == 200
+    assert first.exitcode == -signal.SIGKILL
+
+
+def test_the_model_process_outlives_no_http_process(model_path, tmp_path):
+    """Killed with SIGKILL, the HTTP process leaves no model process behind."""
+    script = f"""
+import time
+from service import create_app
+app = create_app({{"MODEL_PATH": {str(model_path)!r}}})
+assert app.extensions["captioner"].batcher.wait_ready(60)
+print(app.extensions["captioner"].batcher._process.pid, flush=True)
+time.sleep(60)
+"""
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        model_pid = int(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    wait_until(lambda: not _alive(model_pid), timeout=20)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 # --- 503: not ready; 429: queue full ------------------------------------------------------
 
 
-def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, model_path):
+def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, switches):
     import service.app
 
-    release = threading.Event()
-    real_load = service.app.load_model
-
-    def slow_load(*args):
-        assert release.wait(30)
-        return real_load(*args)
-
-    monkeypatch.setattr(service.app, "load_model", slow_load)
+    monkeypatch.setattr(service.app, "load_model", service_models.load_when_allowed)
     app = make_app()
     client = app.test_client()
     try:
@@ -367,7 +421,7 @@ def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, model_path):
         error_of(client.get("/v1/model"), 503, "not_ready")
         assert metric(app, "captioner_model_ready") == 0
     finally:
-        release.set()
+        (switches / "load").touch()
     ready(app)
     assert client.get("/readyz").get_json() == {"status": "ready"}
     assert metric(app, "captioner_model_ready") == 1
@@ -377,32 +431,32 @@ def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, model_path):
 def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path):
     app = make_app(MODEL_PATH=str(tmp_path / "missing" / "model.pt"))
     batcher = app.extensions["captioner"].batcher
-    wait_until(lambda: batcher.load_error is not None)
+    wait_until(lambda: batcher.load_error is not None, timeout=60)
     assert "failed to load" in error_of(app.test_client().get("/readyz"), 503, "not_ready")
+    first = batcher._process
+    wait_until(lambda: first.exitcode is not None)
+    time.sleep(0.5)
+    assert first.exitcode == 0 and batcher._process is first  # not started again
 
 
-def test_full_queue_is_429(make_app, monkeypatch):
-    app = make_app(MAX_QUEUE=1, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
+def test_full_queue_is_429(make_app, monkeypatch, switches):
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
+    # The queue: requests handed to the model, in a batch or waiting for one.
+    app = make_app(MAX_QUEUE=2, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
     batcher = ready(app)
-    entered, release = threading.Event(), threading.Event()
-    encode_now = batcher.model.encode
-
-    def paused_encode(batch):
-        entered.set()
-        assert release.wait(30)
-        return encode_now(batch)
-
-    monkeypatch.setattr(batcher.model, "encode", paused_encode)
+    (switches / "pause").touch()
     with ThreadPoolExecutor(2) as pool:
         try:
             running = pool.submit(post_file, app.test_client(), png(1))
-            assert entered.wait(30)  # the worker is busy with the first request
+            wait_until(lambda: (switches / "paused").exists())  # the model is busy with the first
             waiting = pool.submit(post_file, app.test_client(), png(2))
-            wait_until(lambda: batcher.queue_depth() == 1)  # the second fills the queue
-            assert metric(app, "captioner_queue_depth") == 1
+            wait_until(lambda: batcher.queue_depth() == 2)  # the second fills the queue
+            assert metric(app, "captioner_queue_depth") == 2
             assert "busy" in error_of(post_file(app.test_client(), png(3)), 429, "queue_full")
         finally:
-            release.set()
+            (switches / "pause").unlink()
         assert running.result().status_code == 200 and waiting.result().status_code == 200
     assert metric(app, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="429"') == 1
 
@@ -479,6 +533,7 @@ def test_model_card(client, model_path):
     assert trained_on["images"]["train"] == 48 and trained_on["held_out"] == ["green:triangle"]
     assert trained_on["train_captions"] >= 48
     assert card["attention_grid"] == [1, 1]
+    assert card["cnn"] == "eager" and card["device"] == "cpu"
     assert card["decoding"]["defaults"] == DecodeOptions().to_dict()
     assert card["decoding"]["limits"] == {"num_captions": 10, "beam_size": 16, "max_length": 100}
     assert card["limits"]["max_bytes"] == 16 * 1024 * 1024 and "PNG" in card["limits"]["formats"]

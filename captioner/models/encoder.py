@@ -88,9 +88,17 @@ class ImageTransform:
     config: EncoderConfig
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(image))
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """The first half: an RGB image -> (3, S, S) uint8, a quarter of the float's bytes."""
         x = TF.pil_to_tensor(image)  # (3, H, W) uint8
-        x = TF.resize(x, [self.config.image_size, self.config.image_size], antialias=True)
-        x = TF.to_dtype(x, torch.float32, scale=True)
+        return TF.resize(x, [self.config.image_size, self.config.image_size], antialias=True)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The second half: (..., 3, S, S) uint8 from ``resize`` -> normalised float32, the same
+        for a batch as for each image alone."""
+        x = TF.to_dtype(pixels, torch.float32, scale=True)
         return TF.normalize(x, list(self.config.mean), list(self.config.std))
 
     def load(self, source) -> torch.Tensor:
@@ -148,6 +156,11 @@ class Encoder(nn.Module):
             )
             self.colour_head = nn.Linear(16, sizes[colour])
         self.feature_dim = (sum(config.group_sizes) or channels) * config.pool_grid**2
+
+    @property
+    def cnn(self) -> str:
+        """The trunk's arithmetic: "int8" once ``use_int8`` converted it, else "eager" (fp32)."""
+        return "int8" if self._int8_trunk is not None else "eager"
 
     def trunk(self) -> nn.Module:
         """The convolutional trunk as one module, sharing this encoder's layers: what int8 replaces."""
