@@ -1,10 +1,13 @@
 """Benchmark of `captioner caption --engine ray` against the single-process command, side by side.
 
-Both engines run the same command (``captioner.cli.main``) over the same images in this process,
-interleaved (local, ray, local, ray, ...) so that a slow spell of a shared machine hits both alike;
-the figure is the ratio of each pair's throughputs, with its spread: over the whole run, and
-steady (from the first records written to the last, start-up left out). Ray is started once, before
-the runs, as a cluster stands before the jobs sent to it; its start-up is reported apart. The
+Both engines run the same command, ``python -m captioner caption``, over the same images, each as
+a user runs it, in a fresh process that pays its own start-up (imports, the model's load; for Ray,
+joining the cluster and starting its actors). The runs are interleaved (local, ray, local, ray,
+...) so that a slow spell of a shared machine hits both alike; the figure is the ratio of each
+pair's throughputs, with its spread: over the whole run, and steady (from the first records
+written to the last, start-up left out). Ray is started once, before the runs, as a cluster stands
+before the jobs sent to it (the commands join it through RAY_ADDRESS); its start-up is reported
+apart. The
 first pair's records are compared image for image, and with ``--kill-actor`` one more Ray run has
 a captioning actor killed by SIGKILL mid-run and is checked to hold every image exactly once.
 
@@ -21,6 +24,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+CLUSTER: list[str] = []  # the address of the Ray instance main() starts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,11 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timed_run(args, out: Path, engine: str) -> tuple[dict, list[dict]]:
-    """Seconds the command took over the images, when its first records came (start-up: actors
-    started, model loaded, first batch through) and how many, and its records."""
-    from captioner.cli import main
-
-    command = ["caption", args.model, args.images, "--batch-size", str(args.batch_size), "--output", str(out)]
+    """Seconds the command took over the images, run as a user runs it (a fresh process), when its
+    first records came (start-up: imports, model loaded, for Ray actors started and connected to
+    the cluster, first batch through) and how many, and its records."""
+    command = [sys.executable, "-m", "captioner", "caption", args.model, args.images]
+    command += ["--batch-size", str(args.batch_size), "--output", str(out)]
     if engine == "ray":
         command += ["--engine", "ray", "--num-actors", str(args.num_actors), "--num-cpus", str(args.num_cpus)]
     out.unlink(missing_ok=True)
@@ -66,7 +71,8 @@ def timed_run(args, out: Path, engine: str) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
     watcher.start()
     try:
-        if main(command + args.decoding) != 0:
+        # The Ray command joins the cluster this script started (RAY_ADDRESS), as on a real cluster.
+        if subprocess.run(command + args.decoding, env=os.environ | {"RAY_ADDRESS": CLUSTER[0]}).returncode != 0:
             raise SystemExit(f"the {engine} run failed")
     finally:
         ended = time.perf_counter()
@@ -124,6 +130,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
+    CLUSTER.append(ray.get_runtime_context().gcs_address)
     results = {"ray_start_s": round(time.perf_counter() - started, 1), "cpus": os.cpu_count(), "repeats": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
