@@ -4,8 +4,9 @@ Suited to PyTorch: each worker starts its model process after the fork (the mast
 torch, whose threads and state would not survive a fork), torch's thread pool is sized per worker
 so workers do not fight over cores, and threaded workers let one worker's micro-batcher see many
 requests at once. The model runs in a process of its own beside each worker
-(service.model_process), so the two do not share a GIL. The worker is gthread that reads request heads in its event loop under a
-deadline (service.worker), so slow clients cannot hold the request threads. Environment:
+(service.model_process), so the two do not share a GIL. The worker is gthread that reads request
+heads in its event loop under a deadline (service.worker), so slow clients cannot hold the request
+threads. Environment:
 CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one batcher sees all traffic
 and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, default 32),
 CAPTIONER_TORCH_THREADS (torch threads of each model process; default: the CPUs this process may
