@@ -85,7 +85,8 @@ def _caption(batcher: ModelProcess, started: float):
         "captions": result.captions,
     }
     if options.explain:
-        body["attention_grid"] = [served.pool_grid, served.pool_grid]  # each word's attention: rows x columns over the whole image
+        # Each word's attention: rows x columns over the whole image.
+        body["attention_grid"] = [served.pool_grid, served.pool_grid]
     body["timing_ms"] = {"read": read_ms, **result.timing_ms, "total": _ms(time.perf_counter() - started)}
     return jsonify(body)
 

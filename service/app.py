@@ -31,12 +31,12 @@ DEFAULTS = {
     "MODEL_NAME": None,  # shown to clients; default from the encoder's name
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
     "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
-    "TORCH_THREADS": None,  # the model process's torch threads; default: the CPUs this process may use
+    "TORCH_THREADS": None,  # the model process's torch threads; default: the usable CPUs less one
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
     "MAX_WAIT_MS": 5,  # how long a request may wait for others to join its batch
-    "MAX_QUEUE": 256,  # requests waiting for the model; 429 beyond
+    "MAX_QUEUE": 256,  # requests handed to the model and not yet answered; 429 beyond
     # Requests in progress (reading, decoding, waiting for the model); 429 with Retry-After beyond,
     # before the body is read. Below gunicorn's request threads (32), so it is reachable.
     "MAX_IN_FLIGHT": 16,

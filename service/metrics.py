@@ -49,7 +49,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "captioner_queue_depth", "Caption requests waiting for the model", registry=self.registry
+            "captioner_queue_depth", "Caption requests handed to the model, not yet answered", registry=self.registry
         )
         self.ready = Gauge("captioner_model_ready", "1 once the model is loaded", registry=self.registry)
 

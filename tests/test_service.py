@@ -653,6 +653,11 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
     assert app.config["MAX_WAIT_MS"] == 9 and app.config["MAX_QUEUE"] == 256
     with pytest.raises(CaptionerError, match="MAX_BATCH_SIZE"):
         make_app(MAX_BATCH_SIZE=0)
+    monkeypatch.setenv("CAPTIONER_TORCH_THREADS", "2")
+    assert make_app().extensions["captioner"].batcher._torch_threads == 2  # the model process's
+    for threads in (0, 1.5, "two"):
+        with pytest.raises(CaptionerError, match="TORCH_THREADS must be a positive whole number"):
+            make_app(TORCH_THREADS=threads)
 
 
 def test_serve_reports_a_missing_model_at_once(tmp_path):
