@@ -16,7 +16,8 @@ its batch), or when the HTTP process is gone (its pipe closes).
 Messages are pickled tuples on one duplex pipe:
     HTTP -> model: ("job", id, pixels, options), ("cancel", id), ("stop",)
     model -> HTTP: ("ready", ServedModel), ("load_failed", message, is_captioner_error),
-                   ("batch", size), ("done", id, CaptionResult), ("failed", id, shutting_down)
+                   ("batch", size), ("answers", [("done", id, CaptionResult) or
+                   ("failed", id, shutting_down), ...]): a batch's answers in one message
 Pixels cross as a numpy array of bytes (resized, not yet normalised: a quarter of the floats'
 size): torch would move a tensor through shared memory, one segment and one file descriptor per
 image, which costs more than copying them.
@@ -25,6 +26,7 @@ image, which costs more than copying them.
 from __future__ import annotations
 
 import itertools
+import queue
 import logging
 import multiprocessing
 import signal
@@ -201,6 +203,18 @@ class ModelProcess:
                 return
             log.error("the model process stopped unexpectedly; starting it again", extra={"fields": {"exitcode": process.exitcode}})
 
+    def _deliver(self, kind: str, job_id: int, payload) -> None:
+        with self._lock:
+            future = self._pending.pop(job_id, None)
+        if future is None or not future.set_running_or_notify_cancel():
+            return  # the request gave up waiting
+        if kind == "done":
+            future.set_result(payload)
+        elif payload:
+            future.set_exception(NotReady("the service is shutting down"))
+        else:
+            future.set_exception(ModelCallFailed("the model failed on this batch"))
+
     def _listen(self, conn) -> None:
         """Deliver the model process's messages until its pipe closes."""
         while True:
@@ -209,17 +223,9 @@ class ModelProcess:
             except (EOFError, OSError):
                 return
             kind = message[0]
-            if kind == "done" or kind == "failed":
-                with self._lock:
-                    future = self._pending.pop(message[1], None)
-                if future is None or not future.set_running_or_notify_cancel():
-                    continue  # the request gave up waiting
-                if kind == "done":
-                    future.set_result(message[2])
-                elif message[2]:
-                    future.set_exception(NotReady("the service is shutting down"))
-                else:
-                    future.set_exception(ModelCallFailed("the model failed on this batch"))
+            if kind == "answers":
+                for answer in message[1]:
+                    self._deliver(*answer)
             elif kind == "batch":
                 self._on_batch(message[1])
             elif kind == "ready":
@@ -259,6 +265,9 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
             return
     send(("ready", ServedModel.of(batcher.model)))
     jobs: dict[int, Future] = {}
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_answers, args=(send, answers), name="captioner-answers")
+    sender.start()
     while True:
         try:
             message = conn.recv()
@@ -272,23 +281,41 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
                 send(("failed", job_id, True))
                 continue
             jobs[job_id] = future
-            future.add_done_callback(partial(_answer, send, jobs, job_id))
+            future.add_done_callback(partial(_answer, answers, jobs, job_id))
         elif message[0] == "cancel":
             future = jobs.get(message[1])
             if future is not None:
                 future.cancel()
         elif message[0] == "stop":
             break
-    batcher.stop()
+    batcher.stop()  # its last answers queued
+    answers.put(None)
+    sender.join()
     conn.close()
 
 
-def _answer(send: Callable, jobs: dict, job_id: int, future: Future) -> None:
+def _answer(answers: queue.SimpleQueue, jobs: dict, job_id: int, future: Future) -> None:
     jobs.pop(job_id, None)
     if future.cancelled():
         return
     error = future.exception()
     if error is None:
-        send(("done", job_id, future.result()))
+        answers.put(("done", job_id, future.result()))
     else:
-        send(("failed", job_id, isinstance(error, NotReady)))
+        answers.put(("failed", job_id, isinstance(error, NotReady)))
+
+
+def _send_answers(send: Callable, answers: queue.SimpleQueue) -> None:
+    """Sends the answers, those of a batch together: one message, one wake-up of the HTTP side."""
+    while (answer := answers.get()) is not None:
+        together = [answer]
+        while True:
+            try:
+                answer = answers.get_nowait()
+            except queue.Empty:
+                break
+            if answer is None:
+                send(("answers", together))
+                return
+            together.append(answer)
+        send(("answers", together))
