@@ -247,7 +247,7 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
     # The batcher's thread releases the GIL around every torch call; with the default 5 ms switch
     # interval the thread reading the pipe would wait that long for it, and the senders with it.
     sys.setswitchinterval(0.0005)
-    sending = threading.Lock()  # answers come from the batcher's thread, refusals from this one
+    sending = threading.Lock()  # the batcher's thread sends batch sizes, the sender thread answers
 
     def send(message) -> None:
         try:
@@ -277,9 +277,9 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
             _, job_id, pixels, options = message
             try:
                 future = batcher.submit(torch.from_numpy(pixels), options)
-            except (NotReady, QueueFull):
-                send(("failed", job_id, True))
-                continue
+            except (NotReady, QueueFull) as refused:  # answered like any other: 503 not_ready
+                future = Future()
+                future.set_exception(NotReady(str(refused)))
             jobs[job_id] = future
             future.add_done_callback(partial(_answer, answers, jobs, job_id))
         elif message[0] == "cancel":

@@ -781,3 +781,47 @@ def test_body_that_does_not_arrive_in_time_is_408(client):
     stalled = {"wsgi.input": Stalled(), "CONTENT_LENGTH": "5000"}
     response = client.post("/v1/captions", content_type="image/png", environ_overrides=stalled)
     error_of(response, 408, "request_timeout")
+
+
+def test_the_model_process_answers_a_job_it_cannot_queue(model_path, switches):
+    """Driven over its pipe: a job beyond its queue is answered at once as not ready, never lost."""
+    import multiprocessing
+    from functools import partial
+
+    from service.model_process import serve_model
+
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
+    settings = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
+    process = context.Process(target=serve_model, args=(child_conn, loader, settings, 1, "INFO"), daemon=True)
+    process.start()
+    child_conn.close()
+    try:
+        assert conn.poll(60) and conn.recv()[0] == "ready"
+        (switches / "pause").touch()
+        pixels = np.zeros((3, 32, 32), dtype=np.uint8)
+        conn.send(("job", 1, pixels, DecodeOptions()))
+        wait_until(lambda: (switches / "paused").exists())  # job 1 in the model
+        conn.send(("job", 2, pixels, DecodeOptions()))  # fills the queue
+        conn.send(("job", 3, pixels, DecodeOptions()))  # beyond it
+        answers = []
+        while not answers:
+            assert conn.poll(10), "job 3 was never answered"
+            kind, *rest = conn.recv()
+            if kind == "answers":
+                answers = rest[0]
+        assert answers == [("failed", 3, True)]
+        (switches / "pause").unlink()
+        while len(answers) < 3:
+            assert conn.poll(30)
+            kind, *rest = conn.recv()
+            answers += rest[0] if kind == "answers" else []
+        assert [(kind, job) for kind, job, _ in answers[1:]] == [("done", 1), ("done", 2)]
+        conn.send(("stop",))
+        process.join(20)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+        conn.close()
