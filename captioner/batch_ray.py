@@ -39,11 +39,12 @@ import ray
 import ray.data
 import torch
 
-from captioner.batch import RecordFormat, ResumableOutput, caption_tensors, collect_inputs, load_image
+from captioner.batch import caption_tensors, load_image
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import CaptionJob, DecodeOptions
+from captioner.records import RecordFormat, ResumableOutput, collect_inputs
 from captioner.runtime import resolve_device
 
 # A WebDataset sample's image is its member with one of these extensions (lower case).

@@ -84,10 +84,10 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
         return
     import torch
 
-    from captioner.batch import RecordFormat, caption_paths, collect_inputs, run_batch_job
+    from captioner.batch import caption_paths, run_batch_job
     from captioner.models.captioner import Captioner
-    from captioner.runtime import decoding_workers, init_process, process_device, resolve_device, shutdown
-    from captioner.runtime import torch_threads
+    from captioner.records import RecordFormat, collect_inputs
+    from captioner.runtime import decoding_workers, init_process, process_device, resolve_device, shutdown, torch_threads
 
     paths = collect_inputs(job.inputs)
     device = resolve_device(process_device(job.device))
@@ -162,10 +162,10 @@ def cmd_calibrate(job: CalibrateOptions) -> None:
 
 
 def cmd_inspect(job: InspectOptions, options: DecodeOptions) -> None:
-    from captioner.batch import collect_inputs
     from captioner.data.datasets import load_dataset
     from captioner.inspection import inspect_images, inspect_split, training_history
     from captioner.models.captioner import Captioner
+    from captioner.records import collect_inputs
     from captioner.runtime import resolve_device
 
     paths = collect_inputs(job.inputs)

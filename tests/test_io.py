@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from captioner.checkpoint import save_checkpoint
-from captioner.batch import RecordFormat
 from captioner.errors import CaptionerError
 from captioner.io import atomic_write, remove_temporaries, strict_json
+from captioner.records import RecordFormat
 
 
 def test_writes_the_content_and_leaves_nothing_else_in_the_folder(tmp_path):
