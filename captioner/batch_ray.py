@@ -21,31 +21,38 @@ uses, so both engines give the same captions. An image that cannot be decoded be
 an error code and message. An actor that dies is restarted by Ray and its batch retried
 (Ray Data's actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``); a batch's rows reach the output only when its task
 finishes, so each image is written exactly once.
+
+The driver never imports torch: importing it (and torchvision) takes seconds that would come
+before any actor starts. The model file goes to the cluster as bytes (``ClusterModel``) and is
+loaded there by each actor, which hands its preprocessing to the decoding fused into it; the
+stages import torch where they run. The command does not wait for the model to be checked first:
+where it cannot be loaded, the actors leave as they start, and the driver says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-import torch
 
-from captioner.batch import caption_tensors, load_image
 from captioner.errors import CaptionerError
-from captioner.models.captioner import Captioner
-from captioner.models.encoder import ImageTransform
 from captioner.options import CaptionJob, DecodeOptions
 from captioner.records import RecordFormat, ResumableOutput, collect_inputs
-from captioner.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from captioner.models.captioner import Captioner
+    from captioner.models.encoder import ImageTransform
 
 # A WebDataset sample's image is its member with one of these extensions (lower case).
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -53,7 +60,7 @@ SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 ID_COLUMNS = ("id", "key", "__key__", "image_id", "uid", "name")
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "image", "url")
 
-DECODER_MEMORY = 768 << 20  # bytes
+DECODER_MEMORY = 1 << 30  # bytes: torch and a block of images (0.6 GiB measured on the shapes world)
 BLOCK_ROWS = 128  # image files per block of the input
 # What the stages pass on: the image's id, and its bytes or its path (the other null).
 IMAGES = pa.schema([("image", pa.string()), ("path", pa.string()), ("data", pa.binary())])
@@ -111,9 +118,11 @@ def read_images(inputs: Sequence[str], *, skip: int = 0) -> ray.data.Dataset:
             # Small blocks, so that decoding, captioning and writing overlap, and at least one per
             # CPU, so that every actor has work (Ray Data warns of an actor pool with less).
             step = max(1, min(BLOCK_ROWS, -(-len(paths) // int(ray.cluster_resources().get("CPU", 1)))))
-            parts += [ray.data.from_arrow([rows.slice(i, step) for i in range(0, len(paths), step)])] if paths else []
+            # from_blocks rather than from_arrow: the same blocks, their metadata taken here rather
+            # than by Ray tasks, which would start worker processes before the actors do.
+            parts += [ray.data.from_blocks([rows.slice(i, step) for i in range(0, len(paths), step)])] if paths else []
     if not parts:
-        return ray.data.from_arrow(IMAGES.empty_table())
+        return ray.data.from_blocks([IMAGES.empty_table()])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -152,11 +161,74 @@ def _shard_rows(table: pa.Table) -> pa.Table:
     return pa.table({"image": table["__key__"], "path": pa.nulls(table.num_rows, pa.string()), "data": data}, schema=IMAGES)
 
 
-def decode_images(batch: dict[str, np.ndarray], transform: ImageTransform) -> dict[str, np.ndarray]:
+class ClusterModel:
+    """A model file shipped to the cluster through Ray's object store (workers need no shared
+    disk) and loaded there, once per worker process that needs it.
+
+    Args:
+        path: the model file.
+        cnn: ``eager`` or ``int8``, as the actors load it (``Captioner.load``).
+
+    Raises:
+        CaptionerError: the file is not there (whether it loads, ``check`` says).
+    """
+
+    def __init__(self, path: str | Path, cnn: str = "eager"):
+        path = Path(path)
+        if not path.is_file():
+            raise CaptionerError(f"model file not found: {path}")
+        self.name, self.cnn = path.name, cnn
+        self.checkpoint = ray.put(path.read_bytes())
+
+    def check(self) -> None:
+        """Loads the model in a Ray task (the driver never imports torch).
+
+        Raises:
+            CaptionerError: with the loader's message, where the model cannot be loaded.
+        """
+        if problem := ray.get(_problem.options(num_cpus=0).remote(self)):  # no CPU: never behind the actors
+            raise CaptionerError(problem)
+
+    def load(self, device: str = "cpu") -> Captioner:
+        """The model, in this worker, on ``device`` (``auto``, ``cpu`` or ``cuda``)."""
+        from captioner.models.captioner import Captioner
+        from captioner.runtime import resolve_device
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / self.name  # its own name, for the messages of a damaged file
+            path.write_bytes(ray.get(self.checkpoint))
+            model = Captioner.load(path, resolve_device(device), cnn=self.cnn)
+        _TRANSFORMS[self.checkpoint.hex()] = model.transform
+        return model
+
+    def transform(self) -> ImageTransform:
+        """The model's preprocessing: an actor's (decoding fused into it), else loaded here."""
+        if self.checkpoint.hex() not in _TRANSFORMS:
+            self.load()
+        return _TRANSFORMS[self.checkpoint.hex()]
+
+
+_TRANSFORMS: dict[str, ImageTransform] = {}  # a worker's preprocessing, by its model's checkpoint
+
+
+@ray.remote
+def _problem(model: ClusterModel) -> str | None:
+    """Why ``model`` cannot be loaded, or None (returned, not raised: Ray prints no traceback)."""
+    try:
+        model.load()
+    except CaptionerError as exc:
+        return str(exc)
+    return None
+
+
+def decode_images(batch: dict[str, np.ndarray], model: ClusterModel) -> dict[str, np.ndarray]:
     """Image rows -> ``pixels`` (B, 3, S, S) float32 (zeros where it failed) and an error code and message.
 
     Decoded by the model's own preprocessing (``load_image``, as the single-process command does).
     """
+    from captioner.batch import load_image
+
+    transform = model.transform()
     size = transform.config.image_size
     pixels = np.zeros((len(batch["image"]), 3, size, size), dtype=np.float32)  # (B, 3, S, S)
     codes, messages = [], []
@@ -177,22 +249,29 @@ class CaptionActor:
     """Captions decoded batches; Ray Data keeps a pool of these, each loading the model once.
 
     Args:
-        checkpoint: the model file's bytes, in Ray's object store (so workers need no shared disk).
+        model: the model file, on the cluster.
         options: decoding options.
         device: ``auto``, ``cpu`` or ``cuda``: an actor given GPUs by Ray sees only those.
         threads: torch threads (the CPUs Ray gave it).
-        cnn: ``eager`` or ``int8`` (``Captioner.load``).
     """
 
-    def __init__(self, checkpoint: ray.ObjectRef, options: DecodeOptions, device: str = "auto", threads: int = 1, cnn: str = "eager"):
+    def __init__(self, model: ClusterModel, options: DecodeOptions, device: str = "auto", threads: int = 1):
+        import torch
+
         torch.set_num_threads(threads)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.pt"
-            path.write_bytes(ray.get(checkpoint))
-            self.model = Captioner.load(path, resolve_device(device), cnn=cnn)
+        try:
+            self.model = model.load(device)
+        except CaptionerError:
+            # The driver finds out why and says it (run_ray_job). Raised here, it would come with
+            # the traceback Ray prints of an actor that failed to start; leaving stops the run too.
+            ray.actor.exit_actor()
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from captioner.batch import caption_tensors
+
         good = batch["error_code"] == ""
         captions = iter(caption_tensors(self.model, torch.from_numpy(batch["pixels"][good]), self.options) if good.any() else [])
         rows = [next(captions) if ok else None for ok in good]
@@ -202,7 +281,7 @@ class CaptionActor:
 
 def caption_dataset(
     images: ray.data.Dataset,
-    model: str | Path,
+    model: str | Path | ClusterModel,
     options: DecodeOptions,
     *,
     batch_size: int = 32,
@@ -217,7 +296,9 @@ def caption_dataset(
 
     Args:
         images: the images to caption.
-        model: the model file (read here, shipped to the actors through the object store).
+        model: the model file, checked here (loaded in a Ray task) before any work; or a
+            ``ClusterModel``, unchecked: a model that cannot be loaded then fails the run as its
+            actors start (``ClusterModel.check`` says why), without a wait for a check first.
         options: decoding options, every one the single-process command has.
         batch_size: images per decoding task and per model call.
         num_actors: captioning actors (0: as many as the cluster's CPUs, or GPUs, have room for).
@@ -227,28 +308,29 @@ def caption_dataset(
         num_cpus: CPUs per actor; its torch threads.
         num_gpus: GPUs per actor.
         device: the actors' device (``auto``: the GPU Ray gives an actor, else CPU).
-        cnn: the CNN's arithmetic, ``eager`` or ``int8`` (as ``caption --cnn``).
+        cnn: the CNN's arithmetic, ``eager`` or ``int8`` (as ``caption --cnn``), of a model given
+            by its path (a ``ClusterModel`` has its own).
+
+    Raises:
+        CaptionerError: a model file given by its path that cannot be loaded.
     """
-    transform = Captioner.load(model).transform  # a bad model file fails here, before any work
-    checkpoint = ray.put(Path(model).read_bytes())
-    size = transform.config.image_size
+    if not isinstance(model, ClusterModel):
+        model = ClusterModel(model, cnn)
+        model.check()
     if num_gpus:
-        # A decoding worker's memory (torch and a block of images: 0.6 GiB measured on the shapes
-        # world). Asking for it also keeps Ray Data from fusing decoding into the actors (it fuses
-        # steps that ask for the same resources): decoding stays in tasks, on the CPUs of the
-        # cluster, while the actors caption on their GPUs.
-        resources = {"memory": DECODER_MEMORY + batch_size * 3 * size * size * 4}
+        # A decoding worker's memory. Asking for it also keeps Ray Data from fusing decoding into
+        # the actors (it fuses steps that ask for the same resources): decoding stays in tasks, on
+        # the CPUs of the cluster, while the actors caption on their GPUs.
+        resources = {"memory": DECODER_MEMORY}
     else:
         # On CPUs, the same resources as the actors: Ray Data fuses decoding into them, so each
         # actor decodes its own images (no pixels through the object store, no worker process
         # beside the actors starting torch).
         resources = {"num_cpus": num_cpus}
-    decoded = images.map_batches(
-        decode_images, fn_kwargs={"transform": transform}, batch_size=batch_size, batch_format="numpy", **resources
-    )
+    decoded = images.map_batches(decode_images, fn_kwargs={"model": model}, batch_size=batch_size, batch_format="numpy", **resources)
     return decoded.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "options": options, "device": device, "threads": max(1, int(num_cpus)), "cnn": cnn},
+        fn_constructor_kwargs={"model": model, "options": options, "device": device, "threads": max(1, int(num_cpus))},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=_pool_size(num_actors, num_cpus, num_gpus, reads_in_tasks),
@@ -306,30 +388,55 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
     A JSONL or CSV file of image files resumes as the single-process command's does.
     """
     only_files = all(kind == "files" for kind, _ in _sources(job.inputs))
-    settings = dict(batch_size=job.batch_size, num_actors=job.num_actors, num_cpus=job.num_cpus, num_gpus=job.num_gpus, device=job.device, cnn=job.cnn)
+    settings = dict(batch_size=job.batch_size, num_actors=job.num_actors, num_cpus=job.num_cpus, num_gpus=job.num_gpus, device=job.device)
     settings |= {"reads_in_tasks": not only_files}  # image files come in memory, as rows of paths
-    with ray_session(job.ray_address):
+    # Ray prints its workers' messages (an actor that died...) on standard output: to standard
+    # error with them, for the whole session, so that standard output holds the records alone.
+    with contextlib.redirect_stdout(sys.stderr), ray_session(job.ray_address):
         if job.format == "parquet":
             folder = Path(job.output)
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
                 raise CaptionerError(f"{folder.name} exists and is not an empty folder: choose another --output")
-            caption_dataset(read_images(job.inputs), job.model, options, **settings).write_parquet(str(folder))
+            model = ClusterModel(job.model, job.cnn)
+            pipeline = caption_dataset(read_images(job.inputs), model, options, **settings)
+            _a_bad_model_said(model, lambda: pipeline.write_parquet(str(folder)))
             return
         record_format = RecordFormat(job.format, options.num_captions)
-        if not job.output:
-            out.write(record_format.header())
-            # Ray prints its workers' messages (an actor that died...) on standard output: to
-            # standard error with them, standard output holds the records alone.
-            with contextlib.redirect_stdout(sys.stderr), _in_input_order():
-                for record in records(caption_dataset(read_images(job.inputs), job.model, options, **settings)):
-                    out.write(record_format.line(record))
-            return
-        output = ResumableOutput(Path(job.output), record_format)
-        if output.path.exists() and output.path.stat().st_size and not only_files:
+        output = ResumableOutput(Path(job.output), record_format) if job.output else None
+        if output and output.path.exists() and output.path.stat().st_size and not only_files:
             raise CaptionerError(f"{output.path.name} exists; only runs over image files resume: choose another --output")
-        done = output.recover(collect_inputs(job.inputs)) if output.path.exists() and only_files else 0
+        done = output.recover(collect_inputs(job.inputs)) if output and output.path.exists() and only_files else 0
+        model = ClusterModel(job.model, job.cnn)
         with _in_input_order():
-            output.append(records(caption_dataset(read_images(job.inputs, skip=done), job.model, options, **settings)))
+            pipeline = records(caption_dataset(read_images(job.inputs, skip=done), model, options, **settings))
+            if output:
+                _a_bad_model_said(model, lambda: output.append(pipeline))
+            else:
+                out.write(record_format.header())
+                _a_bad_model_said(model, lambda: out.writelines(map(record_format.line, pipeline)))
+
+
+def _a_bad_model_said(model: ClusterModel, run: Callable[[], None]) -> None:
+    """Runs the pipeline (``run``) on a model nothing has loaded yet: its actors load it as they
+    start, so the driver neither waits for a check nor imports torch. Where the pipeline fails, a
+    model that cannot be loaded is the reason given, one line (``check``, after the failure);
+    another failure is raised as it is. Either way Ray Data's own account of it (ERROR lines with
+    stack traces, kept in its log files) stays off the terminal."""
+    terminal = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    for handler in terminal:
+        handler.addFilter(_below_error)
+    try:
+        run()
+    except Exception:
+        model.check()
+        raise
+    finally:
+        for handler in terminal:
+            handler.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Both engines run the same command, ``python -m captioner caption``, over the same images, each as
 a user runs it, in a fresh process that pays its own start-up (imports, the model's load; for Ray,
 joining the cluster and starting its actors). The runs are interleaved (local, ray, local, ray,
-...) so that a slow spell of a shared machine hits both alike; the figure is the ratio of each
+...) so that a slow spell of a shared machine hits both alike, each started once the one before
+has left the machine (its actor processes gone); the figure is the ratio of each
 pair's throughputs, with its spread: over the whole run, and steady (from the first records
 written to the last, start-up left out). Ray is started once, before the runs, as a cluster stands
 before the jobs sent to it (the commands join it through RAY_ADDRESS); its start-up is reported
@@ -59,6 +60,7 @@ def timed_run(args, out: Path, engine: str) -> tuple[dict, list[dict]]:
     if engine == "ray":
         command += ["--engine", "ray", "--num-actors", str(args.num_actors), "--num-cpus", str(args.num_cpus)]
     out.unlink(missing_ok=True)
+    settle()
     first, finished = [], threading.Event()
 
     def watch_for_the_first_records():
@@ -82,6 +84,17 @@ def timed_run(args, out: Path, engine: str) -> tuple[dict, list[dict]]:
     (at, count) = first[0] if first else (ended, len(records))
     steady = (len(records) - count) / (ended - at) if ended > at else float("nan")
     return {"seconds": ended - started, "first_records_s": at - started, "steady_img_s": steady}, records
+
+
+def settle(timeout: float = 20.0) -> None:
+    """Waits for the last Ray run's actor processes to be gone, and a second more, so that no run
+    starts while the one before is still being torn down on the same cores."""
+    from captioner.batch_ray import local_actor_pids
+
+    deadline = time.monotonic() + timeout
+    while local_actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
 
 
 def compare(ray_records: list[dict], local_records: list[dict]) -> dict:

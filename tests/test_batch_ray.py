@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -207,6 +209,48 @@ def test_on_cpus_each_actor_decodes_its_own_images_one_actor_per_cpu(ray_cluster
     assert _pool_size(0, 1.0, 0.0, reads_in_tasks=False) == 2 and _pool_size(0, 2.0, 0.0, reads_in_tasks=False) == 1
     # Parquet or shards are listed and read by tasks of a CPU each: the actors leave them one.
     assert _pool_size(0, 1.0, 0.0, reads_in_tasks=True) == 1 and _pool_size(2, 1.0, 0.0, reads_in_tasks=True) == 1
+
+
+# The command as a user runs it, saying at the end whether its process (Ray's driver) imported torch.
+DRIVER = """
+import sys
+from captioner.cli import main
+code = main(sys.argv[1:])
+print("driver imported torch:", "torch" in sys.modules, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@needs_ray
+@pytest.mark.slow  # starts two Ray jobs
+def test_the_driver_never_imports_torch_and_a_damaged_model_is_one_line(tmp_path, ray_cluster, trained_run, images):
+    """The driver leaves torch to the workers (importing it would delay every actor by seconds); a
+    model file that cannot be loaded, found by the check that runs while the actors start, ends the
+    command with the check's message: no traceback of Ray's, no record."""
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+    def command(model, *options):
+        args = [sys.executable, "-c", DRIVER, "caption", str(model), str(images), "--engine", "ray", *options]
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+    done = command(trained_run / "model.pt", "--output", str(tmp_path / "captions.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert "driver imported torch: False" in done.stderr
+    assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 24
+    damaged = tmp_path / "model.pt"
+    damaged.write_bytes((trained_run / "model.pt").read_bytes()[:5000])
+    failed = command(damaged)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "Traceback" not in failed.stderr and " ERROR " not in failed.stderr, failed.stderr  # Ray Data's stack traces
+    last = failed.stderr.splitlines()[-2:]
+    assert last == ["captioner: error: model.pt is damaged or not a captioner model: it cannot be read as a checkpoint", "driver imported torch: False"]
+    # From Python, the model file given by its path is checked before the dataset is made.
+    from captioner.batch_ray import caption_dataset, read_images
+    from captioner.errors import CaptionerError
+    from captioner.options import DecodeOptions
+
+    with pytest.raises(CaptionerError, match="model.pt is damaged"):
+        caption_dataset(read_images([str(images)]), damaged, DecodeOptions())
 
 
 def test_ray_options_need_the_ray_engine(capsys, trained_run, images):
