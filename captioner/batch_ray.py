@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import logging
 import os
 import sys
@@ -409,11 +410,18 @@ def run_ray_job(job: CaptionJob, options: DecodeOptions, out=None) -> None:
         model = ClusterModel(job.model, job.cnn)
         with _in_input_order():
             pipeline = records(caption_dataset(read_images(job.inputs, skip=done), model, options, **settings))
-            if output:
-                _a_bad_model_said(model, lambda: output.append(pipeline))
-            else:
-                out.write(record_format.header())
-                _a_bad_model_said(model, lambda: out.writelines(map(record_format.line, pipeline)))
+
+            def write() -> None:
+                # The first record before any output: a run whose actors cannot load the model
+                # leaves no file (nor a CSV header) behind.
+                rows = itertools.chain(list(itertools.islice(pipeline, 1)), pipeline)
+                if output:
+                    output.append(rows)
+                else:
+                    out.write(record_format.header())
+                    out.writelines(map(record_format.line, rows))
+
+            _a_bad_model_said(model, write)
 
 
 def _a_bad_model_said(model: ClusterModel, run: Callable[[], None]) -> None:

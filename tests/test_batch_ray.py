@@ -239,11 +239,13 @@ def test_the_driver_never_imports_torch_and_a_damaged_model_is_one_line(tmp_path
     assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 24
     damaged = tmp_path / "model.pt"
     damaged.write_bytes((trained_run / "model.pt").read_bytes()[:5000])
-    failed = command(damaged)
-    assert failed.returncode == 1 and failed.stdout == ""
+    failed = command(damaged, "--format", "csv")
+    assert failed.returncode == 1 and failed.stdout == ""  # not even the CSV's header
     assert "Traceback" not in failed.stderr and " ERROR " not in failed.stderr, failed.stderr  # Ray Data's stack traces
     last = failed.stderr.splitlines()[-2:]
     assert last == ["captioner: error: model.pt is damaged or not a captioner model: it cannot be read as a checkpoint", "driver imported torch: False"]
+    failed = command(damaged, "--output", str(tmp_path / "not-written.jsonl"))
+    assert failed.returncode == 1 and not (tmp_path / "not-written.jsonl").exists()
     # From Python, the model file given by its path is checked before the dataset is made.
     from captioner.batch_ray import caption_dataset, read_images
     from captioner.errors import CaptionerError
