@@ -225,8 +225,8 @@ sys.exit(code)
 @pytest.mark.slow  # starts two Ray jobs
 def test_the_driver_never_imports_torch_and_a_damaged_model_is_one_line(tmp_path, ray_cluster, trained_run, images):
     """The driver leaves torch to the workers (importing it would delay every actor by seconds); a
-    model file that cannot be loaded, found by the check that runs while the actors start, ends the
-    command with the check's message: no traceback of Ray's, no record."""
+    model file that the actors cannot load ends the command with the loader's message (the driver
+    asks a Ray task why): no traceback of Ray's, no record, no output file."""
     env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
 
     def command(model, *options):
