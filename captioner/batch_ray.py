@@ -52,6 +52,8 @@ from captioner.options import CaptionJob, DecodeOptions
 from captioner.records import RecordFormat, ResumableOutput, collect_inputs
 
 if TYPE_CHECKING:
+    import torch
+
     from captioner.models.captioner import Captioner
     from captioner.models.encoder import ImageTransform
 
@@ -190,8 +192,8 @@ class ClusterModel:
         if problem := ray.get(_problem.options(num_cpus=0).remote(self)):  # no CPU: never behind the actors
             raise CaptionerError(problem)
 
-    def load(self, device: str = "cpu") -> Captioner:
-        """The model, in this worker, on ``device`` (``auto``, ``cpu`` or ``cuda``)."""
+    def load(self, device: str | torch.device = "cpu") -> Captioner:
+        """The model, in this worker, on ``device`` (``auto``, ``cpu``, ``cuda`` or a torch device)."""
         from captioner.models.captioner import Captioner
         from captioner.runtime import resolve_device
 
@@ -259,12 +261,16 @@ class CaptionActor:
     def __init__(self, model: ClusterModel, options: DecodeOptions, device: str = "auto", threads: int = 1):
         import torch
 
+        from captioner.runtime import resolve_device
+
         torch.set_num_threads(threads)
+        device = resolve_device(device)  # a GPU asked for and not there: raised, Ray says why
         try:
             self.model = model.load(device)
         except CaptionerError:
-            # The driver finds out why and says it (run_ray_job). Raised here, it would come with
-            # the traceback Ray prints of an actor that failed to start; leaving stops the run too.
+            # The model file: the driver finds out why and says it (run_ray_job). Raised here, it
+            # would come with the traceback Ray prints of an actor that failed to start; leaving
+            # stops the run too.
             ray.actor.exit_actor()
         self.options = options
 
