@@ -10,7 +10,8 @@ threads. Environment:
 CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one batcher sees all traffic
 and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, default 32),
 CAPTIONER_TORCH_THREADS (torch threads of each model process; default: the CPUs this process may
-use, by affinity and cgroup quota, divided by the workers: captioner.runtime.torch_threads),
+use, by affinity and cgroup quota, less one, divided by the workers:
+captioner.runtime.torch_threads),
 CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
 the app's own CAPTIONER_* settings (service.app.DEFAULTS).
 """

@@ -26,9 +26,9 @@ image, which costs more than copying them.
 from __future__ import annotations
 
 import itertools
-import queue
 import logging
 import multiprocessing
+import queue
 import signal
 import sys
 import threading
