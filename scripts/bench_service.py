@@ -5,7 +5,9 @@ with N concurrent clients for a bounded time, with micro-batching on and then of
 (MAX_BATCH_SIZE=1), with --explain also batching on with explanations (explain=1: each word's
 probability and attention), and reports throughput, p50/p99 latency and the mean batch size (from
 /metrics). The baseline is offline captioning of the same images with captioner.batch.caption_paths
-in batches of N, in the same run on the same machine.
+in batches of N, in the same run on the same machine: it takes turns with the service (batching on)
+for --rounds rounds, so that both see the same machine (whose speed drifts by ±15% over a minute),
+and the ratio is also given round by round.
 
     .venv/bin/python scripts/bench_service.py --clients 16 --duration 15
     .venv/bin/python scripts/bench_service.py --model runs/shapes/model.pt
@@ -25,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--encoder", default="resnet50", help="encoder of the model trained without --model")
     parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients, and the offline batch size")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per configuration")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration and round")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of offline and the service (batching on)")
     parser.add_argument("--max-requests", type=int, default=20_000, help="most requests per configuration")
     parser.add_argument("--images", type=int, default=32, help="distinct images the clients cycle through")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the batcher's MAX_WAIT_MS")
@@ -56,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch threads, offline and in the service alike (1 suits a machine shared with other work)",
     )
     parser.add_argument("--output", help="also write the figures here as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be 1 or more and --duration positive")
+    return args
 
 
 def train_small_model(folder: Path, encoder: str, image_size: int) -> Path:
@@ -91,23 +98,32 @@ def bench_images(folder: Path, count: int, seed: int = 2) -> list[Path]:
     return sorted((folder / "bench-images" / "images").glob("*.png"))[:count]
 
 
-def offline_throughput(model_path: Path, paths: list[Path], args: argparse.Namespace) -> dict:
-    """Images per second of caption_paths over ``paths``, repeated for about ``duration`` seconds."""
-    import torch
+class Offline:
+    """Offline captioning with caption_paths over ``paths`` in batches of --clients, loaded and
+    warmed up once, then run for a few seconds at a time."""
 
-    from captioner.batch import caption_paths
-    from captioner.options import DecodeOptions
-    from captioner.models.captioner import Captioner
+    def __init__(self, model_path: Path, paths: list[Path], args: argparse.Namespace):
+        import torch
 
-    torch.set_num_threads(args.torch_threads)
-    model = Captioner.load(model_path)
-    options, batch_size = DecodeOptions(mode=args.mode), args.clients
-    list(caption_paths(model, paths[:batch_size], options, batch_size=batch_size))  # warm-up
-    done, started, cpu_before = 0, time.perf_counter(), cpu_seconds(os.getpid())
-    while time.perf_counter() - started < args.duration:
-        done += sum(1 for _ in caption_paths(model, paths, options, batch_size=batch_size))
-    elapsed = time.perf_counter() - started
-    return {"images_per_s": done / elapsed, "images": done, "cpus_busy": (cpu_seconds(os.getpid()) - cpu_before) / elapsed}
+        from captioner.models.captioner import Captioner
+        from captioner.options import DecodeOptions
+
+        torch.set_num_threads(args.torch_threads)
+        self.model, self.paths = Captioner.load(model_path), paths
+        self.options, self.batch_size = DecodeOptions(mode=args.mode), args.clients
+        self.run(0)  # warm-up: one pass
+
+    def run(self, seconds: float) -> dict:
+        """Images captioned and CPU seconds used in whole passes over the paths lasting ``seconds``."""
+        from captioner.batch import caption_paths
+
+        done, started, cpu_before = 0, time.perf_counter(), cpu_seconds(os.getpid())
+        while True:
+            done += sum(1 for _ in caption_paths(self.model, self.paths, self.options, batch_size=self.batch_size))
+            if time.perf_counter() - started >= seconds:
+                break
+        elapsed = time.perf_counter() - started
+        return {"images": done, "seconds": elapsed, "cpu_seconds": cpu_seconds(os.getpid()) - cpu_before}
 
 
 def explain_model_cost(model_path: Path, paths: list[Path], args: argparse.Namespace, repeats: int = 30) -> dict:
@@ -276,7 +292,8 @@ def drive(port: int, images: list[bytes], clients: int, duration: float, max_req
     }
 
 
-def bench_service(model_path, images, args, folder: Path, batching: bool, explain: bool = False) -> dict:
+def bench_service(model_path, images, args, folder: Path, batching: bool, explain: bool = False, offline=None) -> dict:
+    """One configuration of the service; with ``offline``, taking --rounds turns with it."""
     settings = {
         "max_batch_size": args.clients if batching else 1,
         "max_wait_ms": args.max_wait_ms,
@@ -287,18 +304,49 @@ def bench_service(model_path, images, args, folder: Path, batching: bool, explai
     try:
         server.wait_ready()
         drive(server.port, images, args.clients, 2.0, 4 * args.clients, query)  # warm-up
-        images_before, calls_before = batch_totals(server.port)
-        before, client_before, started = server.cpu_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
-        figures = drive(server.port, images, args.clients, args.duration, args.max_requests, query)
-        elapsed, after = time.perf_counter() - started, server.cpu_seconds()
-        # CPUs kept busy by the HTTP process, the model process and the clients (this process).
-        figures["cpus_busy"] = {key: (after[key] - before[key]) / elapsed for key in after}
-        figures["cpus_busy"]["client"] = (cpu_seconds(os.getpid()) - client_before) / elapsed
-        images_after, calls_after = batch_totals(server.port)
-        figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
-        return figures
+        if offline is None:
+            return measure(server, images, args, query)
+        rounds = [(offline.run(args.duration), measure(server, images, args, query)) for _ in range(args.rounds)]
     finally:
         server.stop()
+    report = pooled([service for _, service in rounds])
+    report["offline"] = {
+        "images_per_s": sum(o["images"] for o, _ in rounds) / sum(o["seconds"] for o, _ in rounds),
+        "cpus_busy": sum(o["cpu_seconds"] for o, _ in rounds) / sum(o["seconds"] for o, _ in rounds),
+    }
+    report["round_ratios"] = [s["requests_per_s"] / (o["images"] / o["seconds"]) for o, s in rounds]
+    return report
+
+
+def measure(server: Gunicorn, images: list[bytes], args: argparse.Namespace, query: str) -> dict:
+    """Throughput, latency, CPUs busy and mean batch size of --duration seconds of load."""
+    images_before, calls_before = batch_totals(server.port)
+    before, client_before, started = server.cpu_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
+    figures = drive(server.port, images, args.clients, args.duration, args.max_requests, query)
+    elapsed, after = time.perf_counter() - started, server.cpu_seconds()
+    # CPUs kept busy by the HTTP process, the model process and the clients (this process).
+    figures["cpus_busy"] = {key: (after[key] - before[key]) / elapsed for key in after}
+    figures["cpus_busy"]["client"] = (cpu_seconds(os.getpid()) - client_before) / elapsed
+    images_after, calls_after = batch_totals(server.port)
+    figures["mean_batch_size"] = (images_after - images_before) / max(calls_after - calls_before, 1)
+    figures["seconds"] = elapsed
+    return figures
+
+
+def pooled(phases: list[dict]) -> dict:
+    """The figures of several phases of one configuration as one: throughput over their whole time,
+    the medians of their percentiles, CPUs busy weighted by time."""
+    seconds = sum(p["seconds"] for p in phases)
+    return {
+        "requests_per_s": sum(p["requests"] for p in phases) / seconds,
+        "requests": sum(p["requests"] for p in phases),
+        "failures": sum(p["failures"] for p in phases),
+        "p50_ms": statistics.median(p["p50_ms"] for p in phases),
+        "p99_ms": statistics.median(p["p99_ms"] for p in phases),
+        "cpus_busy": {k: sum(p["cpus_busy"][k] * p["seconds"] for p in phases) / seconds for k in phases[0]["cpus_busy"]},
+        "mean_batch_size": sum(p["mean_batch_size"] * p["seconds"] for p in phases) / seconds,
+        "seconds": seconds,
+    }
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -308,16 +356,18 @@ def main(args: argparse.Namespace) -> dict:
         paths = bench_images(folder, args.images)
         images = [p.read_bytes() for p in paths]
         print(
-            f"model {model_path.name}; {len(images)} images; {args.clients} clients; {args.duration:g} s each",
+            f"model {model_path.name}; {len(images)} images; {args.clients} clients; {args.duration:g} s each;"
+            f" offline and batching on take {args.rounds} turns",
             flush=True,
         )
-        report = {"offline": offline_throughput(model_path, paths, args)}
-        report["batching_on"] = bench_service(model_path, images, args, folder, batching=True)
+        report = {"batching_on": bench_service(model_path, images, args, folder, True, offline=Offline(model_path, paths, args))}
+        report["offline"] = report["batching_on"].pop("offline")
         report["batching_off"] = bench_service(model_path, images, args, folder, batching=False)
         if args.explain:
             report["explain_on"] = bench_service(model_path, images, args, folder, batching=True, explain=True)
             report["explain_model_cost"] = explain_model_cost(model_path, paths, args)
     offline = report["offline"]["images_per_s"]
+    ratios = report["batching_on"]["round_ratios"]
     print(f"{'':14}{'img/s':>9}{'vs offline':>12}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'fails':>7}", end="")
     print(f"{'CPUs busy: http + model + client':>34}")
     print(f"{'offline':14}{offline:9.1f}{1:12.2f}{'':39}{report['offline']['cpus_busy']:34.2f}")
@@ -329,6 +379,7 @@ def main(args: argparse.Namespace) -> dict:
             f"{r['p99_ms']:9.1f}{r['mean_batch_size']:7.2f}{r['failures']:7d}"
             f"{'{http:.2f} + {model:.2f} + {client:.2f}'.format(**r['cpus_busy']):>34}"
         )
+    print(f"batching on against offline, round by round: {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
     if "explain_on" in report:
         cost = report["explain_on"]["requests_per_s"] / report["batching_on"]["requests_per_s"]
         report["explain_throughput_ratio"] = cost
