@@ -120,19 +120,20 @@ def _decode_rows(decoder, features, options, ids, generators):
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1)  # (A, V)
         if generators is None:
-            word = logp.argmax(dim=-1)
+            chosen, word = logp.max(dim=-1)  # (A,) each
         else:
             # Every image draws at every step, finished or not: its samples never depend on others'.
             per_image = options.num_captions
             uniform = torch.cat([torch.rand(per_image, generator=g) for g in generators]).to(device)[active]
             cdf = _filter_logits(logp, options).softmax(dim=-1).cumsum(dim=-1)  # (A, V)
             word = torch.searchsorted(cdf, uniform.unsqueeze(1).to(cdf.dtype)).squeeze(1).clamp_(max=logp.size(-1) - 1)
-        chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)  # (A,)
-        log_prob[active] += chosen
-        words[active, t] = word
+            chosen = logp.gather(1, word.unsqueeze(1)).squeeze(1)  # (A,)
+        # In place, one operation each: a step costs its number of operations more than their size.
+        log_prob.index_add_(0, active, chosen)
+        words[:, t].index_copy_(0, active, word)
         if options.explain:
-            said[active, t] = chosen
-            looked[active, t] = state[-1][0] - coverage  # this step's attention weights
+            said[:, t].index_copy_(0, active, chosen)
+            looked[:, t].index_copy_(0, active, state[-1][0] - coverage)  # this step's attention weights
         writing = word != ids.end
         if not writing.all():
             if not writing.any():
@@ -181,6 +182,10 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     # With explain, each beam's history of word log-probabilities (B, k, T) and attention (B, k, T, N).
     said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state[-1].size(-1), device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
+    first_rows = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1) the row of each image's first beam
+    # A finished beam's one continuation, <pad>, at no cost: 0 there, -inf elsewhere.
+    pad_only = torch.full((decoder.config.vocab_size,), float("-inf"), device=device)
+    pad_only[ids.pad] = 0.0
     searching = torch.arange(batch, device=device)  # the images whose beams are not all finished
     done: dict[int, tuple] = {}  # image -> its final beams (scores, lengths, finished, words, said, looked)
     for _ in range(options.max_length):
@@ -188,8 +193,8 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = F.log_softmax(logits.float(), dim=-1).view(b, k, -1)  # (b, k, V)
-        flat, scores, lengths = _best_continuations(logp, scores, finished, lengths, ids.pad)
-        beam, word = flat // logp.size(-1), flat % logp.size(-1)
+        flat, beam, scores, lengths = _best_continuations(logp, scores, finished, lengths, pad_only)
+        word = flat % logp.size(-1)
         was_finished = finished.gather(1, beam)
         word = word.masked_fill(was_finished, ids.pad)
         sequences = _extend(sequences, beam, word)
@@ -198,39 +203,40 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
             attention = (state[-1][0] - coverage).view(b, k, -1)  # (b, k, N) of the beams before
             looked = _extend(looked, beam, attention.gather(1, beam.unsqueeze(-1).expand_as(attention)))
         finished = was_finished | (word == ids.end)
-        rows = beam + (torch.arange(b, device=device) * k).unsqueeze(1)  # (b, k) the state each beam continues
-        going = ~finished.all(dim=1)  # (b,)
-        if not going.all():  # images with every beam finished leave the batch
-            for i in (~going).nonzero().flatten().tolist():
+        rows = beam + first_rows[:b]  # (b, k) the state each beam continues
+        ended = finished.all(dim=1)  # (b,)
+        if ended.any():  # images with every beam finished leave the batch
+            going = ~ended
+            for i in ended.nonzero().flatten().tolist():
                 done[int(searching[i])] = (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i])
             if not going.any():
                 break
             searching, scores, lengths, finished = searching[going], scores[going], lengths[going], finished[going]
             sequences, said, looked, rows, word = sequences[going], said[going], looked[going], rows[going], word[going]
             memory = memory.rows(going.repeat_interleave(k))
-        state = tuple(s.index_select(1, rows.view(-1)) for s in state)
+        rows = rows.view(-1)
+        state = tuple(s.index_select(1, rows) for s in state)
         tokens = word.view(-1)
     for i, image in enumerate(searching.tolist()):
         done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))
     return [_best_beams(*done[image], options) for image in range(batch)]
 
 
-def _best_continuations(logp, scores, finished, lengths, pad: int):
+def _best_continuations(logp, scores, finished, lengths, pad_only):
     """The k best continuations of (b, k) beams, from their next words' (b, k, V) log-probabilities.
 
-    Ranked by log-probability per word; a finished beam has one continuation, ``<pad>``, which
-    keeps its score and length. Returns the (b, k) choices as indices into k * V, their scores and
-    their lengths.
+    Ranked by log-probability per word; a finished beam has one continuation, ``<pad>`` (whose
+    (V,) ``pad_only`` log-probabilities are 0 there and -inf elsewhere), which keeps its score and
+    length. Returns the (b, k) choices as indices into k * V, the beams they continue, their scores
+    and their lengths.
     """
-    b, k, _ = logp.shape
-    candidates = scores.unsqueeze(-1) + logp  # (b, k, V)
-    frozen = torch.full_like(candidates, float("-inf"))
-    frozen[..., pad] = scores
-    candidates = torch.where(finished.unsqueeze(-1), frozen, candidates)
-    new_lengths = lengths + (~finished).float()  # (b, k)
+    b, k, vocab = logp.shape
+    candidates = scores.unsqueeze(-1) + torch.where(finished.unsqueeze(-1), pad_only, logp)  # (b, k, V)
+    new_lengths = lengths + ~finished  # (b, k)
     normalised = candidates / new_lengths.clamp(min=1).unsqueeze(-1)  # (b, k, V)
     _, flat = normalised.view(b, -1).topk(k, dim=-1)  # (b, k)
-    return flat, candidates.view(b, -1).gather(1, flat), new_lengths.gather(1, flat // logp.size(-1))
+    beam = flat // vocab
+    return flat, beam, candidates.view(b, -1).gather(1, flat), new_lengths.gather(1, beam)
 
 
 def _best_beams(scores, lengths, finished, sequences, said, looked, options: DecodeOptions) -> list[Hypothesis]:

@@ -42,12 +42,17 @@ State = tuple[torch.Tensor, ...]
 
 
 class StepMemory(NamedTuple):
-    """What generation reads of each image at every step (``LSTMDecoder.start_stepwise``)."""
+    """What generation reads at every step (``LSTMDecoder.start_stepwise``): of each image, and of
+    the weights, laid out once per batch so that a step makes fewer operations."""
 
     keys: torch.Tensor  # (B, N, H) what attention reads from each cell
     context_gates: torch.Tensor  # (B, N, 4H) each cell's share of the language LSTM's gates
     cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
     word_gates: torch.Tensor  # (V, 4H) each word's share of the word LSTM's gates, biases included
+    # (H, H + 4H) and (H + 4H,): the word LSTM's output projected at once into attention's query
+    # and its share of the language LSTM's gates (biases included), one product instead of two.
+    query_weight: torch.Tensor
+    query_bias: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> StepMemory:
         """The memory of the images ``index`` selects (a mask or indices), in that order."""
@@ -153,7 +158,8 @@ class LSTMDecoder(nn.Module):
         memory, state = self.start(features)
         keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
         if self.config.cell != "lstm":  # a GRU or RNN (the lecture's comparison) steps through run: no gates kept
-            return StepMemory(keys, keys[..., :0], cell_features, keys.new_zeros(0, 0)), state
+            nothing = keys.new_zeros(0)
+            return StepMemory(keys, keys[..., :0], cell_features, nothing, nothing, nothing), state
         # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
         # sum of each key's share of the gates, computed once here, saves most of a matrix
         # product at every generated word.
@@ -161,7 +167,10 @@ class LSTMDecoder(nn.Module):
         # Likewise the word LSTM's input is one of V word vectors: its gates, a row to look up.
         lstm = self.word_lstm
         word_gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, self.embed.weight, lstm.weight_ih_l0.T)  # (V, 4H)
-        return StepMemory(keys, context_gates, cell_features, word_gates), state
+        lstm, query = self.language_lstm, self.attention.query
+        query_weight = torch.cat([query.weight, lstm.weight_ih_l0[:, : self.config.hidden_size]]).T.contiguous()
+        query_bias = torch.cat([query.bias, lstm.bias_ih_l0 + lstm.bias_hh_l0])
+        return StepMemory(keys, context_gates, cell_features, word_gates, query_weight, query_bias), state
 
     def run(
         self, tokens: torch.Tensor, state: State, memory: torch.Tensor, trace: dict | None = None
@@ -204,28 +213,32 @@ class LSTMDecoder(nn.Module):
         ``start_stepwise``'s precomputed gates).
         """
         if self.config.cell != "lstm":
-            keys, _, cells, _ = memory
+            keys, cells = memory.keys, memory.cells
             logits, state = self.run(tokens.unsqueeze(1), state, torch.cat([keys, cells.to(keys.dtype)], dim=-1))
             return logits.squeeze(1), state
         word_h, word_c, h, c, context, coverage = state
-        keys, context_gates, cell_features, word_gates = memory
+        keys, context_gates, cell_features, word_gates, query_weight, query_bias = memory
         word_gates = torch.addmm(word_gates.index_select(0, tokens), word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
         query, word_c = _lstm_from_gates(word_gates, word_c[0])  # (B, H)
-        context, weights, coverage = self.attention.step(self.attention.query(query), keys, context[0], coverage[0])
-        lstm, hidden = self.language_lstm, self.config.hidden_size
-        gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, query, lstm.weight_ih_l0[:, :hidden].T)
-        gates = torch.addmm(gates, h[0], lstm.weight_hh_l0.T)
+        projected = torch.addmm(query_bias, query, query_weight)  # (B, H + 4H)
+        hidden = self.config.hidden_size
+        context, weights, coverage = self.attention.step(projected[:, :hidden], keys, context[0], coverage[0])
+        gates = torch.addmm(projected[:, hidden:], h[0], self.language_lstm.weight_hh_l0.T)
         gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), context_gates).squeeze(1)  # (B, 4H)
         x, c_layer = _lstm_from_gates(gates, c[0])
-        hs, cs = [x], [c_layer]
-        for layer in range(1, self.config.num_layers):
-            x, c_layer = _lstm_cell(self.language_lstm, layer, x, h[layer], c[layer])
-            hs.append(x)
-            cs.append(c_layer)
+        if self.config.num_layers == 1:
+            h, c = x.unsqueeze(0), c_layer.unsqueeze(0)
+        else:
+            hs, cs = [x], [c_layer]
+            for layer in range(1, self.config.num_layers):
+                x, c_layer = _lstm_cell(self.language_lstm, layer, x, h[layer], c[layer])
+                hs.append(x)
+                cs.append(c_layer)
+            h, c = torch.stack(hs), torch.stack(cs)
         logits = self.out(x)  # (B, V + slots); dropout is off in generation
         if self.copy is not None:
             logits = self.copy(logits, weights, cell_features)
-        return logits, (query[None], word_c[None], torch.stack(hs), torch.stack(cs), context[None], coverage[None])
+        return logits, (query.unsqueeze(0), word_c.unsqueeze(0), h, c, context.unsqueeze(0), coverage.unsqueeze(0))
 
 
 def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
@@ -236,9 +249,12 @@ def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: t
 
 def _lstm_from_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An LSTM cell's update from its (B, 4H) pre-activation gates (PyTorch's order: i, f, g, o)."""
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    # One sigmoid over all four gates (g's is wasted) and a fused multiply-add: fewer, larger
+    # operations, as generation's steps are bound by their number more than their arithmetic.
+    i, f, _, o = gates.sigmoid().chunk(4, dim=-1)
+    hidden = c.size(-1)
+    c = torch.addcmul(f * c, i, gates[..., 2 * hidden : 3 * hidden].tanh())
+    return o * c.tanh(), c
 
 
 def _grid_coordinates(cells: int) -> torch.Tensor:
@@ -278,10 +294,11 @@ class _Attention(nn.Module):
 
     def step(self, query: torch.Tensor, memory: torch.Tensor, context: torch.Tensor, coverage: torch.Tensor):
         """One (B, H) projected query -> (B, H) context, (B, N) weights and the coverage after."""
-        keys = memory + (query + self.feed(context)).unsqueeze(1) + coverage.unsqueeze(-1) * self.coverage_weight
-        scores = self.score(torch.tanh(keys)).squeeze(-1) - self.coverage_penalty * coverage  # (B, N)
+        query = torch.addmm(query, context, self.feed.weight.T)  # the previous context fed in
+        keys = torch.addcmul(memory + query.unsqueeze(1), coverage.unsqueeze(-1), self.coverage_weight)
+        scores = torch.addcmul(self.score(torch.tanh(keys)).squeeze(-1), coverage, self.coverage_penalty, value=-1)  # (B, N)
         weights = scores.softmax(dim=-1)
-        context = (weights.unsqueeze(1) @ memory).squeeze(1)
+        context = torch.bmm(weights.unsqueeze(1), memory).squeeze(1)
         return context, weights, coverage + weights
 
 
@@ -301,9 +318,12 @@ class _Copy(nn.Module):
         self.register_buffer("words", torch.tensor([w for _, _, w in named]), persistent=False)  # (L,)
         self.register_buffer("classes", torch.tensor([offsets[g] + k for g, k, _ in named]), persistent=False)
         self.register_buffer("groups", torch.tensor([g for g, _, _ in named]), persistent=False)
-        said = torch.zeros(vocab_size, dtype=torch.bool)
-        said[self.words] = True
-        self.register_buffer("copied", said, persistent=False)  # (V,) words only copying says
+        self.register_buffer("slots", vocab_size + self.groups, persistent=False)  # (L,) each name's slot
+        # Added to the output layer's (V + G) logits: -inf for the words only copying says. An
+        # addition rather than a masked copy and a concatenation: one operation at every step.
+        blocked = torch.zeros(vocab_size + len(copy_ids))
+        blocked[self.words] = float("-inf")
+        self.register_buffer("blocked", blocked, persistent=False)
         self.vocab_size, self.num_groups = vocab_size, len(copy_ids)
 
     def cell_words(self, cells: torch.Tensor) -> torch.Tensor:
@@ -317,11 +337,10 @@ class _Copy(nn.Module):
         """(..., V + G) output logits, (..., N) attention, (B, N, L) ``cell_words`` -> (..., V)
         log-probabilities of the next word (``...``: (B, T) or (B,))."""
         logits, attention, named = logits.float(), attention.float(), named.float()
-        words = logits[..., : self.vocab_size].masked_fill(self.copied, float("-inf"))
-        log_p = torch.cat([words, logits[..., self.vocab_size :]], dim=-1).log_softmax(dim=-1)  # (..., V + G)
-        copied = (attention.unsqueeze(-2) @ named).squeeze(-2) if attention.dim() == 2 else attention @ named
+        log_p = (logits + self.blocked).log_softmax(dim=-1)  # (..., V + G)
+        copied = torch.bmm(attention.unsqueeze(1), named).squeeze(1) if attention.dim() == 2 else attention @ named
         copied = copied.clamp_min(1e-12).log()  # (..., L)
-        slots = log_p[..., self.vocab_size + self.groups]  # (..., L)
+        slots = log_p.index_select(-1, self.slots)  # (..., L)
         out = log_p[..., : self.vocab_size].scatter(-1, self.words.expand_as(copied), slots + copied)
         # Attention on cells with nothing named loses its slots' mass: what is left is renormalised.
-        return out - out.logsumexp(dim=-1, keepdim=True)
+        return out.log_softmax(dim=-1)
