@@ -20,6 +20,37 @@ def test_every_backbone_gives_finite_features_of_its_size(name):
     assert torch.isfinite(features).all()
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_channels_last_gives_the_same_features(name):
+    # The layout the CPU runs fp32 CNNs in (Captioner.load): the same arithmetic in another
+    # order, so the features agree to float rounding, never more.
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(name=name, image_size=64, pool_grid=2)).freeze()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        before = encoder(images)
+        after = encoder.use_channels_last()(images)
+    assert encoder.backbone.state_dict()[next(iter(encoder.backbone.state_dict()))].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    # Random deep ResNets reach activations of 1e7: rounding is relative to the largest.
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_a_loaded_model_runs_channels_last_and_saves_what_it_read(trained_run, tmp_path):
+    from captioner.checkpoint import content_digest, read_checkpoint, save_checkpoint
+    from captioner.models.captioner import Captioner
+
+    model = Captioner.load(trained_run / "model.pt")
+    assert model.encoder._channels_last and model.encoder.cnn == "eager"
+    # Its checkpoint is the file's, whatever the weights' layout in memory (calibrate saves so).
+    save_checkpoint(model.to_checkpoint(), tmp_path / "again.pt")
+    original = read_checkpoint(trained_run / "model.pt")
+    again = read_checkpoint(tmp_path / "again.pt")
+    for part in ("encoder", "decoder"):
+        assert content_digest(again[part]["state_dict"]) == content_digest(original[part]["state_dict"])
+
+
 def test_pool_grid_keeps_layout():
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=64, pool_grid=2)).freeze()
     assert encoder.feature_dim == 512 * 4

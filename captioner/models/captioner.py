@@ -110,12 +110,15 @@ class Captioner(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", cnn: str = "eager") -> Captioner:
         """A captioner rebuilt from a checkpoint file alone, in eval mode on ``device``; ``cnn="int8"``
-        runs its CNN in int8 (CPU only, from the checkpoint's calibration)."""
+        runs its CNN in int8 (CPU only, from the checkpoint's calibration). An fp32 CNN on the CPU
+        runs channels-last (``Encoder.use_channels_last``)."""
         model = cls.from_checkpoint(read_checkpoint(path), source=Path(path).name)
         model.version = file_digest(path)
         model = model.to(device).eval()
         if cnn == "int8":
             model.encoder.use_int8()
+        elif model.device.type == "cpu":
+            model.encoder.use_channels_last()
         return model
 
     @property

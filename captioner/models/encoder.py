@@ -135,6 +135,7 @@ class Encoder(nn.Module):
         self.pretraining: dict = {}  # how it was pretrained, when it was (the shapes world's protocol, accuracies)
         self.int8_calibration: dict[str, torch.Tensor] = {}  # activation ranges for the int8 trunk (models/int8.py)
         object.__setattr__(self, "_int8_trunk", None)
+        object.__setattr__(self, "_channels_last", False)
         self.backbone = torchvision.models.get_model(config.name, weights=None)
         # The classifier is not used; dropping it keeps checkpoints small.
         if config.name.startswith("resnet"):
@@ -173,6 +174,8 @@ class Encoder(nn.Module):
         """(B, 3, H, W) normalised images -> (B, C, h, w) last convolutional feature map."""
         if self._int8_trunk is not None:
             return self._int8_trunk(images)
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.trunk()(images)
 
     def trunk_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -195,6 +198,15 @@ class Encoder(nn.Module):
             raise CaptionerError("this model has no int8 calibration; run captioner calibrate on it first")
         # Kept out of the state_dict: checkpoints hold the fp32 weights and the calibration.
         object.__setattr__(self, "_int8_trunk", int8.convert(self.trunk(), self.config.image_size, self.int8_calibration))
+        return self
+
+    def use_channels_last(self) -> Encoder:
+        """Lays the trunk's weights out channels-last (NHWC) and hands it images so, for inference
+        on the CPU: oneDNN's convolutions run about 1.4 times as fast that way (README, "CPU
+        inference") and give the same features within float rounding. Checkpoints are unchanged:
+        their digests read every tensor in its logical order."""
+        self.trunk().to(memory_format=torch.channels_last)  # the trunk's layers are the backbone's
+        object.__setattr__(self, "_channels_last", True)
         return self
 
     def cell_logits(self, images: torch.Tensor) -> torch.Tensor:
