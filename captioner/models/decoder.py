@@ -249,7 +249,7 @@ def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: t
 
 def _lstm_from_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An LSTM cell's update from its (B, 4H) pre-activation gates (PyTorch's order: i, f, g, o)."""
-    # One sigmoid over all four gates (g's is wasted) and a fused multiply-add: fewer, larger
+    # One sigmoid over all four gates (g's is wasted) and one addcmul: fewer, larger
     # operations, as generation's steps are bound by their number more than their arithmetic.
     i, f, _, o = gates.sigmoid().chunk(4, dim=-1)
     hidden = c.size(-1)
