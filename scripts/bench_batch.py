@@ -24,24 +24,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_service import bench_images, train_small_model  # noqa: E402 (scripts/ is on the path)
+from bench_service import add_model_arguments, bench_images, train_small_model  # noqa: E402 (scripts/ is on the path)
+
+
+def add_cnn_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cnn", nargs="+", default=["eager"], choices=["eager", "int8"],
+        help="CNN arithmetic(s) to measure; int8 is calibrated on other images first if the model has no calibration",
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model.pt to benchmark (default: train a small one first)")
-    parser.add_argument("--encoder", default="resnet50", help="encoder of the model trained without --model")
-    parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
+    add_model_arguments(parser, "benchmark")
     parser.add_argument("--images", type=int, default=256, help="images captioned per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--num-workers", type=int, help="DataLoader workers decoding images (default: as captioner caption picks)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="measurements per configuration; the best counts")
-    parser.add_argument(
-        "--cnn", nargs="+", default=["eager"], choices=["eager", "int8"],
-        help="CNN arithmetic(s) to measure; int8 is calibrated on other images first if the model has no calibration",
-    )
+    add_cnn_argument(parser)
     parser.add_argument("--output", help="also write the figures here as JSON")
     return parser.parse_args(argv)
 

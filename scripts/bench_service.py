@@ -40,11 +40,17 @@ sys.path.insert(0, str(ROOT))
 IMAGE_HEADERS = {"Content-Type": "image/png"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model.pt to serve (default: train a small one first)")
+def add_model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
+    """--model, and the encoder and input size of the small model trained without it
+    (``train_small_model``): the benchmark scripts' common arguments."""
+    parser.add_argument("--model", help=f"model.pt to {use} (default: train a small one first)")
     parser.add_argument("--encoder", default="resnet50", help="encoder of the model trained without --model")
     parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser, "serve")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients, and the offline batch size")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration and round")
     parser.add_argument("--rounds", type=int, default=3, help="turns of offline and the service (batching on)")

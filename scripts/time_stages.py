@@ -28,22 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_batch import int8_model  # noqa: E402 (scripts/ is on the path)
-from bench_service import bench_images, train_small_model  # noqa: E402
+from bench_batch import add_cnn_argument, int8_model  # noqa: E402 (scripts/ is on the path)
+from bench_service import add_model_arguments, bench_images, train_small_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model.pt to time (default: train a small one first)")
-    parser.add_argument("--encoder", default="resnet50", help="encoder of the model trained without --model")
-    parser.add_argument("--image-size", type=int, default=224, help="its input size in pixels")
+    add_model_arguments(parser, "time")
     parser.add_argument("--images", type=int, default=256, help="images per pass")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="passes per stage; the median counts")
-    parser.add_argument(
-        "--cnn", nargs="+", default=["eager"], choices=["eager", "int8"],
-        help="CNN arithmetic(s) to time; int8 is calibrated on other images first if the model has no calibration",
-    )
+    add_cnn_argument(parser)
     parser.add_argument("--output", help="also write the figures here as JSON")
     return parser.parse_args(argv)
 
