@@ -62,8 +62,8 @@ def time_stages(model, paths: list[Path], args) -> dict[str, float]:
         ("decoder, greedy", "CNN", lambda features: [model.describe(model.generate(f, greedy)) for f in features]),
         ("decoder, beam 3", "CNN", lambda features: [model.describe(model.generate(f, beam)) for f in features]),
         # All of them as `captioner caption` runs them on two cores: the CNN's thread beside the main thread's.
-        ("captioning, greedy", None, lambda _: list(caption_paths(model, paths, greedy, batch_size=step))),
-        ("captioning, beam 3", None, lambda _: list(caption_paths(model, paths, beam, batch_size=step))),
+        ("all at once, greedy", None, lambda _: list(caption_paths(model, paths, greedy, batch_size=step))),
+        ("all at once, beam 3", None, lambda _: list(caption_paths(model, paths, beam, batch_size=step))),
     ]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in stages}
     for _ in range(args.repeats + 1):  # the first pass warms caches and is not counted
