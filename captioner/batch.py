@@ -47,7 +47,8 @@ class _DecodedImages(Dataset):
 
 
 def load_image(transform: ImageTransform, source) -> tuple[torch.Tensor | None, dict | None]:
-    """(3, S, S) tensor and no error, or no tensor and ``{"code", "message"}``: a bad image is data."""
+    """(3, S, S) uint8 pixels (``ImageTransform.load``) and no error, or no pixels and
+    ``{"code", "message"}``: a bad image is data."""
     try:
         return transform.load(source), None
     except ImageError as exc:
@@ -58,9 +59,9 @@ def load_image(transform: ImageTransform, source) -> tuple[torch.Tensor | None, 
         return None, {"code": "unreadable_file", "message": message}
 
 
-def caption_tensors(model: Captioner, batch: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
-    """(B, 3, S, S) preprocessed images -> their captions (``caption_features``)."""
-    return caption_features(model, model.encode(batch.to(model.device)), options)
+def caption_tensors(model: Captioner, pixels: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
+    """(B, 3, S, S) uint8 pixels from ``load_image`` -> their captions (``caption_features``)."""
+    return caption_features(model, model.encode_pixels(pixels), options)
 
 
 def caption_features(model: Captioner, features: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
@@ -70,7 +71,7 @@ def caption_features(model: Captioner, features: torch.Tensor, options: DecodeOp
 
 
 def encoded_ahead(model: Captioner, batches: Iterable[tuple]) -> Iterator[tuple]:
-    """``(key, images or None)`` -> ``(key, features or None)``, in order, the CNN one batch ahead.
+    """``(key, pixels or None)`` -> ``(key, features or None)``, in order, the CNN one batch ahead.
 
     The CNN encodes batch n + 1 in a thread of its own while the caller decodes the captions of
     batch n: its kernels release the GIL, so on a CPU the two overlap, and on two cores captioning
@@ -82,8 +83,8 @@ def encoded_ahead(model: Captioner, batches: Iterable[tuple]) -> Iterator[tuple]
 
     with ThreadPoolExecutor(1, thread_name_prefix="captioner-cnn") as cnn:
         previous = None  # the batch the CNN is encoding while the next one is read
-        for key, images in batches:
-            encoding = cnn.submit(model.encode, images.to(model.device)) if images is not None else None
+        for key, pixels in batches:
+            encoding = cnn.submit(model.encode_pixels, pixels.to(model.device)) if pixels is not None else None
             if previous is not None:
                 yield finished(*previous)
             previous = key, encoding
@@ -92,8 +93,8 @@ def encoded_ahead(model: Captioner, batches: Iterable[tuple]) -> Iterator[tuple]
 
 
 def _collate(items):
-    """A batch as one (G, 3, S, S) tensor of its good images and every item's error: stacked in the
-    worker, so that one shared-memory tensor crosses to the main process rather than one per image."""
+    """A batch as one (G, 3, S, S) uint8 tensor of its good images and every item's error: stacked in
+    the worker, so that one shared-memory tensor crosses to the main process rather than one per image."""
     good = [x for _, x, _ in items if x is not None]
     return [i for i, _, _ in items], torch.stack(good) if good else None, [error for _, _, error in items]
 

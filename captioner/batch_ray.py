@@ -225,7 +225,7 @@ def _problem(model: ClusterModel) -> str | None:
 
 
 def decode_images(batch: dict[str, np.ndarray], model: ClusterModel) -> dict[str, np.ndarray]:
-    """Image rows -> ``pixels`` (B, 3, S, S) float32 (zeros where it failed) and an error code and message.
+    """Image rows -> ``pixels`` (B, 3, S, S) uint8, resized (zeros where it failed), and an error code and message.
 
     Decoded by the model's own preprocessing (``load_image``, as the single-process command does).
     """
@@ -233,7 +233,7 @@ def decode_images(batch: dict[str, np.ndarray], model: ClusterModel) -> dict[str
 
     transform = model.transform()
     size = transform.config.image_size
-    pixels = np.zeros((len(batch["image"]), 3, size, size), dtype=np.float32)  # (B, 3, S, S)
+    pixels = np.zeros((len(batch["image"]), 3, size, size), dtype=np.uint8)  # (B, 3, S, S): normalised by the actor
     codes, messages = [], []
     for i, (path, data) in enumerate(zip(batch["path"], batch["data"])):
         source = data if data is not None else path

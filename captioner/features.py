@@ -44,7 +44,7 @@ def default_cache_dir() -> Path:
 
 
 class ImageTensors(Dataset):
-    """Decodes image files to normalised tensors (in DataLoader workers)."""
+    """Decodes image files to resized uint8 pixels (in DataLoader workers)."""
 
     def __init__(self, paths: Sequence[Path], transform: ImageTransform):
         self.paths, self.transform = list(paths), transform
@@ -66,7 +66,8 @@ def image_batches(
 ):
     """Yields (B, 3, S, S) normalised image batches of ``paths``, in order, decoded in ``num_workers`` processes."""
     loader = DataLoader(ImageTensors(paths, transform), batch_size=batch_size, num_workers=num_workers)
-    yield from tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False)
+    for pixels in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+        yield transform.normalize(pixels)
 
 
 @torch.inference_mode()

@@ -175,8 +175,7 @@ class MicroBatcher:
         started = time.perf_counter()
         self._on_batch(len(jobs))
         try:
-            pixels = torch.stack([job.pixels for job in jobs]).to(model.device)
-            features = model.encode(model.transform.normalize(pixels))  # (B, F)
+            features = model.encode_pixels(torch.stack([job.pixels for job in jobs]))  # (B, F)
             encode_ms = _ms(time.perf_counter() - started)
             groups: dict[DecodeOptions, list[int]] = {}
             for i, job in enumerate(jobs):

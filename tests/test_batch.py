@@ -214,7 +214,7 @@ def test_the_cnn_runs_one_batch_ahead_in_its_own_thread_and_records_keep_their_o
     class Model:
         device = torch.device("cpu")
 
-        def encode(self, images):
+        def encode_pixels(self, images):
             events.append(("encoded", images.value, threading.current_thread().name))
             return images.value * 10
 

@@ -172,6 +172,26 @@ def test_batch_and_service_preprocess_a_large_photo_alike(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(photo, quality=90)
     transform = Encoder(EncoderConfig(name="resnet18", image_size=64)).transform
-    as_served = transform(decode_image(photo.read_bytes(), target_size=64).image)
+    as_served = transform.resize(decode_image(photo.read_bytes(), target_size=64).image)
     assert torch.equal(transform.load(photo), as_served)
-    assert not torch.equal(transform(decode_image(photo).image), as_served)  # a full decode differs
+    assert not torch.equal(transform.resize(decode_image(photo).image), as_served)  # a full decode differs
+
+
+def test_a_batch_normalised_at_once_equals_its_images_normalised_one_by_one(tmp_path):
+    # Files are loaded as uint8 pixels and normalised a batch at a time (Captioner.encode_pixels);
+    # a PIL image goes through the whole transform on its own (images_to_batch). The same floats.
+    import numpy as np
+    from PIL import Image
+
+    from captioner.data.images import decode_image
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, size in enumerate([(50, 70), (64, 64), (300, 200)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    transform = Encoder(EncoderConfig(name="resnet18", image_size=64)).transform
+    pixels = torch.stack([transform.load(p) for p in paths])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 64, 64)
+    one_by_one = torch.stack([transform(decode_image(p, target_size=64).image) for p in paths])
+    assert torch.equal(transform.normalize(pixels), one_by_one)

@@ -119,7 +119,7 @@ def test_pretraining_trains_then_freezes_the_encoder(shapes):
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
     # The accuracies are those of the frozen encoder's cell head on the validation scenes.
     classifier = CellClassifier(encoder)
-    images = torch.stack([encoder.transform.load(r.path) for r in shapes.split("val")])
+    images = encoder.transform.normalize(torch.stack([encoder.transform.load(r.path) for r in shapes.split("val")]))
     labels = torch.stack([cell_labels(Scene.from_dict(r.scene)) for r in shapes.split("val")])
     with torch.inference_mode():
         right = classifier.predict(classifier(images)) == labels  # (N, G*G, 3)

@@ -140,6 +140,11 @@ class Captioner(nn.Module):
         with torch.autocast("cuda", dtype=torch.float16, enabled=batch.device.type == "cuda"):
             return self.encoder.forward_features(batch).float()
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 resized images (``ImageTransform.load`` or ``resize``) -> (B, F)
+        float32 features: moved to the model's device and normalised there, the batch at once."""
+        return self.encode(self.transform.normalize(pixels.to(self.device)))
+
     def generate(self, features: torch.Tensor, options: DecodeOptions, seeds=None) -> list[list[Hypothesis]]:
         """(B, F) features -> hypotheses per image (see ``captioner.decoding.generate``)."""
         return generate(self.decoder, features.to(self.device), options, self.ids, seeds)

@@ -86,7 +86,7 @@ class CellClassifier(nn.Module):
 
 
 def _tensors(encoder: Encoder, records: Sequence[ImageRecord]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([encoder.transform.load(r.path) for r in records])
+    images = encoder.transform.normalize(torch.stack([encoder.transform.load(r.path) for r in records]))
     labels = torch.stack([cell_labels(Scene.from_dict(r.scene)) for r in records])
     return images, labels
 
