@@ -1,8 +1,8 @@
 """Where the time goes per image: each stage of offline captioning timed alone, on one thread.
 
 The stages are those every image passes through (``captioner.batch`` runs them in this order):
-reading and decoding the file (``decode_image``, as ``ImageTransform.load`` calls it), resizing and
-normalising it, the CNN over a batch, then the caption decoder over the batch's features (greedy
+reading and decoding the file (``decode_image``, as ``ImageTransform.load`` calls it), resizing it
+and normalising the batch, the CNN over the batch, then the caption decoder over the batch's features (greedy
 and beam 3, each with ``describe`` turning ids into text). Then all of them at once, as
 ``caption_paths`` runs them without decoding workers: the CNN in a thread of its own beside the
 main thread, which does the rest. Each stage runs over the same images in batches, the stages
@@ -56,8 +56,9 @@ def time_stages(model, paths: list[Path], args) -> dict[str, float]:
     # (stage, the stage whose output it takes, what it does with that)
     stages = [
         ("read and decode the file", None, lambda _: [decode_image(p, target_size=size).image for p in paths]),
-        ("resize and normalise", "read and decode the file",
-         lambda images: [torch.stack([transform(im) for im in images[i : i + step]]) for i in range(0, len(images), step)]),
+        ("resize and normalise", "read and decode the file",  # each image resized, each batch normalised
+         lambda images: [transform.normalize(torch.stack([transform.resize(im) for im in images[i : i + step]]))
+                         for i in range(0, len(images), step)]),
         ("CNN", "resize and normalise", lambda batches: [model.encode(batch) for batch in batches]),
         ("decoder, greedy", "CNN", lambda features: [model.describe(model.generate(f, greedy)) for f in features]),
         ("decoder, beam 3", "CNN", lambda features: [model.describe(model.generate(f, beam)) for f in features]),
