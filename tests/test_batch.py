@@ -232,6 +232,19 @@ def test_the_cnn_runs_one_batch_ahead_in_its_own_thread_and_records_keep_their_o
     assert events.index(("handed over", 3)) < events.index(("yielded", "b"))
 
 
+def test_files_are_encoded_as_the_same_images_given_whole(trained_run, shapes):
+    # Offline, files cross as uint8 pixels and Captioner.encode_pixels normalises each batch; a PIL
+    # image goes through the whole transform on its own (Captioner.caption). The same features.
+    from captioner.batch import load_image
+    from captioner.data.images import decode_image
+
+    model = Captioner.load(trained_run / "model.pt", "cpu")
+    paths = [r.path for r in shapes.split("test")][:6]
+    pixels = torch.stack([load_image(model.transform, p)[0] for p in paths])
+    whole = model.images_to_batch([decode_image(p).image for p in paths])
+    assert torch.equal(model.encode_pixels(pixels), model.encode(whole))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_pipelined_captions_equal_each_batch_captioned_on_its_own(trained_run, images, workers):
     from captioner.batch import caption_paths, caption_tensors, load_image
