@@ -84,7 +84,8 @@ def batch_job(model, paths: list[Path], options, args, folder: Path) -> float:
 
 
 def int8_model(model, folder: Path, args):
-    """The same model with its CNN in int8, calibrated on images other than the measured ones if need be."""
+    """The same model with its CNN in int8 (switched on, in eval mode), calibrated on images other
+    than the measured ones if need be."""
     import copy
 
     from captioner.features import image_batches
@@ -93,6 +94,7 @@ def int8_model(model, folder: Path, args):
     if not quantized.encoder.int8_calibration:
         others = bench_images(folder / "calibration", 2 * args.batch_size, seed=3)
         quantized.encoder.calibrate(image_batches(others, quantized.transform, args.batch_size))
+    quantized.eval().encoder.use_int8()
     return quantized
 
 
@@ -130,8 +132,7 @@ def main(argv=None) -> int:
         paths = bench_images(folder, args.images)
         models = {"eager": model}
         if "int8" in args.cnn:
-            models["int8"] = int8_model(model, folder, args).eval()
-            models["int8"].encoder.use_int8()
+            models["int8"] = int8_model(model, folder, args)
         batch_job(model, paths[: args.batch_size], DecodeOptions(), args, folder)  # warm-up, workers included
         results = {
             "model": str(model_path.name if args.model else f"{args.encoder} at {args.image_size} px"),

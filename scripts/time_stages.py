@@ -91,10 +91,7 @@ def main(argv=None) -> int:
         paths = bench_images(folder, args.images)
         name = model_path.name if args.model else f"{args.encoder} at {args.image_size} px"
         for cnn in args.cnn:
-            timed = model
-            if cnn == "int8":
-                timed = int8_model(model, folder, args).eval()
-                timed.encoder.use_int8()
+            timed = int8_model(model, folder, args) if cnn == "int8" else model
             per_image = time_stages(timed, paths, args)
             results[cnn] = per_image
             print(f"{name}, CNN {cnn}, {len(paths)} images in batches of {args.batch_size}, 1 torch thread, "
