@@ -13,6 +13,11 @@ connections stay open while any request is in flight and at least 2 s after, so 
 client's next request is answered (with "Connection: close") instead of meeting a closed socket.
 
 gunicorn's own error answers (400, 414, 431, ...) are JSON like the app's.
+
+Lean on system calls (``ClientSocket``): under load each one is a chance for another of the
+request threads to take the GIL, and a thread switch. A connection's socket stays non-blocking
+throughout, a kept-alive connection's next request is read as soon as the loop sees it, and an
+answer leaves in one send.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import selectors
 import socket
 import time
@@ -35,39 +41,153 @@ READ_TIMEOUT_S = float(os.environ.get("CAPTIONER_READ_TIMEOUT_S", "20"))
 HEAD_LIMIT = 64 * 1024  # beyond this without a blank line, gunicorn's parser refuses the head
 STOP_LINGER_S = 2.0  # while stopping, how long a kept-alive connection outlives the last request
 BODY_PREBUFFER = 256 * 1024  # bodies up to this are read in the loop with the head
+GATHER_LIMIT = 256 * 1024  # an answer's writes gathered beyond this are sent on
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r\n", re.IGNORECASE)
 
 
-class DeadlineSocket:
-    """A client socket whose reads end at a deadline, served first from what the loop read."""
+class ClientSocket:
+    """A client's socket as this worker uses it.
+
+    The socket itself is always non-blocking. gunicorn switches a connection between its event
+    loop (non-blocking) and a request thread (blocking) and back for every request; here that
+    switch only sets a field, and a thread's blocking is played by waiting in poll when the socket
+    has nothing to give or take. Each ``setblocking`` would otherwise be a system call, and every
+    system call gives the GIL up for the other request threads to take.
+
+    Reads are served first from what the event loop read, and end at the request's deadline.
+    Between ``gather`` and ``flush`` writes are gathered, so an answer's head and body leave in
+    one send.
+    """
 
     def __init__(self, sock):
+        sock.setblocking(False)
         self._sock = sock
+        self._timeout: float | None = 0.0  # as gunicorn set it: None waits without limit, 0.0 never
+        self._gathering = False
+        self._gathered = bytearray()
         self.pending = bytearray()  # read by the event loop, not yet by the parser
-        self.deadline: float | None = None
+        self.deadline: float | None = None  # for reads: the request's
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def arrived(self) -> bytes | None:
+        """For the event loop: what has arrived, without waiting (b"": the client is gone)."""
+        try:
+            return self._sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
 
     def recv(self, size: int) -> bytes:
         if self.pending:
             data, self.pending = bytes(self.pending), bytearray()  # all at once: the parser keeps any surplus
             return data
-        given = self._sock.gettimeout()  # None (blocking), 0.0 (non-blocking) or a caller's timeout
-        if self.deadline is None or given == 0.0:
-            return self._sock.recv(size)
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise _late()
-        self._sock.settimeout(remaining if given is None else min(given, remaining))
+        until = self._until(self.deadline)
+        while True:
+            try:
+                return self._sock.recv(size)
+            except BlockingIOError:
+                self._wait(select.POLLIN, until)
+
+    def send(self, data) -> int:
+        self._send_gathered()
+        until = self._until()
+        while True:
+            try:
+                return self._sock.send(data)
+            except BlockingIOError:
+                self._wait(select.POLLOUT, until)
+
+    def sendall(self, data) -> None:
+        if self._gathering:
+            self._gathered += data
+            if len(self._gathered) >= GATHER_LIMIT:
+                self._send_gathered()
+            return
+        self._send_all(data)
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        """``socket.sendfile``, which refuses a non-blocking socket."""
+        self._send_gathered()
+        until, sent = self._until(), 0
+        while count is None or sent < count:
+            try:
+                size = os.sendfile(self._sock.fileno(), file.fileno(), offset + sent, (count or 1 << 30) - sent)
+            except BlockingIOError:
+                self._wait(select.POLLOUT, until)
+                continue
+            if size == 0:
+                break
+            sent += size
+        file.seek(offset + sent)
+        return sent
+
+    def gather(self) -> None:
+        """Hold ``sendall``'s writes from here (up to GATHER_LIMIT bytes) until ``flush``."""
+        self._gathering = True
+
+    def flush(self) -> None:
+        """Send what was gathered, and stop gathering."""
+        self._gathering = False
+        self._send_gathered()
+
+    def shutdown(self, how: int) -> None:
+        self._send_gathered()
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
         try:
-            return self._sock.recv(size)
-        except TimeoutError:
-            if time.monotonic() < self.deadline:
-                raise  # the caller's own, shorter timeout
-            raise _late() from None
+            self.flush()
+        except OSError:
+            pass  # the client is gone: there is no one to deliver to
         finally:
-            self._sock.settimeout(given)
+            self._sock.close()
+
+    def _send_gathered(self) -> None:
+        if self._gathered:
+            data, self._gathered = self._gathered, bytearray()
+            self._send_all(data)
+
+    def _send_all(self, data) -> None:
+        view, until = memoryview(data), self._until()
+        while view:
+            try:
+                view = view[self._sock.send(view) :]
+            except BlockingIOError:
+                self._wait(select.POLLOUT, until)
+
+    def _until(self, deadline: float | None = None) -> float | None:
+        """When an operation starting now must end: the caller's timeout, or ``deadline`` if sooner."""
+        if self._timeout is None:
+            return deadline
+        own = time.monotonic() + self._timeout
+        return own if deadline is None else min(own, deadline)
+
+    def _wait(self, event: int, until: float | None) -> None:
+        """Wait for the socket to be ready for ``event``; raise as a socket with a timeout would."""
+        if self._timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "the socket is not ready")
+        poller = select.poll()
+        poller.register(self._sock, event)
+        while True:
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                if self.deadline is not None and event == select.POLLIN and until >= self.deadline:
+                    raise _late()
+                raise TimeoutError("timed out")
+            if poller.poll(None if left is None else left * 1000):
+                return
 
 
 def _late() -> TimeoutError:
@@ -114,40 +234,43 @@ class CaptionerWorker(ThreadWorker):
             return
         self.nr_conns += 1
         conn = TConn(self.cfg, client, address, listener.getsockname())
-        conn.sock = DeadlineSocket(client)
+        conn.sock = ClientSocket(client)
         self._read_head(conn)
 
     def on_client_socket_readable(self, conn, client):
         """A kept-alive connection's next request is arriving: read it like a new one."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self._read_head(conn)
+        self._read_head(conn, readable=True)
 
-    def _read_head(self, conn):
-        conn.sock.setblocking(False)
+    def _read_head(self, conn, readable=False):
+        """Take the connection's next request in the loop; ``readable``: bytes wait to be read."""
         conn.sock.deadline = time.monotonic() + READ_TIMEOUT_S
         self.reading.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
+        # What has arrived is read at once: registering first would cost two epoll calls and a
+        # turn of the loop for nothing.
+        if not (readable and self._on_head_bytes(conn)):
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn, registered=True))
 
-    def _on_head_bytes(self, conn, client):
-        try:
-            data = conn.sock._sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+    def _on_head_bytes(self, conn, client=None, registered=False) -> bool:
+        """Read what arrived; whether the connection left the loop (to a thread, or closed)."""
+        data = conn.sock.arrived()
+        if data is None:
+            return False
         if data:
             conn.sock.pending += data
             if not _head_complete(conn.sock.pending):
-                return
-        self.poller.unregister(client)
+                return False
+        if registered:
+            self.poller.unregister(conn.sock)
         self.reading.remove(conn)
         if not data:  # the client went away
             self.nr_conns -= 1
             conn.close()
-            return
+            return True
         conn.data_ready = True
         self.enqueue_req(conn)
+        return True
 
     def murder_pending(self):
         """Also drop connections whose request has not arrived by its deadline."""
@@ -169,6 +292,14 @@ class CaptionerWorker(ThreadWorker):
     def enqueue_req(self, conn):
         self.in_threads += 1
         super().enqueue_req(conn)
+
+    def handle_request(self, req, conn):
+        """gunicorn's, with the answer's head and body sent together."""
+        conn.sock.gather()
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            conn.sock.flush()
 
     def finish_request(self, conn, fs):
         self.in_threads -= 1
@@ -211,8 +342,7 @@ def _close_quietly(sock) -> None:
     """FIN first and read what already arrived, so the close is not a reset (RFC 9112 9.6)."""
     try:
         sock.shutdown(socket.SHUT_WR)
-        sock.setblocking(False)
-        while sock._sock.recv(65536):
+        while sock.arrived():
             pass
     except OSError:
         pass
