@@ -71,7 +71,8 @@ class MicroBatcher:
         max_batch_size: most images in one model call.
         max_wait_ms: longest a job waits for others to join its batch.
         max_queue: most jobs waiting; ``submit`` raises ``QueueFull`` beyond it.
-        on_batch: called with the size of every batch (for metrics).
+        on_batch: called with the size of every model call once its jobs are answered (for
+            metrics; the model process sends the call's answers with it).
     """
 
     def __init__(
@@ -173,7 +174,6 @@ class MicroBatcher:
     def _run_batch(self, jobs: list[CaptionJob]) -> None:
         model = self.model
         started = time.perf_counter()
-        self._on_batch(len(jobs))
         try:
             features = model.encode_pixels(torch.stack([job.pixels for job in jobs]))  # (B, F)
             encode_ms = _ms(time.perf_counter() - started)
@@ -193,3 +193,4 @@ class MicroBatcher:
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
+        self._on_batch(len(jobs))

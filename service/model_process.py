@@ -16,8 +16,10 @@ its batch), or when the HTTP process is gone (its pipe closes).
 Messages are pickled tuples on one duplex pipe:
     HTTP -> model: ("job", id, pixels, options), ("cancel", id), ("stop",)
     model -> HTTP: ("ready", ServedModel), ("load_failed", message, is_captioner_error),
-                   ("batch", size), ("answers", [("done", id, CaptionResult) or
-                   ("failed", id, shutting_down), ...]): a batch's answers in one message
+                   ("batch", size, answers): a model call's size and its answers, sent by the
+                   batcher's thread as soon as the call ends, in one message,
+                   ("answers", answers): those outside a model call (refused, or failed on stop);
+                   an answer is ("done", id, CaptionResult) or ("failed", id, shutting_down)
 Pixels cross as a numpy array of bytes (resized, not yet normalised: a quarter of the floats'
 size): torch would move a tensor through shared memory, one segment and one file descriptor per
 image, which costs more than copying them.
@@ -223,11 +225,13 @@ class ModelProcess:
             except (EOFError, OSError):
                 return
             kind = message[0]
-            if kind == "answers":
+            if kind == "batch":
+                self._on_batch(message[1])  # first: a request answered has its batch counted
+                for answer in message[2]:
+                    self._deliver(*answer)
+            elif kind == "answers":
                 for answer in message[1]:
                     self._deliver(*answer)
-            elif kind == "batch":
-                self._on_batch(message[1])
             elif kind == "ready":
                 self.served = message[1]
                 self._ready.set()
@@ -247,7 +251,8 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
     # The batcher's thread releases the GIL around every torch call; with the default 5 ms switch
     # interval the thread reading the pipe would wait that long for it, and the senders with it.
     sys.setswitchinterval(0.0005)
-    sending = threading.Lock()  # the batcher's thread sends batch sizes, the sender thread answers
+    sending = threading.Lock()  # the batcher's thread sends batches, this one refusals
+    answers: queue.SimpleQueue = queue.SimpleQueue()  # from the jobs' futures, mostly in the batcher's thread
 
     def send(message) -> None:
         try:
@@ -256,7 +261,11 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
         except OSError:
             pass  # the HTTP process is gone; recv() below sees it too
 
-    batcher = MicroBatcher(load_model, on_batch=lambda size: send(("batch", size)), **batcher_settings).start()
+    def send_batch(size: int) -> None:
+        """The batcher's thread, a model call's jobs answered: its answers go with its size."""
+        send(("batch", size, _drain(answers)))
+
+    batcher = MicroBatcher(load_model, on_batch=send_batch, **batcher_settings).start()
     while not batcher.wait_ready(0.1):
         if batcher.load_error is not None:
             error = batcher.load_error
@@ -265,9 +274,6 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
             return
     send(("ready", ServedModel.of(batcher.model)))
     jobs: dict[int, Future] = {}
-    answers: queue.SimpleQueue = queue.SimpleQueue()
-    sender = threading.Thread(target=_send_answers, args=(send, answers), name="captioner-answers")
-    sender.start()
     while True:
         try:
             message = conn.recv()
@@ -277,9 +283,9 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
             _, job_id, pixels, options = message
             try:
                 future = batcher.submit(torch.from_numpy(pixels), options)
-            except (NotReady, QueueFull) as refused:  # answered like any other: 503 not_ready
-                future = Future()
-                future.set_exception(NotReady(str(refused)))
+            except (NotReady, QueueFull):  # answered at once, like any other refusal: 503 not_ready
+                send(("answers", [("failed", job_id, True)]))
+                continue
             jobs[job_id] = future
             future.add_done_callback(partial(_answer, answers, jobs, job_id))
         elif message[0] == "cancel":
@@ -288,9 +294,9 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
                 future.cancel()
         elif message[0] == "stop":
             break
-    batcher.stop()  # its last answers queued
-    answers.put(None)
-    sender.join()
+    batcher.stop()  # the jobs still waiting fail, and their answers join ``answers``
+    if left := _drain(answers):
+        send(("answers", left))
     conn.close()
 
 
@@ -305,17 +311,10 @@ def _answer(answers: queue.SimpleQueue, jobs: dict, job_id: int, future: Future)
         answers.put(("failed", job_id, isinstance(error, NotReady)))
 
 
-def _send_answers(send: Callable, answers: queue.SimpleQueue) -> None:
-    """Sends the answers, those of a batch together: one message, one wake-up of the HTTP side."""
-    while (answer := answers.get()) is not None:
-        together = [answer]
-        while True:
-            try:
-                answer = answers.get_nowait()
-            except queue.Empty:
-                break
-            if answer is None:
-                send(("answers", together))
-                return
-            together.append(answer)
-        send(("answers", together))
+def _drain(answers: queue.SimpleQueue) -> list:
+    taken = []
+    while True:
+        try:
+            taken.append(answers.get_nowait())
+        except queue.Empty:
+            return taken
