@@ -249,7 +249,7 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_thread
     service_logger(log_level)
     torch.set_num_threads(torch_threads)
     # The batcher's thread releases the GIL around every torch call; with the default 5 ms switch
-    # interval the thread reading the pipe would wait that long for it, and the senders with it.
+    # interval the thread reading the pipe would wait that long for it.
     sys.setswitchinterval(0.0005)
     sending = threading.Lock()  # the batcher's thread sends batches, this one refusals
     answers: queue.SimpleQueue = queue.SimpleQueue()  # from the jobs' futures, mostly in the batcher's thread
