@@ -93,21 +93,11 @@ class ClientSocket:
         if self.pending:
             data, self.pending = bytes(self.pending), bytearray()  # all at once: the parser keeps any surplus
             return data
-        until = self._until(self.deadline)
-        while True:
-            try:
-                return self._sock.recv(size)
-            except BlockingIOError:
-                self._wait(select.POLLIN, until)
+        return self._when_ready(lambda: self._sock.recv(size), select.POLLIN, self._until(self.deadline))
 
     def send(self, data) -> int:
         self._send_gathered()
-        until = self._until()
-        while True:
-            try:
-                return self._sock.send(data)
-            except BlockingIOError:
-                self._wait(select.POLLOUT, until)
+        return self._when_ready(lambda: self._sock.send(data), select.POLLOUT, self._until())
 
     def sendall(self, data) -> None:
         if self._gathering:
@@ -122,11 +112,10 @@ class ClientSocket:
         self._send_gathered()
         until, sent = self._until(), 0
         while count is None or sent < count:
-            try:
-                size = os.sendfile(self._sock.fileno(), file.fileno(), offset + sent, (count or 1 << 30) - sent)
-            except BlockingIOError:
-                self._wait(select.POLLOUT, until)
-                continue
+            left = (count or 1 << 30) - sent
+            size = self._when_ready(
+                lambda: os.sendfile(self._sock.fileno(), file.fileno(), offset + sent, left), select.POLLOUT, until
+            )
             if size == 0:
                 break
             sent += size
@@ -162,10 +151,7 @@ class ClientSocket:
     def _send_all(self, data) -> None:
         view, until = memoryview(data), self._until()
         while view:
-            try:
-                view = view[self._sock.send(view) :]
-            except BlockingIOError:
-                self._wait(select.POLLOUT, until)
+            view = view[self._when_ready(lambda: self._sock.send(view), select.POLLOUT, until) :]
 
     def _until(self, deadline: float | None = None) -> float | None:
         """When an operation starting now must end: the caller's timeout, or ``deadline`` if sooner."""
@@ -173,6 +159,14 @@ class ClientSocket:
             return deadline
         own = time.monotonic() + self._timeout
         return own if deadline is None else min(own, deadline)
+
+    def _when_ready(self, operation, event: int, until: float | None):
+        """``operation()``, tried at once and again each time the socket is ready for ``event``."""
+        while True:
+            try:
+                return operation()
+            except BlockingIOError:
+                self._wait(event, until)
 
     def _wait(self, event: int, until: float | None) -> None:
         """Wait for the socket to be ready for ``event``; raise as a socket with a timeout would."""
