@@ -132,16 +132,9 @@ class ClientSocket:
         self._send_gathered()
 
     def shutdown(self, how: int) -> None:
+        # gunicorn shuts down after an app failed mid-answer: what it believes sent goes first.
         self._send_gathered()
         self._sock.shutdown(how)
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        except OSError:
-            pass  # the client is gone: there is no one to deliver to
-        finally:
-            self._sock.close()
 
     def _send_gathered(self) -> None:
         if self._gathered:
