@@ -32,6 +32,7 @@ DEFAULTS = {
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
     "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
     "TORCH_THREADS": None,  # the model process's torch threads; default: the usable CPUs less one
+    "MODEL_CPUS": None,  # CPUs the model process runs on (set by service/gunicorn.conf.py); None: any
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
@@ -116,6 +117,7 @@ def create_app(config: dict | None = None) -> Flask:
         max_wait_ms=app.config["MAX_WAIT_MS"],
         max_queue=app.config["MAX_QUEUE"],
         torch_threads=int(app.config["TORCH_THREADS"] or torch_threads()),
+        cpus=app.config["MODEL_CPUS"],
         log_level=app.config["LOG_LEVEL"],
         on_batch=metrics.batch_size.observe,
     )
@@ -139,6 +141,11 @@ def _check_config(config) -> None:
     threads = config["TORCH_THREADS"]
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise CaptionerError(f"service setting TORCH_THREADS must be a positive whole number, not {threads!r}")
+    cpus = config["MODEL_CPUS"]
+    if cpus is not None and not (
+        isinstance(cpus, list) and cpus and all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in cpus)
+    ):
+        raise CaptionerError(f"service setting MODEL_CPUS must be a list of CPU numbers, such as [2, 3], not {cpus!r}")
     if config["CNN"] not in CNN_RUNTIMES:
         raise CaptionerError(f"service setting CNN must be one of {', '.join(CNN_RUNTIMES)}, not {config['CNN']!r}")
 

@@ -12,10 +12,14 @@ and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, defa
 CAPTIONER_TORCH_THREADS (torch threads of each model process; default: the CPUs this process may
 use, by affinity and cgroup quota, less one, divided by the workers:
 captioner.runtime.torch_threads),
+CAPTIONER_PIN_CPUS (default 1: each model process runs on CPUs of its own, as many as its torch
+threads, and the HTTP processes on the others, where there are enough: captioner.runtime.split_cpus;
+0 leaves placement to the scheduler),
 CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
 the app's own CAPTIONER_* settings (service.app.DEFAULTS).
 """
 
+import json
 import os
 
 wsgi_app = "service.wsgi:app"
@@ -41,15 +45,32 @@ logconfig_dict = {
 }
 
 
+pin_cpus = os.environ.get("CAPTIONER_PIN_CPUS", "1") != "0"
+
+
+def pre_fork(server, worker):
+    """Number the worker with the lowest slot no live worker holds: which CPUs its model process gets."""
+    taken = {getattr(other, "captioner_slot", None) for other in server.WORKERS.values()}
+    worker.captioner_slot = min(set(range(server.num_workers + 1)) - taken)
+
+
 def post_fork(server, worker):
     """Tune this worker for PyTorch before the app (and its model process) start."""
     import torch
 
-    from captioner.runtime import torch_threads
+    from captioner.runtime import pin_process, split_cpus, torch_threads
 
     # The model runs in a process of its own (service.model_process), which takes its thread count
-    # from here; this process only prepares pixels, one image per request thread.
-    os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(torch_threads(workers)))
+    # and CPUs from here; this process only prepares pixels, one image per request thread.
+    threads = os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(torch_threads(server.num_workers)))
+    split = None
+    if pin_cpus and threads.isdigit():  # a bad value is the app's to refuse, with its own message
+        split = split_cpus(int(threads), server.num_workers, worker.captioner_slot)
+    if split is not None:
+        model_cpus, http_cpus = split
+        os.environ["CAPTIONER_MODEL_CPUS"] = json.dumps(model_cpus)
+        pin_process(http_cpus)  # this thread alone so far; the request threads inherit it
+        server.log.info("worker %s: model process on CPUs %s, HTTP on CPUs %s", worker.pid, model_cpus, http_cpus)
     torch.set_num_threads(1)
     _return_big_blocks_to_the_system()
 

@@ -42,6 +42,7 @@ import torch
 
 from captioner.errors import CaptionerError
 from captioner.options import DecodeOptions
+from captioner.runtime import pin_process
 from service.batcher import MicroBatcher, NotReady, QueueFull
 from service.logs import service_logger
 from service.model import ServedModel
@@ -63,6 +64,7 @@ class ModelProcess:
         max_queue: most requests handed to the model and not yet answered; ``submit`` raises
             ``QueueFull`` beyond it.
         torch_threads: torch's intra-op threads in the model process.
+        cpus: the CPUs the model process runs on; None: wherever the scheduler puts it.
         log_level: of the model process's JSON log lines.
         on_batch: called with the size of every model call (for metrics).
     """
@@ -75,6 +77,7 @@ class ModelProcess:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         torch_threads: int = 1,
+        cpus: list[int] | None = None,
         log_level: str = "INFO",
         on_batch: Callable[[int], None] = lambda size: None,
     ):
@@ -83,6 +86,7 @@ class ModelProcess:
         self.max_queue = max_queue
         self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
         self._torch_threads = torch_threads
+        self._cpus = cpus
         self._log_level = log_level
         self._on_batch = on_batch
         self._pending: dict[int, Future] = {}  # handed to the model, not yet answered
@@ -184,7 +188,7 @@ class ModelProcess:
             conn, child_conn = context.Pipe()
             process = context.Process(
                 target=serve_model,
-                args=(child_conn, self._load_model, self._batcher_settings, self._torch_threads, self._log_level),
+                args=(child_conn, self._load_model, self._batcher_settings, self._torch_threads, self._cpus, self._log_level),
                 name="captioner-model",
                 daemon=True,
             )
@@ -240,13 +244,24 @@ class ModelProcess:
                 self.load_error = CaptionerError(text) if is_captioner_error else ModelCallFailed(text)
 
 
-def serve_model(conn, load_model: Callable, batcher_settings: dict, torch_threads: int, log_level: str) -> None:
+def serve_model(
+    conn, load_model: Callable, batcher_settings: dict, torch_threads: int, cpus: list[int] | None, log_level: str
+) -> None:
     """The model process: a MicroBatcher fed from the pipe, answering on it (see the module)."""
     # Stopping is the HTTP process's call: a Ctrl-C or SIGTERM to the whole process group must
     # not kill the batch in progress under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     service_logger(log_level)
+    if cpus is not None:
+        try:
+            pin_process(cpus)  # before torch starts its pool, whose threads inherit it
+        except OSError as error:
+            message = f"service setting MODEL_CPUS: none of CPUs {cpus} is available ({error.strerror})"
+            log.error(message)
+            conn.send(("load_failed", message, True))
+            conn.close()
+            return
     torch.set_num_threads(torch_threads)
     # The batcher's thread releases the GIL around every torch call; with the default 5 ms switch
     # interval the thread reading the pipe would wait that long for it.

@@ -1,5 +1,6 @@
 """Shared fixtures (a tiny shapes world and a tiny model trained on it, made once per session) and checks."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,8 @@ def assert_same_captions(got, expected):
     for g, e in zip(got, expected):
         scores = [c["log_prob"] for c in e.get("captions", [])]
         assert [c["log_prob"] for c in g.get("captions", [])] == pytest.approx(scores, rel=1e-5)
+
+
+def threads_cpus(pid: int) -> set[tuple[int, ...]]:
+    """The CPUs each thread of process ``pid`` may run on."""
+    return {tuple(sorted(os.sched_getaffinity(int(thread)))) for thread in os.listdir(f"/proc/{pid}/task")}

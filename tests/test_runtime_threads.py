@@ -1,6 +1,11 @@
-"""Tests for captioner.runtime's torch-thread rule: affinity, cgroup quotas, workers."""
+"""Tests for captioner.runtime's torch-thread rule (affinity, cgroup quotas, workers) and the
+service's split of the CPUs between its model and HTTP processes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +74,44 @@ def test_the_caption_command_sets_threads_beside_its_workers(machine, monkeypatc
     assert main(["caption", str(trained_run / "model.pt"), image, "--output", str(tmp_path / "b.jsonl")]) == 0
     assert main(["caption", str(trained_run / "model.pt"), image, "--num-workers", "0", "--output", str(tmp_path / "c.jsonl")]) == 0
     assert seen == [1, 5, 7]
+
+
+def test_a_service_gives_each_model_process_cpus_of_its_own_and_the_http_side_the_rest(machine, monkeypatch):
+    machine(affinity=2)
+    assert runtime.split_cpus(1) == ([1], [0])
+    machine(affinity=16)
+    assert runtime.split_cpus(15) == (list(range(1, 16)), [0])
+    assert runtime.split_cpus(7, processes=2, slot=0) == (list(range(2, 9)), [0, 1])
+    assert runtime.split_cpus(7, processes=2, slot=1) == (list(range(9, 16)), [0, 1])
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {8, 3, 5})  # taskset -c 3,5,8
+    assert runtime.split_cpus(2) == ([5, 8], [3])
+
+
+@pytest.mark.parametrize(
+    "affinity, threads, processes, slot",
+    [(1, 1, 1, 0), (2, 2, 1, 0), (2, 1, 2, 0), (16, 5, 3, 3), (16, 0, 1, 0)],
+    ids=["one-cpu", "no-cpu-left-for-http", "two-models-on-two-cpus", "slot-beyond-the-workers", "no-threads"],
+)
+def test_no_split_where_the_cpus_do_not_go_round(machine, affinity, threads, processes, slot):
+    machine(affinity=affinity)
+    assert runtime.split_cpus(threads, processes, slot) is None
+
+
+def test_pin_process_moves_every_thread_and_those_it_starts_later():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned thread from a free one")
+    script = f"""
+import os, threading
+from captioner.runtime import pin_process
+stop = threading.Event()
+before = threading.Thread(target=stop.wait)
+before.start()
+pin_process([{cpus[-1]}])
+after = threading.Thread(target=stop.wait)
+after.start()
+print(sorted({{tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")}}))
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == str([(cpus[-1],)])

@@ -28,6 +28,7 @@ from service import create_app, serve
 from service.batcher import decode_group
 from captioner.checkpoint import file_digest
 from tests import service_models
+from tests.conftest import threads_cpus
 
 CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
 
@@ -439,6 +440,29 @@ def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path)
     assert first.exitcode == 0 and batcher._process is first  # not started again
 
 
+def test_the_model_process_runs_on_the_cpus_it_is_given(make_app):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned process from a free one")
+    app = make_app(MODEL_CPUS=[cpus[-1]], TORCH_THREADS=2)
+    batcher = ready(app)
+    assert post_file(app.test_client(), png()).status_code == 200  # so torch's pool has started too
+    assert threads_cpus(batcher._process.pid) == {(cpus[-1],)}
+    assert threads_cpus(os.getpid()) == {tuple(cpus)}  # the HTTP side is gunicorn's to place
+
+
+def test_model_cpus_not_on_this_machine_fail_the_load_without_retrying(make_app):
+    app = make_app(MODEL_CPUS=[4096])
+    batcher = app.extensions["captioner"].batcher
+    wait_until(lambda: batcher.load_error is not None, timeout=60)
+    assert "MODEL_CPUS" in str(batcher.load_error) and "4096" in str(batcher.load_error)
+    assert "failed to load" in error_of(app.test_client().get("/readyz"), 503, "not_ready")
+    first = batcher._process
+    wait_until(lambda: first.exitcode is not None)
+    time.sleep(0.5)
+    assert first.exitcode == 0 and batcher._process is first
+
+
 def test_full_queue_is_429(make_app, monkeypatch, switches):
     import service.app
 
@@ -658,6 +682,11 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
     for threads in (0, 1.5, "two"):
         with pytest.raises(CaptionerError, match="TORCH_THREADS must be a positive whole number"):
             make_app(TORCH_THREADS=threads)
+    monkeypatch.setenv("CAPTIONER_MODEL_CPUS", "[0]")
+    assert make_app().extensions["captioner"].batcher._cpus == [0]
+    for cpus in ("0", [], [-1], [True], [1.5]):
+        with pytest.raises(CaptionerError, match="MODEL_CPUS must be a list of CPU numbers"):
+            make_app(MODEL_CPUS=cpus)
 
 
 def test_serve_reports_a_missing_model_at_once(tmp_path):
@@ -794,7 +823,7 @@ def test_the_model_process_answers_a_job_it_cannot_queue(model_path, switches):
     conn, child_conn = context.Pipe()
     loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
     settings = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
-    process = context.Process(target=serve_model, args=(child_conn, loader, settings, 1, "INFO"), daemon=True)
+    process = context.Process(target=serve_model, args=(child_conn, loader, settings, 1, None, "INFO"), daemon=True)
     process.start()
     child_conn.close()
     try:

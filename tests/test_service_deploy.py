@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -13,10 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from PIL import Image
+
+from .conftest import threads_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +55,27 @@ def wait_ready(port: int, process: subprocess.Popen, timeout: float = 120.0) -> 
     raise AssertionError("gunicorn did not become ready in time")
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (started from any of its threads)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+
+
+def test_each_worker_takes_the_lowest_free_slot_for_its_model_processes_cpus():
+    conf = runpy.run_path(str(ROOT / "service/gunicorn.conf.py"))
+    server = SimpleNamespace(WORKERS={}, num_workers=2)
+    for pid in (101, 102):
+        server.WORKERS[pid] = worker = SimpleNamespace()
+        conf["pre_fork"](server, worker)
+    assert [w.captioner_slot for w in server.WORKERS.values()] == [0, 1]
+    del server.WORKERS[101]  # it died: its replacement takes its CPUs
+    conf["pre_fork"](server, replacement := SimpleNamespace())
+    assert replacement.captioner_slot == 0
+    server.WORKERS[103] = replacement
+    conf["pre_fork"](server, extra := SimpleNamespace())  # beyond the workers (a reload): no CPUs of its own
+    assert extra.captioner_slot == 2
+
+
 def png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (24, 16), (200, 40, 40)).save(buffer, "PNG")
@@ -81,6 +106,13 @@ def test_gunicorn_loads_the_model_after_fork_serves_and_stops_on_sigterm(trained
             # The master never imports torch: the model is loaded in the worker, after the fork.
             master_libraries = Path(f"/proc/{process.pid}/maps").read_text()
             assert "libtorch" not in master_libraries
+            # The model process has a CPU of its own (its one torch thread's), the worker the rest.
+            [worker] = children(process.pid)
+            [model] = [pid for pid in children(worker) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            cpus = sorted(os.sched_getaffinity(0))
+            pinned = len(cpus) >= 2
+            assert threads_cpus(model) == {(cpus[-1],) if pinned else tuple(cpus)}
+            assert threads_cpus(worker) == {tuple(cpus[:-1]) if pinned else tuple(cpus)}
 
             headers = {"Content-Type": "image/png"}
             status, body = request(port, "POST", "/v1/captions?mode=beam&num_captions=2", png(), headers)
