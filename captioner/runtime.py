@@ -189,7 +189,7 @@ def pin_process(cpus: list[int]) -> None:
 def decoding_workers() -> int:
     """Image-decoding worker processes for batch captioning, by default: a quarter of the usable
     CPUs where there are four or more; none on fewer, where the main thread decodes images between
-    the captions it writes while the CNN thread runs (``captioner.batch.encoded_ahead``): on two
+    the captions it writes while the CNN threads run (``captioner.batch.encoded_ahead``): on two
     CPUs a worker process beside those two threads made captioning a fifth slower."""
     cpus = int(usable_cpus())
     return cpus // 4 if cpus >= 4 else 0

@@ -220,7 +220,7 @@ def test_the_cnn_runs_one_batch_ahead_in_its_own_thread_and_records_keep_their_o
 
     batches = [("a", Images(1)), ("broken", None), ("b", Images(2)), ("c", Images(3))]
     got = []
-    for key, features in encoded_ahead(Model(), batches):
+    for key, features in encoded_ahead(Model(), batches, threads=1):
         got.append((key, features))
         events.append(("yielded", key))
     assert got == [("a", 10), ("broken", None), ("b", 20), ("c", 30)]
@@ -230,6 +230,40 @@ def test_the_cnn_runs_one_batch_ahead_in_its_own_thread_and_records_keep_their_o
     # Batch b went to the CNN before "broken" went to the caller, c before b did.
     assert events.index(("handed over", 2)) < events.index(("yielded", "broken"))
     assert events.index(("handed over", 3)) < events.index(("yielded", "b"))
+
+
+def test_two_cnn_threads_encode_two_batches_at_once_and_records_keep_their_order():
+    import threading
+
+    from captioner.batch import encoded_ahead
+
+    both_encoding = threading.Barrier(2, timeout=10)  # broken, and raising, unless two calls meet
+
+    class Model:
+        device = torch.device("cpu")
+
+        def encode_pixels(self, images):
+            both_encoding.wait()
+            return images * 10
+
+    batches = [(key, torch.tensor(value)) for key, value in zip("abcd", (1, 2, 3, 4))]
+    assert [(key, int(features)) for key, features in encoded_ahead(Model(), batches, threads=2)] == [
+        ("a", 10), ("b", 20), ("c", 30), ("d", 40)
+    ]
+
+
+def test_a_second_cnn_thread_only_beside_a_one_thread_cpu_pool():
+    from captioner.batch import cnn_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cnn_threads(torch.device("cpu")) == 2
+        assert cnn_threads(torch.device("cuda", 0)) == 1
+        torch.set_num_threads(2)
+        assert cnn_threads(torch.device("cpu")) == 1  # two pools would oversubscribe the CPUs
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_files_are_encoded_as_the_same_images_given_whole(trained_run, shapes):
@@ -245,11 +279,13 @@ def test_files_are_encoded_as_the_same_images_given_whole(trained_run, shapes):
     assert torch.equal(model.encode_pixels(pixels), model.encode(whole))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_pipelined_captions_equal_each_batch_captioned_on_its_own(trained_run, images, workers):
+@pytest.mark.parametrize("workers, threads", [(0, 1), (0, 2), (1, 2)])
+def test_pipelined_captions_equal_each_batch_captioned_on_its_own(trained_run, images, workers, threads, monkeypatch):
+    import captioner.batch
     from captioner.batch import caption_paths, caption_tensors, load_image
     from captioner.options import DecodeOptions
 
+    monkeypatch.setattr(captioner.batch, "cnn_threads", lambda device: threads)  # CNN threads
     model = Captioner.load(trained_run / "model.pt", "cpu")
     paths = sorted(images.rglob("*.png"))[140:160]  # the broken image is the 11th
     options = DecodeOptions(mode="beam", beam_size=3)
