@@ -10,11 +10,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from captioner.data.images import ImageError, decode_image
 from service.admission import Busy
-from service.batcher import NotReady, QueueFull
 from service.errors import ServiceError, error_response
 from service.intake import hold_body_to_limit, read_image_bytes, read_options
 from service.model import limits_card
-from service.model_process import ModelProcess
+from service.model_process import ModelProcess, NotReady, QueueFull
 
 api = Blueprint("api", __name__)
 

@@ -5,7 +5,8 @@ returns. In one process, the request threads (reading, decoding images, Flask, J
 often enough that the model waited for it at every call: measured at 16 clients, encoding a batch
 took ten times as long as offline and the worker kept only 1.1 of 2 CPUs busy. So, as TorchServe
 splits its frontend from its model workers, request threads here prepare pixels and ship them over
-a pipe; the model process runs the MicroBatcher undisturbed and sends the captions back.
+a pipe; the model process gathers them into batches (service/batcher.py) undisturbed, in one
+thread, and sends the captions back.
 
 ``ModelProcess`` is the HTTP side, with the batcher's interface (``submit`` returns a Future). It
 starts the model process, and starts it again if it dies: requests then in the model fail with
@@ -14,12 +15,15 @@ load is not retried. The model process ignores SIGINT and SIGTERM: it stops when
 its batch), or when the HTTP process is gone (its pipe closes).
 
 Messages are pickled tuples on one duplex pipe:
-    HTTP -> model: ("job", id, pixels, options), ("cancel", id), ("stop",)
+    HTTP -> model: ("job", id, pixels, options, sent), ("cancel", id), ("stop",)
     model -> HTTP: ("ready", ServedModel), ("load_failed", message, is_captioner_error),
-                   ("batch", size, answers): a model call's size and its answers, sent by the
-                   batcher's thread as soon as the call ends, in one message,
-                   ("answers", answers): those outside a model call (refused, or failed on stop);
+                   ("batch", size, answers): a model call's size and its answers, sent as soon
+                   as the call ends, in one message,
+                   ("answers", answers): those of jobs still waiting on stop;
                    an answer is ("done", id, CaptionResult) or ("failed", id, shutting_down)
+The model process reads the pipe only between batches: jobs sent during a batch wait in the
+socket's buffer (and a request thread's send waits once it is full; the answers travel the other
+way, so nothing waits on itself).
 Pixels cross as a numpy array of bytes (resized, not yet normalised: a quarter of the floats'
 size): torch would move a tensor through shared memory, one segment and one file descriptor per
 image, which costs more than copying them.
@@ -30,10 +34,9 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import queue
 import signal
-import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
@@ -43,12 +46,20 @@ import torch
 from captioner.errors import CaptionerError
 from captioner.options import DecodeOptions
 from captioner.runtime import pin_process
-from service.batcher import MicroBatcher, NotReady, QueueFull
+from service.batcher import CaptionJob, CaptionResult, MicroBatcher, caption_batch
 from service.logs import service_logger
 from service.model import ServedModel
 
 log = logging.getLogger("captioner.service")
 STOP_TIMEOUT_S = 10.0  # the batch in progress gets this long to finish on stop()
+
+
+class QueueFull(Exception):
+    """``max_queue`` requests are already with the model; the client should retry later."""
+
+
+class NotReady(Exception):
+    """The model is not loaded (yet, or any more), or the service is stopping."""
 
 
 class ModelCallFailed(Exception):
@@ -84,14 +95,15 @@ class ModelProcess:
         self._load_model = load_model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
+        self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
         self._torch_threads = torch_threads
         self._cpus = cpus
         self._log_level = log_level
         self._on_batch = on_batch
         self._pending: dict[int, Future] = {}  # handed to the model, not yet answered
         self._lock = threading.Lock()  # guards _pending
-        # Apart from _lock: a send can block on a full pipe, and the listener must still take answers.
+        # Apart from _lock: a send can block on a full pipe, and the listener must still take
+        # answers. Guards _conn's closing too.
         self._sending = threading.Lock()
         self._ids = itertools.count()
         self._conn = None
@@ -131,7 +143,7 @@ class ModelProcess:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             job_id = next(self._ids)
             self._pending[job_id] = future
-        if not self._send(("job", job_id, pixels.numpy(), options)):
+        if not self._send(("job", job_id, pixels.numpy(), options, time.monotonic())):
             with self._lock:
                 self._pending.pop(job_id, None)
             raise NotReady("the model process stopped")
@@ -146,7 +158,10 @@ class ModelProcess:
             process = self._process
         if not was_ready and process is not None and process.is_alive():
             process.kill()  # still loading: nothing in progress to finish
-        self._send(("stop",))
+        # The model process reads the pipe between batches only, and a send waits while the
+        # socket is full: sent from a thread of its own, so that a model stuck in a batch is
+        # still killed in time (the send then fails).
+        threading.Thread(target=self._send, args=(("stop",),), name="captioner-stop", daemon=True).start()
         if self._thread.is_alive():
             self._thread.join(timeout)
         process = self._process
@@ -156,14 +171,14 @@ class ModelProcess:
 
     def _send(self, message) -> bool:
         """Whether ``message`` went out; not when the process is gone (which _supervise sees)."""
-        conn = self._conn
-        if conn is None:
-            return False
-        try:
-            with self._sending:
+        with self._sending:
+            conn = self._conn
+            if conn is None:
+                return False
+            try:
                 conn.send(message)
-        except OSError:
-            return False
+            except OSError:
+                return False
         return True
 
     def _forget_if_cancelled(self, job_id: int, future: Future) -> None:
@@ -201,9 +216,14 @@ class ModelProcess:
             self._listen(conn)
             self._ready.clear()
             process.join(STOP_TIMEOUT_S)
-            with self._lock:
+            if process.is_alive():
+                process.kill()
+                process.join()
+            # Its end closed, a send waiting on the full pipe fails at once and lets go of
+            # _sending; only then is ours closed, never under a send.
+            with self._sending, self._lock:
                 self._conn = None
-            conn.close()
+                conn.close()
             self._fail_pending(NotReady("the model process stopped"))
             if self.load_error is not None or self._stopping.is_set():
                 return
@@ -247,89 +267,61 @@ class ModelProcess:
 def serve_model(
     conn, load_model: Callable, batcher_settings: dict, torch_threads: int, cpus: list[int] | None, log_level: str
 ) -> None:
-    """The model process: a MicroBatcher fed from the pipe, answering on it (see the module)."""
+    """The model process: one thread that reads jobs from the pipe between batches, captions each
+    batch as it falls due and sends its answers back (see the module)."""
     # Stopping is the HTTP process's call: a Ctrl-C or SIGTERM to the whole process group must
     # not kill the batch in progress under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     service_logger(log_level)
-    if cpus is not None:
-        try:
-            pin_process(cpus)  # before torch starts its pool, whose threads inherit it
-        except OSError as error:
-            message = f"service setting MODEL_CPUS: none of CPUs {cpus} is available ({error.strerror})"
-            log.error(message)
-            conn.send(("load_failed", message, True))
-            conn.close()
-            return
-    torch.set_num_threads(torch_threads)
-    # The batcher's thread releases the GIL around every torch call; with the default 5 ms switch
-    # interval the thread reading the pipe would wait that long for it.
-    sys.setswitchinterval(0.0005)
-    sending = threading.Lock()  # the batcher's thread sends batches, this one refusals
-    answers: queue.SimpleQueue = queue.SimpleQueue()  # from the jobs' futures, mostly in the batcher's thread
 
     def send(message) -> None:
         try:
-            with sending:
-                conn.send(message)
+            conn.send(message)
         except OSError:
-            pass  # the HTTP process is gone; recv() below sees it too
+            pass  # the HTTP process is gone; reading the pipe sees it too
 
-    def send_batch(size: int) -> None:
-        """The batcher's thread, a model call's jobs answered: its answers go with its size."""
-        send(("batch", size, _drain(answers)))
-
-    batcher = MicroBatcher(load_model, on_batch=send_batch, **batcher_settings).start()
-    while not batcher.wait_ready(0.1):
-        if batcher.load_error is not None:
-            error = batcher.load_error
-            send(("load_failed", str(error), isinstance(error, CaptionerError)))
-            conn.close()
-            return
-    send(("ready", ServedModel.of(batcher.model)))
-    jobs: dict[int, Future] = {}
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            break
-        if message[0] == "job":
-            _, job_id, pixels, options = message
+    try:
+        if cpus is not None:
             try:
-                future = batcher.submit(torch.from_numpy(pixels), options)
-            except (NotReady, QueueFull):  # answered at once, like any other refusal: 503 not_ready
-                send(("answers", [("failed", job_id, True)]))
-                continue
-            jobs[job_id] = future
-            future.add_done_callback(partial(_answer, answers, jobs, job_id))
+                pin_process(cpus)  # before torch starts its pool, whose threads inherit it
+            except OSError as error:
+                raise CaptionerError(f"service setting MODEL_CPUS: none of CPUs {cpus} is available ({error.strerror})") from None
+        torch.set_num_threads(torch_threads)
+        model = load_model()
+    except Exception as error:
+        log.exception("the model failed to load")
+        send(("load_failed", str(error), isinstance(error, CaptionerError)))
+        conn.close()
+        return
+    batcher = MicroBatcher(**batcher_settings)
+    log.info("model ready", extra={"fields": {"max_batch_size": batcher.max_batch_size}})
+    send(("ready", ServedModel.of(model)))
+    while True:
+        # Read while no job waits, or while the oldest may still wait for others to join it, and
+        # whatever is already there (poll(0)) before a batch runs: the jobs that came during the
+        # last one, which have waited long enough, and any cancellation of them.
+        try:
+            time_left = batcher.time_left()
+            due = time_left is not None and not conn.poll(0 if batcher.full() else time_left)
+            message = None if due else conn.recv()
+        except (EOFError, OSError):
+            break  # the HTTP process is gone
+        if message is None:
+            jobs = batcher.take()
+            results = caption_batch(model, jobs)
+            send(("batch", len(jobs), [_answer(job, result) for job, result in zip(jobs, results, strict=True)]))
+        elif message[0] == "job":
+            _, job_id, pixels, options, sent = message
+            batcher.add(CaptionJob(job_id, torch.from_numpy(pixels), options, sent))
         elif message[0] == "cancel":
-            future = jobs.get(message[1])
-            if future is not None:
-                future.cancel()
+            batcher.cancel(message[1])
         elif message[0] == "stop":
             break
-    batcher.stop()  # the jobs still waiting fail, and their answers join ``answers``
-    if left := _drain(answers):
-        send(("answers", left))
+    if left := batcher.take(everything=True):
+        send(("answers", [("failed", job.job_id, True) for job in left]))
     conn.close()
 
 
-def _answer(answers: queue.SimpleQueue, jobs: dict, job_id: int, future: Future) -> None:
-    jobs.pop(job_id, None)
-    if future.cancelled():
-        return
-    error = future.exception()
-    if error is None:
-        answers.put(("done", job_id, future.result()))
-    else:
-        answers.put(("failed", job_id, isinstance(error, NotReady)))
-
-
-def _drain(answers: queue.SimpleQueue) -> list:
-    taken = []
-    while True:
-        try:
-            taken.append(answers.get_nowait())
-        except queue.Empty:
-            return taken
+def _answer(job: CaptionJob, result: CaptionResult | None) -> tuple:
+    return ("done", job.job_id, result) if result is not None else ("failed", job.job_id, False)

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from service import create_app, serve
-from service.batcher import decode_group
+from service.batcher import CaptionJob, MicroBatcher, decode_group
+from service.model_process import NotReady
 from captioner.checkpoint import file_digest
 from tests import service_models
 from tests.conftest import threads_cpus
@@ -499,6 +501,28 @@ def test_decode_groups_split_only_on_options_that_act_on_the_whole_call():
     assert decode_group(beam) != decode_group(DecodeOptions(mode="beam", beam_size=5, num_captions=2))
 
 
+def test_a_batch_waits_from_when_its_oldest_job_was_sent_and_takes_the_oldest_first():
+    batcher = MicroBatcher(max_batch_size=3, max_wait_ms=1000)
+    assert batcher.time_left() is None  # nothing to wait for: read until a job comes
+    now = time.monotonic()
+
+    def job(job_id, sent=now):
+        return CaptionJob(job_id, torch.zeros((3, 4, 4), dtype=torch.uint8), DecodeOptions(), sent)
+
+    batcher.add(job(1, now - 0.4))  # sent 0.4 s ago, read only now
+    assert 0.5 < batcher.time_left() <= 0.6
+    batcher.add(job(2)), batcher.add(job(3))
+    assert batcher.full()
+    batcher.cancel(2)
+    assert not batcher.full()
+    batcher.add(job(4)), batcher.add(job(5))
+    assert [j.job_id for j in batcher.take()] == [1, 3, 4]
+    assert 0.5 < batcher.time_left() <= 1.0  # job 5's wait now
+    assert [j.job_id for j in batcher.take(everything=True)] == [5] and batcher.time_left() is None
+    batcher.add(job(6, now - 2))
+    assert batcher.time_left() == 0  # waited long enough: its batch is due
+
+
 def test_concurrent_requests_share_model_calls_and_keep_their_own_options(make_app):
     solo, app = make_app(MAX_BATCH_SIZE=1), make_app(MAX_BATCH_SIZE=16, MAX_WAIT_MS=300)
     ready(solo), ready(app)
@@ -812,8 +836,53 @@ def test_body_that_does_not_arrive_in_time_is_408(client):
     error_of(response, 408, "request_timeout")
 
 
-def test_the_model_process_answers_a_job_it_cannot_queue(model_path, switches):
-    """Driven over its pipe: a job beyond its queue is answered at once as not ready, never lost."""
+def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app, monkeypatch, switches):
+    """Requests sent while the model is busy wait in the pipe; once it is full, their sends wait
+    too. Stopping must still end the model process in time and fail every request."""
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
+    app = make_app(MAX_QUEUE=1000, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
+    batcher = ready(app)
+    (switches / "pause").touch()
+    try:
+        running = batcher.submit(torch.zeros((3, 32, 32), dtype=torch.uint8), DecodeOptions())
+        wait_until(lambda: (switches / "paused").exists())  # the model is stuck in a batch
+        large = torch.zeros((3, 1024, 1024), dtype=torch.uint8)  # 3 MB: a few fill any socket buffer
+        with ThreadPoolExecutor(8) as pool:
+            submits = [pool.submit(batcher.submit, large, DecodeOptions()) for _ in range(8)]
+            wait_until(batcher._sending.locked)
+            time.sleep(0.5)
+            assert batcher._sending.locked() and not all(s.done() for s in submits)  # a send waits on the full pipe
+            stopping = threading.Thread(target=batcher.stop, kwargs={"timeout": 2})
+            stopping.start()
+            stopping.join(15)
+            assert not stopping.is_alive(), "stop() waited on the full pipe"
+        assert not batcher._process.is_alive()
+        with pytest.raises(NotReady):
+            running.result(timeout=5)
+        for submit in submits:
+            with pytest.raises(NotReady):
+                future = submit.result(timeout=5)  # refused at submit, or failed afterwards
+                future.result(timeout=5)
+    finally:
+        (switches / "pause").unlink()
+
+
+def _answers(conn, count: int) -> list[tuple]:
+    """The next ``count`` messages from a model process: ("batch", size, answers) as (size, answers)."""
+    messages = []
+    for _ in range(count):
+        assert conn.poll(30), "the model process did not answer"
+        kind, *rest = conn.recv()
+        messages.append((rest[0], rest[1]) if kind == "batch" else (kind, rest[0]))
+    return messages
+
+
+def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits_on_stop(model_path, switches):
+    """Driven over its pipe: jobs sent while a batch runs are all taken at once when it ends (but
+    no more than a batch), a job cancelled before then is skipped, and those still waiting on stop
+    are failed as shutting down, never lost."""
     import multiprocessing
     from functools import partial
 
@@ -822,32 +891,41 @@ def test_the_model_process_answers_a_job_it_cannot_queue(model_path, switches):
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
     loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
-    settings = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 1}
+    settings = {"max_batch_size": 4, "max_wait_ms": 0}
     process = context.Process(target=serve_model, args=(child_conn, loader, settings, 1, None, "INFO"), daemon=True)
     process.start()
     child_conn.close()
+
+    def job(job_id):
+        conn.send(("job", job_id, np.full((3, 32, 32), job_id, dtype=np.uint8), DecodeOptions(), time.monotonic()))
+
     try:
         assert conn.poll(60) and conn.recv()[0] == "ready"
         (switches / "pause").touch()
-        pixels = np.zeros((3, 32, 32), dtype=np.uint8)
-        conn.send(("job", 1, pixels, DecodeOptions()))
+        job(1)
         wait_until(lambda: (switches / "paused").exists())  # job 1 in the model
-        conn.send(("job", 2, pixels, DecodeOptions()))  # fills the queue
-        conn.send(("job", 3, pixels, DecodeOptions()))  # beyond it
-        answers = []
-        while not answers:
-            assert conn.poll(10), "job 3 was never answered"
-            kind, *rest = conn.recv()
-            if kind == "answers":
-                answers = rest[0]
-        assert answers == [("failed", 3, True)]
+        for job_id in range(2, 8):
+            job(job_id)
+        conn.send(("cancel", 3))
+        (switches / "paused").unlink()
         (switches / "pause").unlink()
-        while len(answers) < 3:
-            assert conn.poll(30)
-            kind, *rest = conn.recv()
-            answers += rest[-1] if kind in ("answers", "batch") else []
-        assert [(kind, job) for kind, job, _ in answers[1:]] == [("done", 1), ("done", 2)]
+        first, second, third = _answers(conn, 3)
+        assert [(size, [(kind, i) for kind, i, _ in answers]) for size, answers in (first, second, third)] == [
+            (1, [("done", 1)]),
+            (4, [("done", 2), ("done", 4), ("done", 5), ("done", 6)]),  # at once, 3 skipped
+            (1, [("done", 7)]),  # beyond the batch: the next one
+        ]
+        assert all(result.batch_size == size for size, answers in (first, second) for _, _, result in answers)
+
+        (switches / "pause").touch()
+        job(8)
+        wait_until(lambda: (switches / "paused").exists())
+        job(9), job(10)
         conn.send(("stop",))
+        (switches / "pause").unlink()
+        (size, answers), failed = _answers(conn, 2)
+        assert size == 1 and [(kind, i) for kind, i, _ in answers] == [("done", 8)]
+        assert failed == ("answers", [("failed", 9, True), ("failed", 10, True)])
         process.join(20)
         assert process.exitcode == 0
     finally:
