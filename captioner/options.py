@@ -308,7 +308,7 @@ class CaptionJob:
     format: str = option("jsonl", "JSON lines, CSV or (--engine ray) Parquet", choices=FORMATS)
     batch_size: int = option(32, "images per model call")
     num_workers: int | None = option(
-        None, "local engine: image-decoding worker processes (default: a quarter of the usable CPUs, 1 on 2 or 3)"
+        None, "local engine: image-decoding worker processes (default: a quarter of the usable CPUs where there are 4 or more, else none)"
     )
     device: str = _device()
     cnn: str = _cnn()
