@@ -32,7 +32,7 @@ class CaptionJob:
     """One image waiting for captions."""
 
     job_id: int
-    pixels: torch.Tensor  # (3, S, S) uint8, resized (ImageTransform.resize), on the CPU
+    pixels: torch.Tensor  # (3, S, S) uint8, resized (ImageTransform.resize): its slot in shared memory
     options: DecodeOptions
     sent: float  # time.monotonic() when the HTTP process sent it (a clock both processes share)
 

@@ -15,18 +15,21 @@ load is not retried. The model process ignores SIGINT and SIGTERM: it stops when
 its batch), or when the HTTP process is gone (its pipe closes).
 
 Messages are pickled tuples on one duplex pipe:
-    HTTP -> model: ("job", id, pixels, options, sent), ("cancel", id), ("stop",)
+    HTTP -> model: ("slab", slab), once, before any job; ("job", id, slot, options, sent),
+                   ("cancel", id), ("stop",)
     model -> HTTP: ("ready", ServedModel), ("load_failed", message, is_captioner_error),
                    ("batch", size, answers): a model call's size and its answers, sent as soon
                    as the call ends, in one message,
                    ("answers", answers): those of jobs still waiting on stop;
                    an answer is ("done", id, CaptionResult) or ("failed", id, shutting_down)
 The model process reads the pipe only between batches: jobs sent during a batch wait in the
-socket's buffer (and a request thread's send waits once it is full; the answers travel the other
-way, so nothing waits on itself).
-Pixels cross as a numpy array of bytes (resized, not yet normalised: a quarter of the floats'
-size): torch would move a tensor through shared memory, one segment and one file descriptor per
-image, which costs more than copying them.
+socket's buffer until it ends (a send waits once it is full: about 160 jobs, each taking 1.3 KB
+of it however small), so pixels do not travel in it. Each model process gets a slab of
+shared memory from the HTTP process, one slot of (3, S, S) uint8 pixels (resized, not yet
+normalised) for each request the model may hold (``max_queue``; pages are only taken as slots
+are used), and a job names its slot. A job's slot is free again once it is answered or
+cancelled. (Jobs of 150 KB, a 224-pixel model's, filled a socket's buffer after one: a request
+thread's send then waited, and batches fell to 2 images.)
 """
 
 from __future__ import annotations
@@ -100,8 +103,10 @@ class ModelProcess:
         self._cpus = cpus
         self._log_level = log_level
         self._on_batch = on_batch
-        self._pending: dict[int, Future] = {}  # handed to the model, not yet answered
-        self._lock = threading.Lock()  # guards _pending
+        self._pending: dict[int, tuple[Future, int]] = {}  # handed to the model, not yet answered: future, slot
+        self._slab: torch.Tensor | None = None  # (max_queue, 3, S, S) uint8 in shared memory
+        self._free_slots: list[int] = []
+        self._lock = threading.Lock()  # guards _pending, _slab and _free_slots
         # Apart from _lock: a send can block on a full pipe, and the listener must still take
         # answers. Guards _conn's closing too.
         self._sending = threading.Lock()
@@ -139,13 +144,13 @@ class ModelProcess:
         with self._lock:
             if not self.ready:
                 raise NotReady("the model is not loaded")
-            if len(self._pending) >= self.max_queue:
+            if not self._free_slots:  # one for each request the model holds
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            job_id = next(self._ids)
-            self._pending[job_id] = future
-        if not self._send(("job", job_id, pixels.numpy(), options, time.monotonic())):
-            with self._lock:
-                self._pending.pop(job_id, None)
+            job_id, slot, slab = next(self._ids), self._free_slots.pop(), self._slab
+            self._pending[job_id] = (future, slot)
+        slab[slot].copy_(pixels)
+        if not self._send(("job", job_id, slot, options, time.monotonic())):
+            self._release(job_id)
             raise NotReady("the model process stopped")
         future.add_done_callback(partial(self._forget_if_cancelled, job_id))
         return future
@@ -158,9 +163,9 @@ class ModelProcess:
             process = self._process
         if not was_ready and process is not None and process.is_alive():
             process.kill()  # still loading: nothing in progress to finish
-        # The model process reads the pipe between batches only, and a send waits while the
-        # socket is full: sent from a thread of its own, so that a model stuck in a batch is
-        # still killed in time (the send then fails).
+        # The model process reads the pipe between batches only, and a send waits once the
+        # socket's buffer is full (about 160 jobs waiting): from a thread of its own, so that a
+        # model stuck in a batch is still killed in time (the send then fails).
         threading.Thread(target=self._send, args=(("stop",),), name="captioner-stop", daemon=True).start()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -181,18 +186,26 @@ class ModelProcess:
                 return False
         return True
 
+    def _release(self, job_id: int) -> Future | None:
+        """A job's future, the job forgotten and its slot free again; None if it was not pending."""
+        with self._lock:
+            future, slot = self._pending.pop(job_id, (None, None))
+            if future is not None:
+                self._free_slots.append(slot)
+        return future
+
     def _forget_if_cancelled(self, job_id: int, future: Future) -> None:
-        """A request that gave up (timed out): the model process skips it if it has not begun it."""
-        if future.cancelled():
-            with self._lock:
-                forgotten = self._pending.pop(job_id, None) is not None
-            if forgotten:
-                self._send(("cancel", job_id))
+        """A request that gave up (timed out): the model process skips it if it has not begun it.
+        (Its slot may be reused at once: a batch that has begun holds a copy of the pixels it
+        took, and a cancelled job's answer goes to no one.)"""
+        if future.cancelled() and self._release(job_id) is not None:
+            self._send(("cancel", job_id))
 
     def _fail_pending(self, error: Exception) -> None:
         with self._lock:
-            futures, self._pending = list(self._pending.values()), {}
-        for future in futures:
+            jobs, self._pending = list(self._pending.values()), {}
+            self._free_slots.extend(slot for _, slot in jobs)
+        for future, _ in jobs:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
 
@@ -219,8 +232,8 @@ class ModelProcess:
             if process.is_alive():
                 process.kill()
                 process.join()
-            # Its end closed, a send waiting on the full pipe fails at once and lets go of
-            # _sending; only then is ours closed, never under a send.
+            # Its end closed, a send in progress fails at once and lets go of _sending; only then
+            # is ours closed, never under a send (whose descriptor could go to another file).
             with self._sending, self._lock:
                 self._conn = None
                 conn.close()
@@ -230,8 +243,7 @@ class ModelProcess:
             log.error("the model process stopped unexpectedly; starting it again", extra={"fields": {"exitcode": process.exitcode}})
 
     def _deliver(self, kind: str, job_id: int, payload) -> None:
-        with self._lock:
-            future = self._pending.pop(job_id, None)
+        future = self._release(job_id)
         if future is None or not future.set_running_or_notify_cancel():
             return  # the request gave up waiting
         if kind == "done":
@@ -240,6 +252,16 @@ class ModelProcess:
             future.set_exception(NotReady("the service is shutting down"))
         else:
             future.set_exception(ModelCallFailed("the model failed on this batch"))
+
+    def _give_slab(self, side: int) -> None:
+        """A new slab of slots, all free, for the model process just loaded (see the module)."""
+        # Shared memory from the start, as torch's DataLoader collates into it: its pages are
+        # taken only as slots are written (share_memory_() would copy, touching all of them).
+        storage = torch.UntypedStorage._new_shared(self.max_queue * 3 * side * side)
+        slab = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.max_queue, 3, side, side)
+        with self._lock:
+            self._slab, self._free_slots = slab, list(range(self.max_queue))[::-1]  # slot 0 first
+        self._send(("slab", slab))
 
     def _listen(self, conn) -> None:
         """Deliver the model process's messages until its pipe closes."""
@@ -257,6 +279,7 @@ class ModelProcess:
                 for answer in message[1]:
                     self._deliver(*answer)
             elif kind == "ready":
+                self._give_slab(message[1].transform.config.image_size)
                 self.served = message[1]
                 self._ready.set()
             elif kind == "load_failed":
@@ -297,6 +320,7 @@ def serve_model(
     batcher = MicroBatcher(**batcher_settings)
     log.info("model ready", extra={"fields": {"max_batch_size": batcher.max_batch_size}})
     send(("ready", ServedModel.of(model)))
+    slab = None  # the HTTP process's pixels, one slot a job: its first message
     while True:
         # Read while no job waits, or while the oldest may still wait for others to join it, and
         # whatever is already there (poll(0)) before a batch runs: the jobs that came during the
@@ -312,8 +336,10 @@ def serve_model(
             results = caption_batch(model, jobs)
             send(("batch", len(jobs), [_answer(job, result) for job, result in zip(jobs, results, strict=True)]))
         elif message[0] == "job":
-            _, job_id, pixels, options, sent = message
-            batcher.add(CaptionJob(job_id, torch.from_numpy(pixels), options, sent))
+            _, job_id, slot, options, sent = message
+            batcher.add(CaptionJob(job_id, slab[slot], options, sent))
+        elif message[0] == "slab":
+            slab = message[1]
         elif message[0] == "cancel":
             batcher.cancel(message[1])
         elif message[0] == "stop":

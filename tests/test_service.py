@@ -27,7 +27,7 @@ from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from service import create_app, serve
 from service.batcher import CaptionJob, MicroBatcher, decode_group
-from service.model_process import NotReady
+from service.model_process import NotReady, QueueFull
 from captioner.checkpoint import file_digest
 from tests import service_models
 from tests.conftest import threads_cpus
@@ -837,20 +837,21 @@ def test_body_that_does_not_arrive_in_time_is_408(client):
 
 
 def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app, monkeypatch, switches):
-    """Requests sent while the model is busy wait in the pipe; once it is full, their sends wait
-    too. Stopping must still end the model process in time and fail every request."""
+    """Jobs sent while the model is busy wait in the pipe; once it is full, their sends wait too.
+    Stopping must still end the model process in time and fail every request."""
     import service.app
 
     monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
-    app = make_app(MAX_QUEUE=1000, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
+    app = make_app(MAX_QUEUE=400, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
     batcher = ready(app)
+    side = batcher.served.transform.config.image_size
+    pixels = torch.zeros((3, side, side), dtype=torch.uint8)
     (switches / "pause").touch()
     try:
-        running = batcher.submit(torch.zeros((3, 32, 32), dtype=torch.uint8), DecodeOptions())
+        running = batcher.submit(pixels, DecodeOptions())
         wait_until(lambda: (switches / "paused").exists())  # the model is stuck in a batch
-        large = torch.zeros((3, 1024, 1024), dtype=torch.uint8)  # 3 MB: a few fill any socket buffer
         with ThreadPoolExecutor(8) as pool:
-            submits = [pool.submit(batcher.submit, large, DecodeOptions()) for _ in range(8)]
+            submits = [pool.submit(batcher.submit, pixels, DecodeOptions()) for _ in range(399)]
             wait_until(batcher._sending.locked)
             time.sleep(0.5)
             assert batcher._sending.locked() and not all(s.done() for s in submits)  # a send waits on the full pipe
@@ -867,6 +868,33 @@ def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app,
                 future.result(timeout=5)
     finally:
         (switches / "pause").unlink()
+
+
+def test_requests_are_handed_to_a_busy_model_at_once_up_to_the_queue(make_app, monkeypatch, switches):
+    """Pixels go through shared memory, not the pipe: while the model is stuck in a batch,
+    ``MAX_QUEUE`` requests of a large model's size are handed over without waiting, the next is
+    refused, and all are answered once it is free."""
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
+    app = make_app(MAX_QUEUE=100, MAX_BATCH_SIZE=100, MAX_WAIT_MS=0)  # 300 KB of pixels: more than a socket holds
+    batcher = ready(app)
+    side = batcher.served.transform.config.image_size
+    (switches / "pause").touch()
+    try:
+        running = batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions())
+        wait_until(lambda: (switches / "paused").exists())  # the model is stuck in a batch
+        started = time.monotonic()
+        waiting = [batcher.submit(torch.full((3, side, side), i, dtype=torch.uint8), DecodeOptions()) for i in range(99)]
+        assert time.monotonic() - started < 5  # no send waited on the model
+        with pytest.raises(QueueFull):
+            batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions())
+    finally:
+        (switches / "pause").unlink()
+    assert running.result(timeout=60).batch_size == 1
+    assert [f.result(timeout=60).batch_size for f in waiting] == [99] * 99  # read at once, one batch
+    assert batcher.queue_depth() == 0
+    assert batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions()).result(timeout=60)
 
 
 def _answers(conn, count: int) -> list[tuple]:
@@ -896,11 +924,16 @@ def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits
     process.start()
     child_conn.close()
 
+    slab = torch.UntypedStorage._new_shared(16 * 3 * 32 * 32)
+    slab = torch.empty(0, dtype=torch.uint8).set_(slab).view(16, 3, 32, 32)
+
     def job(job_id):
-        conn.send(("job", job_id, np.full((3, 32, 32), job_id, dtype=np.uint8), DecodeOptions(), time.monotonic()))
+        slab[job_id].fill_(job_id)
+        conn.send(("job", job_id, job_id, DecodeOptions(), time.monotonic()))  # slot job_id
 
     try:
         assert conn.poll(60) and conn.recv()[0] == "ready"
+        conn.send(("slab", slab))
         (switches / "pause").touch()
         job(1)
         wait_until(lambda: (switches / "paused").exists())  # job 1 in the model
