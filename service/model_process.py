@@ -22,14 +22,14 @@ Messages are pickled tuples on one duplex pipe:
                    as the call ends, in one message,
                    ("answers", answers): those of jobs still waiting on stop;
                    an answer is ("done", id, CaptionResult) or ("failed", id, shutting_down)
-The model process reads the pipe only between batches: jobs sent during a batch wait in the
-socket's buffer until it ends (a send waits once it is full: about 160 jobs, each taking 1.3 KB
-of it however small), so pixels do not travel in it. Each model process gets a slab of
-shared memory from the HTTP process, one slot of (3, S, S) uint8 pixels (resized, not yet
-normalised) for each request the model may hold (``max_queue``; pages are only taken as slots
-are used), and a job names its slot. A job's slot is free again once it is answered or
-cancelled. (Jobs of 150 KB, a 224-pixel model's, filled a socket's buffer after one: a request
-thread's send then waited, and batches fell to 2 images.)
+The model process reads the pipe only between batches, so jobs sent during a batch wait in the
+socket's buffer until it ends, and a send waits once that is full. So pixels do not travel in
+the pipe: jobs of 150 KB, a 224-pixel model's, filled it after one, and batches fell to 2. Each
+model process gets a slab of shared memory from the HTTP process, one slot of (3, S, S) uint8
+pixels (resized, not yet normalised) for each request the model may hold (``max_queue``; pages
+are only taken as slots are used), and a job names its slot; the slot is free again once the job
+is answered or cancelled. (A message takes 1.3 KB of the buffer however small: it still fills at
+about 160 waiting jobs.)
 """
 
 from __future__ import annotations
