@@ -306,7 +306,7 @@ class CaptionJob:
         None, "write here instead of standard output (parquet: a folder of shards); a rerun resumes an unfinished file"
     )
     format: str = option("jsonl", "JSON lines, CSV or (--engine ray) Parquet", choices=FORMATS)
-    batch_size: int = option(32, "images per model call")
+    batch_size: int = option(32, "images per CNN call (local engine: the decoder takes 128 or more at a time)")
     num_workers: int | None = option(
         None, "local engine: image-decoding worker processes (default: a quarter of the usable CPUs where there are 4 or more, else none)"
     )

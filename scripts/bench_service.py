@@ -5,7 +5,8 @@ with N concurrent clients for a bounded time, with micro-batching on and then of
 (MAX_BATCH_SIZE=1), with --explain also batching on with explanations (explain=1: each word's
 probability and attention), and reports throughput, p50/p99 latency and the mean batch size (from
 /metrics). The baseline is offline captioning of the same images with captioner.batch.caption_paths
-in batches of N, in the same run on the same machine: it takes turns with the service (batching on)
+in batches of N, the CNN's and the decoder's alike (N clients never give the service's model more
+at once), in the same run on the same machine: it takes turns with the service (batching on)
 for --rounds rounds, so that both see the same machine (whose speed drifts by ±15% over a minute),
 and the ratio is also given round by round.
 
@@ -104,8 +105,8 @@ def bench_images(folder: Path, count: int, seed: int = 2) -> list[Path]:
 
 
 class Offline:
-    """Offline captioning with caption_paths over ``paths`` in batches of --clients, loaded and
-    warmed up once, then run for a few seconds at a time."""
+    """Offline captioning with caption_paths over ``paths`` in batches of --clients (the decoder's
+    too, not ``DECODE_IMAGES``), loaded and warmed up once, then run for a few seconds at a time."""
 
     def __init__(self, model_path: Path, paths: list[Path], args: argparse.Namespace):
         import torch
@@ -124,7 +125,8 @@ class Offline:
 
         done, started, cpu_before = 0, time.perf_counter(), cpu_seconds(os.getpid())
         while True:
-            done += sum(1 for _ in caption_paths(self.model, self.paths, self.options, batch_size=self.batch_size))
+            records = caption_paths(self.model, self.paths, self.options, batch_size=self.batch_size, decode_images=self.batch_size)
+            done += sum(1 for _ in records)
             if time.perf_counter() - started >= seconds:
                 break
         elapsed = time.perf_counter() - started

@@ -2,8 +2,9 @@
 
 The stages are those every image passes through (``captioner.batch`` runs them in this order):
 reading and decoding the file (``decode_image``, as ``ImageTransform.load`` calls it), resizing it
-and normalising the batch, the CNN over the batch, then the caption decoder over the batch's features (greedy
-and beam 3, each with ``describe`` turning ids into text). Then all of them at once, as
+and normalising the batch, the CNN over the batch, then the caption decoder over the features of
+``DECODE_IMAGES`` images at a time, as captioning gathers them (greedy and beam 3, each with
+``describe`` turning ids into text). Then all of them at once, as
 ``caption_paths`` runs them without decoding workers: the CNN in a thread of its own beside the
 main thread, which does the rest. Each stage runs over the same images in batches, the stages
 taking turns --repeats times so that a slow spell of the machine falls on all of them alike; the
@@ -47,12 +48,16 @@ def time_stages(model, paths: list[Path], args) -> dict[str, float]:
     """Median milliseconds per image of each stage, over --repeats passes taken in turn."""
     import torch
 
-    from captioner.batch import caption_paths
+    from captioner.batch import DECODE_IMAGES, caption_paths
     from captioner.data.images import decode_image
     from captioner.options import DecodeOptions
 
     transform, size, step = model.transform, model.transform.config.image_size, args.batch_size
     greedy, beam = DecodeOptions(), DecodeOptions(mode="beam", beam_size=3)
+
+    def decode(features: list[torch.Tensor], options: DecodeOptions) -> list:
+        return [model.describe(model.generate(f, options)) for f in torch.cat(features).split(DECODE_IMAGES)]
+
     # (stage, the stage whose output it takes, what it does with that)
     stages = [
         ("read and decode the file", None, lambda _: [decode_image(p, target_size=size).image for p in paths]),
@@ -60,8 +65,8 @@ def time_stages(model, paths: list[Path], args) -> dict[str, float]:
          lambda images: [transform.normalize(torch.stack([transform.resize(im) for im in images[i : i + step]]))
                          for i in range(0, len(images), step)]),
         ("CNN", "resize and normalise", lambda batches: [model.encode(batch) for batch in batches]),
-        ("decoder, greedy", "CNN", lambda features: [model.describe(model.generate(f, greedy)) for f in features]),
-        ("decoder, beam 3", "CNN", lambda features: [model.describe(model.generate(f, beam)) for f in features]),
+        ("decoder, greedy", "CNN", lambda features: decode(features, greedy)),
+        ("decoder, beam 3", "CNN", lambda features: decode(features, beam)),
         # All of them as `captioner caption` runs them on two cores: the CNN's thread beside the main thread's.
         ("all at once, greedy", None, lambda _: list(caption_paths(model, paths, greedy, batch_size=step))),
         ("all at once, beam 3", None, lambda _: list(caption_paths(model, paths, beam, batch_size=step))),

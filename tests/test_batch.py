@@ -252,6 +252,20 @@ def test_two_cnn_threads_encode_two_batches_at_once_and_records_keep_their_order
     ]
 
 
+def test_the_decoder_captions_several_cnn_batches_at_once(trained_run, images):
+    from captioner.batch import caption_paths
+    from captioner.options import DecodeOptions
+
+    model = Captioner.load(trained_run / "model.pt", "cpu")
+    decoded, generate = [], model.generate
+    model.generate = lambda features, *args: decoded.append(len(features)) or generate(features, *args)
+    paths = sorted(images.rglob("*.png"))[140:160]  # the broken image is the 11th
+    got = list(caption_paths(model, paths, DecodeOptions(), batch_size=4, decode_images=8))
+    assert decoded == [8, 7, 4]  # CNN batches of 4, two to a decoder call; the broken image has none
+    assert [r["image"] for r in got] == [str(p) for p in paths]
+    assert "error" in got[10] and all("captions" in r for i, r in enumerate(got) if i != 10)
+
+
 def test_a_second_cnn_thread_only_beside_a_one_thread_cpu_pool():
     from captioner.batch import cnn_threads
 
