@@ -154,7 +154,7 @@ def caption_paths(
     )
     per_group = -(-decode_images // batch_size)  # CNN batches the decoder captions at once
     # The CNN keeps the next group's batches and its threads' share in hand while the caller
-    # writes this group's captions, so that its threads never wait for the decoder.
+    # writes this group's captions, so that its threads need not wait for the decoder.
     ahead = per_group + cnn_threads(model.device)
     encoded = encoded_ahead(model, (((i, e), x) for i, x, e in loader), ahead=ahead)
     for group in _groups(encoded, per_group):

@@ -252,6 +252,26 @@ def test_two_cnn_threads_encode_two_batches_at_once_and_records_keep_their_order
     ]
 
 
+def test_the_cnn_is_handed_ahead_batches_beyond_the_one_the_caller_has():
+    from captioner.batch import encoded_ahead
+
+    handed = []
+
+    class Model:
+        device = torch.device("cpu")
+
+        def encode_pixels(self, images):
+            return images
+
+    def batches():
+        for value in range(6):
+            handed.append(value)
+            yield value, torch.tensor(value)
+
+    seen = [(key, len(handed)) for key, _ in encoded_ahead(Model(), batches(), threads=1, ahead=3)]
+    assert seen == [(0, 4), (1, 5), (2, 6), (3, 6), (4, 6), (5, 6)]
+
+
 def test_the_decoder_captions_several_cnn_batches_at_once(trained_run, images):
     from captioner.batch import caption_paths
     from captioner.options import DecodeOptions
