@@ -199,7 +199,7 @@ def run_batch_job(
         options: decoding options.
         output: the JSONL or CSV file.
         format: ``jsonl`` or ``csv``.
-        batch_size: images per model call.
+        batch_size: images per CNN call (the decoder takes ``DECODE_IMAGES`` or more at once).
         num_workers: DataLoader workers decoding images.
         process: this process's rank among ``world_size`` (torchrun); each captions its slice.
         progress: show a progress bar (rank 0).
