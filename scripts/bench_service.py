@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--torch-threads",
         type=int,
-        default=1,
-        help="torch threads, offline and in the service alike (1 suits a machine shared with other work)",
+        help="torch threads, offline and in the service alike (default: each picks its own, as `captioner caption` "
+        "and the service do; 1 suits a machine shared with other work)",
     )
     parser.add_argument("--output", help="also write the figures here as JSON")
     args = parser.parse_args(argv)
@@ -113,8 +113,9 @@ class Offline:
 
         from captioner.models.captioner import Captioner
         from captioner.options import DecodeOptions
+        from captioner.runtime import torch_threads
 
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.torch_threads or torch_threads(reserved=1))  # a CPU for the caption writer
         self.model, self.paths = Captioner.load(model_path), paths
         self.options, self.batch_size = DecodeOptions(mode=args.mode), args.clients
         self.run(0)  # warm-up: one pass
@@ -142,8 +143,9 @@ def explain_model_cost(model_path: Path, paths: list[Path], args: argparse.Names
     from captioner.data.images import decode_image
     from captioner.options import DecodeOptions
     from captioner.models.captioner import Captioner
+    from captioner.runtime import torch_threads
 
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or torch_threads())  # the model process's default
     model = Captioner.load(model_path)
     images = [decode_image(p.read_bytes()).image for p in paths[:8]]
     features = model.encode(model.images_to_batch(images))  # (8, F): a batch as the service makes them
@@ -353,8 +355,9 @@ def bench_service(model_path, images, args, folder: Path, batching: bool, explai
     settings = {
         "max_batch_size": args.clients if batching else 1,
         "max_wait_ms": args.max_wait_ms,
-        "torch_threads": args.torch_threads,
     }
+    if args.torch_threads:  # else the service's own choice, a heavy CNN's spare CPUs included
+        settings["torch_threads"] = args.torch_threads
     query = f"mode={args.mode}" + ("&explain=1" if explain else "")
     server = Gunicorn(model_path, folder / f"gunicorn-{'on' if batching else 'off'}-{explain}.log", **settings)
     try:

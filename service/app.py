@@ -23,7 +23,7 @@ from service.errors import register_error_handlers
 from service.logs import service_logger
 from service.metrics import ServiceMetrics
 from service.model import load_model
-from service.model_process import ModelProcess
+from service.model_process import ModelProcess, Placement
 
 # Every key can be set from the environment as CAPTIONER_<KEY>, e.g. CAPTIONER_MAX_WAIT_MS=10.
 DEFAULTS = {
@@ -33,6 +33,10 @@ DEFAULTS = {
     "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
     "TORCH_THREADS": None,  # the model process's torch threads; default: the usable CPUs less one
     "MODEL_CPUS": None,  # CPUs the model process runs on (set by service/gunicorn.conf.py); None: any
+    # CPUs the model process takes as well if its CNN is slower than HEAVY_CNN_MS an image (set by
+    # service/gunicorn.conf.py: the HTTP side's, with one worker and TORCH_THREADS left unset).
+    "HEAVY_CNN_CPUS": None,
+    "HEAVY_CNN_MS": 10,
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,  # bytes per upload (Flask answers 413 beyond)
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,  # width * height, checked before decoding
     "MAX_BATCH_SIZE": 16,  # images per model call
@@ -116,8 +120,12 @@ def create_app(config: dict | None = None) -> Flask:
         max_batch_size=app.config["MAX_BATCH_SIZE"],
         max_wait_ms=app.config["MAX_WAIT_MS"],
         max_queue=app.config["MAX_QUEUE"],
-        torch_threads=int(app.config["TORCH_THREADS"] or torch_threads()),
-        cpus=app.config["MODEL_CPUS"],
+        placement=Placement(
+            int(app.config["TORCH_THREADS"] or torch_threads()),
+            app.config["MODEL_CPUS"],
+            app.config["HEAVY_CNN_CPUS"],
+            app.config["HEAVY_CNN_MS"],
+        ),
         log_level=app.config["LOG_LEVEL"],
         on_batch=metrics.batch_size.observe,
     )
@@ -136,16 +144,18 @@ def _check_config(config) -> None:
     for key in _POSITIVE:
         if not isinstance(config[key], (int, float)) or config[key] <= 0:
             raise CaptionerError(f"service setting {key} must be a positive number, not {config[key]!r}")
-    if not isinstance(config["MAX_WAIT_MS"], (int, float)) or config["MAX_WAIT_MS"] < 0:
-        raise CaptionerError(f"service setting MAX_WAIT_MS must be 0 or more, not {config['MAX_WAIT_MS']!r}")
+    for key in ("MAX_WAIT_MS", "HEAVY_CNN_MS"):
+        if not isinstance(config[key], (int, float)) or config[key] < 0:
+            raise CaptionerError(f"service setting {key} must be 0 or more, not {config[key]!r}")
     threads = config["TORCH_THREADS"]
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise CaptionerError(f"service setting TORCH_THREADS must be a positive whole number, not {threads!r}")
-    cpus = config["MODEL_CPUS"]
-    if cpus is not None and not (
-        isinstance(cpus, list) and cpus and all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in cpus)
-    ):
-        raise CaptionerError(f"service setting MODEL_CPUS must be a list of CPU numbers, such as [2, 3], not {cpus!r}")
+    for key in ("MODEL_CPUS", "HEAVY_CNN_CPUS"):
+        cpus = config[key]
+        if cpus is not None and not (
+            isinstance(cpus, list) and cpus and all(isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in cpus)
+        ):
+            raise CaptionerError(f"service setting {key} must be a list of CPU numbers, such as [2, 3], not {cpus!r}")
     if config["CNN"] not in CNN_RUNTIMES:
         raise CaptionerError(f"service setting CNN must be one of {', '.join(CNN_RUNTIMES)}, not {config['CNN']!r}")
 

@@ -14,7 +14,8 @@ use, by affinity and cgroup quota, less one, divided by the workers:
 captioner.runtime.torch_threads),
 CAPTIONER_PIN_CPUS (default 1: each model process runs on CPUs of its own, as many as its torch
 threads, and the HTTP processes on the others, where there are enough: captioner.runtime.split_cpus;
-0 leaves placement to the scheduler),
+with one worker and CAPTIONER_TORCH_THREADS unset, a model process whose CNN is heavy takes the
+HTTP side's CPUs as well: service.model_process.Placement; 0 leaves placement to the scheduler),
 CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
 the app's own CAPTIONER_* settings (service.app.DEFAULTS).
 """
@@ -62,6 +63,7 @@ def post_fork(server, worker):
 
     # The model runs in a process of its own (service.model_process), which takes its thread count
     # and CPUs from here; this process only prepares pixels, one image per request thread.
+    threads_given = "CAPTIONER_TORCH_THREADS" in os.environ
     threads = os.environ.setdefault("CAPTIONER_TORCH_THREADS", str(torch_threads(server.num_workers)))
     split = None
     if pin_cpus and threads.isdigit():  # a bad value is the app's to refuse, with its own message
@@ -69,6 +71,8 @@ def post_fork(server, worker):
     if split is not None:
         model_cpus, http_cpus = split
         os.environ["CAPTIONER_MODEL_CPUS"] = json.dumps(model_cpus)
+        if server.num_workers == 1 and not threads_given:  # a heavy CNN may take the HTTP side's too
+            os.environ.setdefault("CAPTIONER_HEAVY_CNN_CPUS", json.dumps(http_cpus))
         pin_process(http_cpus)  # this thread alone so far; the request threads inherit it
         server.log.info("worker %s: model process on CPUs %s, HTTP on CPUs %s", worker.pid, model_cpus, http_cpus)
     torch.set_num_threads(1)

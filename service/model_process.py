@@ -37,11 +37,13 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -69,6 +71,26 @@ class ModelCallFailed(Exception):
     """The model raised while captioning a batch (the model process logs the details)."""
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the model process runs: its torch threads and CPUs, and CPUs it takes as well when its
+    CNN is heavy.
+
+    A CPU left to the HTTP side pays for a light model (the demo's service was 26% slower with
+    both CPUs of two in its pool), and sits nearly idle beside a photo CNN, which is then the
+    whole cost: on 2 CPUs a ResNet-50 served 11 img/s on one and 22 on both, 0.52 and 1.0 of
+    offline, where mobilenet_v3_small at 224 px (4 ms an image) fell from 227 to 174 on both
+    (README, "A heavy CNN on a small machine"). So the model process times its CNN once loaded,
+    and a CNN slower than ``heavy_cnn_ms`` an image takes ``heavy_cnn_cpus`` too, a torch
+    thread each.
+    """
+
+    torch_threads: int = 1
+    cpus: list[int] | None = None  # None: wherever the scheduler puts it
+    heavy_cnn_cpus: list[int] | None = None  # the HTTP side's, where the model process may take them
+    heavy_cnn_ms: float = 10.0
+
+
 class ModelProcess:
     """The HTTP process's handle on the model process (see the module).
 
@@ -77,8 +99,7 @@ class ModelProcess:
         max_batch_size, max_wait_ms: the MicroBatcher's, in the model process.
         max_queue: most requests handed to the model and not yet answered; ``submit`` raises
             ``QueueFull`` beyond it.
-        torch_threads: torch's intra-op threads in the model process.
-        cpus: the CPUs the model process runs on; None: wherever the scheduler puts it.
+        placement: its torch threads and CPUs.
         log_level: of the model process's JSON log lines.
         on_batch: called with the size of every model call (for metrics).
     """
@@ -90,8 +111,7 @@ class ModelProcess:
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
-        torch_threads: int = 1,
-        cpus: list[int] | None = None,
+        placement: Placement = Placement(),
         log_level: str = "INFO",
         on_batch: Callable[[int], None] = lambda size: None,
     ):
@@ -99,8 +119,7 @@ class ModelProcess:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
-        self._torch_threads = torch_threads
-        self._cpus = cpus
+        self._placement = placement
         self._log_level = log_level
         self._on_batch = on_batch
         self._pending: dict[int, tuple[Future, int]] = {}  # handed to the model, not yet answered: future, slot
@@ -216,7 +235,7 @@ class ModelProcess:
             conn, child_conn = context.Pipe()
             process = context.Process(
                 target=serve_model,
-                args=(child_conn, self._load_model, self._batcher_settings, self._torch_threads, self._cpus, self._log_level),
+                args=(child_conn, self._load_model, self._batcher_settings, self._placement, self._log_level),
                 name="captioner-model",
                 daemon=True,
             )
@@ -224,7 +243,7 @@ class ModelProcess:
                 self._conn, self._process = conn, process
                 if self._stopping.is_set():
                     break
-                process.start()
+                _start_on(process, self._placement)
             child_conn.close()  # the child's end: ours closed, recv() sees EOF when the child exits
             self._listen(conn)
             self._ready.clear()
@@ -287,9 +306,7 @@ class ModelProcess:
                 self.load_error = CaptionerError(text) if is_captioner_error else ModelCallFailed(text)
 
 
-def serve_model(
-    conn, load_model: Callable, batcher_settings: dict, torch_threads: int, cpus: list[int] | None, log_level: str
-) -> None:
+def serve_model(conn, load_model: Callable, batcher_settings: dict, placement: Placement, log_level: str) -> None:
     """The model process: one thread that reads jobs from the pipe between batches, captions each
     batch as it falls due and sends its answers back (see the module)."""
     # Stopping is the HTTP process's call: a Ctrl-C or SIGTERM to the whole process group must
@@ -305,13 +322,18 @@ def serve_model(
             pass  # the HTTP process is gone; reading the pipe sees it too
 
     try:
-        if cpus is not None:
-            try:
-                pin_process(cpus)  # before torch starts its pool, whose threads inherit it
-            except OSError as error:
-                raise CaptionerError(f"service setting MODEL_CPUS: none of CPUs {cpus} is available ({error.strerror})") from None
-        torch.set_num_threads(torch_threads)
+        if placement.cpus is not None:
+            _pin(placement.cpus, "MODEL_CPUS")  # before torch starts its pool, whose threads inherit it
+        torch.set_num_threads(placement.torch_threads)
         model = load_model()
+        if placement.cpus is not None and placement.heavy_cnn_cpus and model.device.type == "cpu":
+            cost = _cnn_ms_per_image(model)
+            if cost > placement.heavy_cnn_ms:
+                cpus = sorted({*placement.cpus, *placement.heavy_cnn_cpus})
+                _pin(cpus, "HEAVY_CNN_CPUS")  # the pool's threads as well
+                torch.set_num_threads(len(cpus))
+                fields = {"cnn_ms_per_image": round(cost, 1), "cpus": cpus, "torch_threads": len(cpus)}
+                log.info("a heavy CNN: the model process takes the HTTP side's CPUs too", extra={"fields": fields})
     except Exception as error:
         log.exception("the model failed to load")
         send(("load_failed", str(error), isinstance(error, CaptionerError)))
@@ -347,6 +369,48 @@ def serve_model(
     if left := batcher.take(everything=True):
         send(("answers", [("failed", job.job_id, True) for job in left]))
     conn.close()
+
+
+def _start_on(process: multiprocessing.Process, placement: Placement) -> None:
+    """Starts the model process on every CPU it may use, from the calling thread (whose CPUs a
+    child inherits) widened for the while; the child pins itself to its own CPUs first thing.
+
+    OpenMP (libgomp) counts the CPUs it may use once, when torch loads, and a pool of more threads
+    than that sleeps at every barrier instead of spinning: a heavy CNN's pool, widened from one
+    thread to two, then ran 12% slower (13,000 sleeps a thread in 5 s against 15-43).
+    """
+    wanted = set(placement.cpus or ()) | set(placement.heavy_cnn_cpus or ())
+    if not wanted:
+        process.start()
+        return
+    own = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, own | wanted)
+    except OSError:  # CPUs this machine lacks: the child reports them, by name of their setting
+        pass
+    try:
+        process.start()
+    finally:
+        os.sched_setaffinity(0, own)
+
+
+def _pin(cpus: list[int], setting: str) -> None:
+    try:
+        pin_process(cpus)
+    except OSError as error:
+        raise CaptionerError(f"service setting {setting}: none of CPUs {cpus} is available ({error.strerror})") from None
+
+
+@torch.inference_mode()
+def _cnn_ms_per_image(model, images: int = 2) -> float:
+    """Milliseconds an image of the CNN on the model process's pool, from its second call (the
+    first allocates and picks kernels)."""
+    size = model.transform.config.image_size
+    pixels = torch.zeros(images, 3, size, size, dtype=torch.uint8)
+    model.encode_pixels(pixels)
+    started = time.perf_counter()
+    model.encode_pixels(pixels)
+    return (time.perf_counter() - started) * 1000 / images
 
 
 def _answer(job: CaptionJob, result: CaptionResult | None) -> tuple:

@@ -69,3 +69,8 @@ def assert_same_captions(got, expected):
 def threads_cpus(pid: int) -> set[tuple[int, ...]]:
     """The CPUs each thread of process ``pid`` may run on."""
     return {tuple(sorted(os.sched_getaffinity(int(thread)))) for thread in os.listdir(f"/proc/{pid}/task")}
+
+
+def send_own_cpus(conn) -> None:
+    """A child process's first act: send the CPUs it started on."""
+    conn.send(sorted(os.sched_getaffinity(0)))

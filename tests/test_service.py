@@ -453,6 +453,47 @@ def test_the_model_process_runs_on_the_cpus_it_is_given(make_app):
     assert threads_cpus(os.getpid()) == {tuple(cpus)}  # the HTTP side is gunicorn's to place
 
 
+@pytest.mark.parametrize("heavy_cnn_ms, takes_them", [(0, True), (1e6, False)])
+def test_a_heavy_cnn_takes_the_http_sides_cpus_too(make_app, capfd, heavy_cnn_ms, takes_them):
+    # The tiny model's CNN takes well under a millisecond an image: heavy above 0 ms, light below 1e6.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned process from a free one")
+    app = make_app(MODEL_CPUS=[cpus[-1]], HEAVY_CNN_CPUS=[cpus[0]], HEAVY_CNN_MS=heavy_cnn_ms, TORCH_THREADS=1)
+    batcher = ready(app)
+    assert post_file(app.test_client(), png()).status_code == 200  # so torch's pool has started too
+    assert threads_cpus(batcher._process.pid) == {(cpus[0], cpus[-1]) if takes_them else (cpus[-1],)}
+    told = [json.loads(line) for line in capfd.readouterr().err.splitlines() if "a heavy CNN" in line]
+    assert len(told) == takes_them
+    if takes_them:
+        assert told[0]["torch_threads"] == 2 and told[0]["cnn_ms_per_image"] >= 0
+
+
+def test_the_model_process_starts_on_every_cpu_it_may_use_and_the_caller_keeps_its_own():
+    # OpenMP counts the CPUs when torch loads, before the child pins itself: a heavy CNN's pool of
+    # two threads, counted one CPU, slept at every barrier and ran 12% slower.
+    import multiprocessing
+
+    from service.model_process import Placement, _start_on
+    from tests.conftest import send_own_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 3:
+        cpus = cpus * 3  # one CPU: nothing to widen, yet the child must still start
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})  # this thread, as the HTTP side's
+    try:
+        context = multiprocessing.get_context("spawn")
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=send_own_cpus, args=(child_conn,), daemon=True)
+        _start_on(process, Placement(cpus=[cpus[-1]], heavy_cnn_cpus=[cpus[1]]))
+        assert os.sched_getaffinity(0) == {cpus[0]}
+        assert conn.poll(60) and conn.recv() == sorted({cpus[0], cpus[1], cpus[-1]})
+        process.join(10)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def test_model_cpus_not_on_this_machine_fail_the_load_without_retrying(make_app):
     app = make_app(MODEL_CPUS=[4096])
     batcher = app.extensions["captioner"].batcher
@@ -702,15 +743,21 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
     with pytest.raises(CaptionerError, match="MAX_BATCH_SIZE"):
         make_app(MAX_BATCH_SIZE=0)
     monkeypatch.setenv("CAPTIONER_TORCH_THREADS", "2")
-    assert make_app().extensions["captioner"].batcher._torch_threads == 2  # the model process's
+    assert make_app().extensions["captioner"].batcher._placement.torch_threads == 2  # the model process's
     for threads in (0, 1.5, "two"):
         with pytest.raises(CaptionerError, match="TORCH_THREADS must be a positive whole number"):
             make_app(TORCH_THREADS=threads)
     monkeypatch.setenv("CAPTIONER_MODEL_CPUS", "[0]")
-    assert make_app().extensions["captioner"].batcher._cpus == [0]
-    for cpus in ("0", [], [-1], [True], [1.5]):
-        with pytest.raises(CaptionerError, match="MODEL_CPUS must be a list of CPU numbers"):
-            make_app(MODEL_CPUS=cpus)
+    monkeypatch.setenv("CAPTIONER_HEAVY_CNN_CPUS", "[1]")
+    placement = make_app().extensions["captioner"].batcher._placement
+    assert (placement.cpus, placement.heavy_cnn_cpus, placement.heavy_cnn_ms) == ([0], [1], 10)
+    for key in ("MODEL_CPUS", "HEAVY_CNN_CPUS"):
+        for cpus in ("0", [], [-1], [True], [1.5]):
+            with pytest.raises(CaptionerError, match=f"{key} must be a list of CPU numbers"):
+                make_app(**{key: cpus})
+    for ms in (-1, "ten"):
+        with pytest.raises(CaptionerError, match="HEAVY_CNN_MS must be 0 or more"):
+            make_app(HEAVY_CNN_MS=ms)
 
 
 def test_serve_reports_a_missing_model_at_once(tmp_path):
@@ -914,13 +961,13 @@ def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits
     import multiprocessing
     from functools import partial
 
-    from service.model_process import serve_model
+    from service.model_process import Placement, serve_model
 
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
     loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
     settings = {"max_batch_size": 4, "max_wait_ms": 0}
-    process = context.Process(target=serve_model, args=(child_conn, loader, settings, 1, None, "INFO"), daemon=True)
+    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO"), daemon=True)
     process.start()
     child_conn.close()
 

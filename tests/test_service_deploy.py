@@ -76,6 +76,38 @@ def test_each_worker_takes_the_lowest_free_slot_for_its_model_processes_cpus():
     assert extra.captioner_slot == 2
 
 
+# post_fork run as a gunicorn worker would, on 8 CPUs (pinning only recorded), in a process of its
+# own: it sets torch's threads and glibc's malloc for the whole process.
+_POST_FORK = """
+import json, os, runpy, sys
+from types import SimpleNamespace
+import captioner.runtime
+captioner.runtime.usable_cpus = lambda: 8.0
+os.sched_getaffinity = lambda pid: set(range(8))
+captioner.runtime.pin_process = lambda cpus: None
+conf = runpy.run_path("service/gunicorn.conf.py")
+server = SimpleNamespace(num_workers=int(sys.argv[1]), log=SimpleNamespace(info=lambda *args: None))
+conf["post_fork"](server, SimpleNamespace(pid=1, captioner_slot=0))
+print(json.dumps({key: os.environ.get(f"CAPTIONER_{key}") for key in ("MODEL_CPUS", "HEAVY_CNN_CPUS")}))
+"""
+
+
+@pytest.mark.parametrize(
+    "workers, threads, expected",
+    [
+        (1, None, {"MODEL_CPUS": "[1, 2, 3, 4, 5, 6, 7]", "HEAVY_CNN_CPUS": "[0]"}),
+        (2, None, {"MODEL_CPUS": "[2, 3, 4]", "HEAVY_CNN_CPUS": None}),  # the HTTP CPUs serve both workers
+        (1, "3", {"MODEL_CPUS": "[5, 6, 7]", "HEAVY_CNN_CPUS": None}),  # threads chosen by hand stay so
+    ],
+)
+def test_a_heavy_cnn_may_take_the_http_side_cpus_with_one_worker_and_threads_left_to_the_service(workers, threads, expected):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CAPTIONER_")}
+    env |= {"CAPTIONER_TORCH_THREADS": threads} if threads else {}
+    run = subprocess.run([sys.executable, "-c", _POST_FORK, str(workers)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == expected
+
+
 def png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (24, 16), (200, 40, 40)).save(buffer, "PNG")
