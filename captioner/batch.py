@@ -155,8 +155,8 @@ def caption_paths(
     per_group = -(-decode_images // batch_size)  # CNN batches the decoder captions at once
     # The CNN keeps the next group's batches and its threads' share in hand while the caller
     # writes this group's captions, so that its threads need not wait for the decoder.
-    ahead = per_group + cnn_threads(model.device)
-    encoded = encoded_ahead(model, (((i, e), x) for i, x, e in loader), ahead=ahead)
+    threads = cnn_threads(model.device)
+    encoded = encoded_ahead(model, (((i, e), x) for i, x, e in loader), threads, ahead=per_group + threads)
     for group in _groups(encoded, per_group):
         features = [f for _, f in group if f is not None]
         captions = iter(caption_features(model, torch.cat(features), options) if features else ())
