@@ -66,6 +66,7 @@ def caption(decoder, vocab, scenes) -> list[str]:
     return [vocab.decode(h.tokens) for (h,) in hyps]
 
 
+@pytest.mark.slow  # trains a decoder for 12 epochs: several seconds
 def test_a_copying_decoder_names_a_pair_no_training_caption_contained(world):
     scenes, captions, vocab = world
     decoder = train_decoder(True, scenes, captions, vocab)

@@ -9,8 +9,11 @@ from captioner.features import cached_features
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import BACKBONES
 
+# The deepest ResNets take a second or more each to build with random weights: the full suite's.
+BACKBONE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet101", "resnet152") else n for n in BACKBONES]
 
-@pytest.mark.parametrize("name", BACKBONES)
+
+@pytest.mark.parametrize("name", BACKBONE_PARAMS)
 def test_every_backbone_gives_finite_features_of_its_size(name):
     torch.manual_seed(0)
     encoder = Encoder(EncoderConfig(name=name, image_size=64)).freeze()
@@ -20,7 +23,7 @@ def test_every_backbone_gives_finite_features_of_its_size(name):
     assert torch.isfinite(features).all()
 
 
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name", BACKBONE_PARAMS)
 def test_channels_last_gives_the_same_features(name):
     # The layout the CPU runs fp32 CNNs in (Captioner.load): the same arithmetic in another
     # order, so the features agree to float rounding, never more.

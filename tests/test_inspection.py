@@ -175,6 +175,7 @@ def test_word_properties():
     assert values["the next word is a colour"] == [1.0] + [0.0] * 4 + [1.0, 0, 0, 0, 1.0] + [0.0] * 6
 
 
+@pytest.mark.slow  # trains a model and inspects it, per cell: several seconds
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_other_cells_train_save_load_and_caption(cell, tmp_path, shapes_json, shapes, feature_cache):
     train(tiny_config(shapes_json, tmp_path / cell, feature_cache, cell=cell, epochs=1))
@@ -194,6 +195,7 @@ def test_other_cells_train_save_load_and_caption(cell, tmp_path, shapes_json, sh
     assert split["gradients"]["mean_norm"][0] > 0 and (out / "cells.png").exists()
 
 
+@pytest.mark.slow  # the whole command: matplotlib, every figure, gradients through time; several seconds
 def test_inspect_command_writes_figures_and_numbers(tmp_path, trained_run, shapes_json, shapes, capsys):
     images = [str(r.path) for r in shapes.split("test")[:2]]
     out = tmp_path / "inspect"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from captioner import evaluation, metrics
 from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.cli import main
 from captioner.errors import CaptionerError
@@ -41,7 +42,10 @@ def _random_encoder(name: str, size: int) -> Encoder:
 
 
 # Depthwise convolutions, hardswish and squeeze-excitation lose more to int8 than a ResNet does.
-@pytest.mark.parametrize(("name", "cosine"), [("resnet18", 0.98), ("mobilenet_v3_small", 0.9)])
+@pytest.mark.parametrize(
+    ("name", "cosine"),
+    [("resnet18", 0.98), pytest.param("mobilenet_v3_small", 0.9, marks=pytest.mark.slow)],  # the second: seconds more
+)
 def test_int8_features_follow_fp32_and_run_int8_kernels(name, cosine):
     encoder = _random_encoder(name, 64)
     encoder.calibrate(_images(8, 64, seed=1).split(4))
@@ -80,7 +84,12 @@ def test_int8_needs_a_calibration_that_fits(trained_run):
         model.encoder.use_int8()
 
 
-def test_calibrate_command_then_caption_and_evaluate_with_int8(capsys, tmp_path, trained_run, shapes_json, shapes):
+@pytest.mark.slow  # three commands in process, each loading the model and running the CNN
+def test_calibrate_command_then_caption_and_evaluate_with_int8(capsys, tmp_path, trained_run, shapes_json, shapes, monkeypatch):
+    # Scored without Java: the int8 CNN is what this checks, and the JVMs of the PTB tokenizer and
+    # METEOR (13 s of its 15 on 2 cores) have tests of their own (test_metrics, test_cli).
+    monkeypatch.setattr(evaluation, "java_available", lambda: False)
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
     model_path = tmp_path / "model.pt"
     shutil.copy(trained_run / "model.pt", model_path)
     assert main(["caption", str(model_path), str(shapes.split("test")[0].path), "--cnn", "int8"]) == 1
@@ -97,6 +106,7 @@ def test_calibrate_command_then_caption_and_evaluate_with_int8(capsys, tmp_path,
     assert json.loads(capsys.readouterr().out)["images"] == len(test)
 
 
+@pytest.mark.slow  # starts a model process
 def test_the_service_serves_an_int8_cnn(tmp_path, trained_run):
     model = Captioner.load(trained_run / "model.pt")
     model.encoder.calibrate([_images(8, 32, seed=6)])

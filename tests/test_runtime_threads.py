@@ -97,6 +97,7 @@ def test_no_split_where_the_cpus_do_not_go_round(machine, affinity, threads, pro
     assert runtime.split_cpus(threads, processes, slot) is None
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_pin_process_moves_every_thread_and_those_it_starts_later():
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:

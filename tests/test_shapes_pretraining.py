@@ -1,4 +1,5 @@
 import random
+import shutil
 
 import pytest
 import torch
@@ -128,10 +129,29 @@ def test_pretraining_trains_then_freezes_the_encoder(shapes):
         assert result[f"val_{name}_accuracy"] == pytest.approx(right[..., j].float().mean().item()), name
 
 
-def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, shapes_json, shapes):
+AUXILIARY = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def auxiliary_run(tmp_path_factory, shapes_json):
+    """Run folder of a tiny model on a CNN pretrained on the scenes, under a protocol: trained
+    once per protocol for the module (a test that changes the folder works on a copy)."""
+    runs = {}
+
+    def run(protocol: str):
+        if protocol not in runs:
+            root = tmp_path_factory.mktemp(f"auxiliary-{protocol}")
+            train(tiny_config(shapes_json, root / "run", root / "cache", **AUXILIARY, protocol=protocol))
+            runs[protocol] = root / "run"
+        return runs[protocol]
+
+    return run
+
+
+def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, shapes_json, shapes, auxiliary_run):
     run = tmp_path / "run"
-    overrides = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1)
-    train(tiny_config(shapes_json, run, tmp_path / "cache", **overrides))
+    overrides = AUXILIARY
+    shutil.copytree(auxiliary_run("novel-captions"), run)  # trained with the default protocol
     model = Captioner.load(run / "model.pt")
     classes = sum(map(len, CELL_CLASSES))
     assert model.encoder.config.cell_classes == CELL_CLASSES
@@ -162,12 +182,10 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
         train(scenes)
 
 
-@pytest.mark.parametrize("protocol", ["novel-captions", "novel-scenes"])
-def test_the_protocol_is_recorded_in_the_checkpoint_and_reported(tmp_path, shapes_json, shapes, protocol):
-    run = tmp_path / "run"
-    overrides = dict(encoder_weights="auxiliary", pool_grid=None, pretrain_epochs=1, epochs=1, protocol=protocol)
-    train(tiny_config(shapes_json, run, tmp_path / "cache", **overrides))
-    model = Captioner.load(run / "model.pt")
+# novel-captions reuses the run of the test above; novel-scenes trains one more (several seconds).
+@pytest.mark.parametrize("protocol", ["novel-captions", pytest.param("novel-scenes", marks=pytest.mark.slow)])
+def test_the_protocol_is_recorded_in_the_checkpoint_and_reported(shapes, auxiliary_run, protocol):
+    model = Captioner.load(auxiliary_run(protocol) / "model.pt")
     assert model.encoder.pretraining["protocol"] == protocol
     assert model.encoder.pretraining["held_out"] == (["green:triangle"] if protocol == "novel-scenes" else [])
     report, _ = evaluate_split(model, shapes, "test", full=False)

@@ -97,6 +97,7 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes
     assert stats["clip_rate"] == 0.0
 
 
+@pytest.mark.slow  # three trainings: several seconds
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, shapes_json, feature_cache, trained_run, monkeypatch):
     out = tmp_path / "run"
     real = training.train_one_epoch
