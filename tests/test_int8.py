@@ -61,6 +61,7 @@ def test_int8_features_follow_fp32_and_run_int8_kernels(name, cosine):
     assert quantized, "no quantized modules in the int8 trunk"
 
 
+@pytest.mark.slow  # two int8 conversions (FX tracing) of the model's CNN: seconds
 def test_the_calibration_travels_in_the_checkpoint_and_rebuilds_the_same_int8_cnn(trained_run, tmp_path):
     model = Captioner.load(trained_run / "model.pt")
     model.encoder.calibrate(_images(8, 32, seed=3).split(4))

@@ -148,6 +148,7 @@ def auxiliary_run(tmp_path_factory, shapes_json):
     return run
 
 
+@pytest.mark.slow  # CNN pretraining, then training on it: several seconds
 def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, shapes_json, shapes, auxiliary_run):
     run = tmp_path / "run"
     overrides = AUXILIARY
@@ -182,8 +183,8 @@ def test_training_on_the_shapes_world_reads_the_pretrained_cell_head(tmp_path, s
         train(scenes)
 
 
-# novel-captions reuses the run of the test above; novel-scenes trains one more (several seconds).
-@pytest.mark.parametrize("protocol", ["novel-captions", pytest.param("novel-scenes", marks=pytest.mark.slow)])
+@pytest.mark.slow  # CNN pretraining, then training on it, per protocol (novel-captions: the run above)
+@pytest.mark.parametrize("protocol", ["novel-captions", "novel-scenes"])
 def test_the_protocol_is_recorded_in_the_checkpoint_and_reported(shapes, auxiliary_run, protocol):
     model = Captioner.load(auxiliary_run(protocol) / "model.pt")
     assert model.encoder.pretraining["protocol"] == protocol
