@@ -255,7 +255,7 @@ class KeptAliveClient:
 
     The clients run on the same cores as the service, so what they cost is taken from it:
     http.client, which parses every answer's head with the email package, cost 0.25 ms of CPU a
-    request; this costs about 0.08 (README: the service's time).
+    request; this costs about 0.08 (docs/performance.md, "The service's clients were part of its cost").
     """
 
     def __init__(self, port: int):

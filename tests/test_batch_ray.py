@@ -207,7 +207,7 @@ def test_on_cpus_each_actor_decodes_its_own_images_one_actor_per_cpu(ray_cluster
 
     # Fused: no decoding worker process beside the actors, no pixels through the object store
     # (on 2 cores, 1.05 to 1.36 times the single process's steady throughput, against 0.73 to 0.93
-    # for one actor beside decoding tasks: README, "Captioning at cluster scale on Ray Data").
+    # for one actor beside decoding tasks: docs/ray.md).
     files = read_images([str(images)])
     ds = caption_dataset(files, trained_run / "model.pt", DecodeOptions(), reads_in_tasks=False).materialize()
     assert "MapBatches(decode_images)->MapBatches(CaptionActor)" in ds.stats()

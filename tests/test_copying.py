@@ -81,7 +81,7 @@ def test_a_copying_decoder_names_a_pair_no_training_caption_contained(world):
     # seeds 0 to 5, each before and after a change of rounding in training, it named the pair in 51
     # to 60 of the 60 scenes: a bar higher than that passes or fails on the seed. (With these
     # perfect cell readings a decoder without copying names it in about 51 too: what copying adds
-    # shows on a CNN's readings, README "Captions of combinations no training caption contained";
+    # shows on a CNN's readings, docs/compositional.md;
     # here, that the copied words come out right.)
     assert named >= 50 and right >= 55
     # The words copied are probabilities over the vocabulary: each step's distribution sums to 1.
