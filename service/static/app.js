@@ -287,6 +287,14 @@ function fact(term, value) {
   $("model-facts").append(dt, dd);
 }
 
+// Photo data sets by the name a model records (its token or captions file's): what their photographs show.
+const PHOTO_DATA_SETS = {
+  flickr8k: {name: "Flickr8k", shows: "everyday scenes from Flickr: mostly people and dogs, outdoors, at play or at sport",
+    fallback: "people, dogs or outdoor scenes"},
+  flickr30k: {name: "Flickr30k", shows: "everyday scenes from Flickr: mostly people, at work, at play or at sport",
+    fallback: "people and what they do"},
+};
+
 function describeTraining(model) {
   const data = model.trained_on;
   if (!data) return "This model file does not record what it was trained on: it knows only that world, whatever it was.";
@@ -298,6 +306,12 @@ function describeTraining(model) {
     return `Trained on the shapes world: ${images.toLocaleString()} images of coloured shapes ` +
       `(${data.images.train.toLocaleString()} for training). It describes every image as shapes: ` +
       `a photo or noise still gets a confident caption about shapes.${heldOut}`;
+  }
+  const photos = PHOTO_DATA_SETS[data.name];
+  if (photos) {
+    return `Trained on ${photos.name}: ${images.toLocaleString()} photographs (${(data.images.train || 0).toLocaleString()} ` +
+      `for training) of ${photos.shows}. It describes a photograph in those terms: anything else (a drawing, ` +
+      `a screenshot, an object close up) still gets a caption about ${photos.fallback}.`;
   }
   return `Trained on ${data.name}: ${images.toLocaleString()} images. It knows only what those show.${heldOut}`;
 }
