@@ -23,7 +23,7 @@ mkdir -p "$out"
 # ImageNet weights, attention over its 7 x 7 grid, word2vec trained on the training captions.
 train_options=(
   --hidden-size 512 --embed-dim 128 --dropout 0.5 --min-count 5
-  --epochs 8 --batch-size 64 --lr 2e-3 --max-caption-length 22
+  --epochs 10 --batch-size 64 --lr 2e-3
 )
 echo "== training on $data into $out (the CNN's features first, once)"
 resume=()
