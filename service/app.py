@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def create_app(config: dict | None = None) -> Flask:
         config: overrides, e.g. ``{"MODEL_PATH": "run/model.pt", "MAX_BATCH_SIZE": 8}``.
 
     Returns:
-        The Flask app, its model process already starting.
+        The Flask app, its model process already starting. ``stop_app(app)`` ends that process
+        (a test fixture's teardown); otherwise it ends when the interpreter exits.
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -138,6 +140,12 @@ def create_app(config: dict | None = None) -> Flask:
     _add_request_hooks(app, metrics, service_logger(app.config["LOG_LEVEL"]))
     batcher.start()
     return app
+
+
+def stop_app(app: Flask) -> None:
+    """End the app's model process: the batch in progress finishes, requests still waiting get
+    503. For a test fixture or a notebook that is done with an app; at exit it happens anyway."""
+    app.extensions["captioner"].batcher.stop()
 
 
 def _check_config(config) -> None:
@@ -226,6 +234,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str =
     """
     app = create_app({"MODEL_PATH": str(model_path), "CNN": cnn})
     batcher = app.extensions["captioner"].batcher
+    # SIGTERM stops the server as Ctrl-C does: werkzeug's loop ends, the model process is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while not batcher.wait_ready(0.1):
             if batcher.load_error is not None:

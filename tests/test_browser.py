@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from werkzeug.serving import make_server
 
-from service import create_app
+from service import create_app, stop_app
 
 pytestmark = pytest.mark.slow  # a browser and a server
 
@@ -37,7 +37,7 @@ def live_server(trained_run):
     server.shutdown()
     thread.join(10)
     server.server_close()
-    batcher.stop()
+    stop_app(app)
 
 
 @pytest.fixture
