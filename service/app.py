@@ -175,7 +175,7 @@ def _check_config(config) -> None:
             raise CaptionerError(f"service setting {key} must be 0 or more, not {config[key]!r}")
     for key in _TEXT:
         if config[key] is not None and (not isinstance(config[key], str) or not config[key]):
-            raise CaptionerError(f"service setting {key} must be a file name or key, not {'empty' if config[key] == '' else 'a ' + type(config[key]).__name__}")
+            raise CaptionerError(f"service setting {key} must be text, and not empty")
     threads = config["TORCH_THREADS"]
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise CaptionerError(f"service setting TORCH_THREADS must be a positive whole number, not {threads!r}")

@@ -1019,7 +1019,7 @@ def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits
     conn, child_conn = context.Pipe()
     loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
     settings = {"max_batch_size": 4, "max_wait_ms": 0}
-    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO"), daemon=True)
+    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO", os.getpid()), daemon=True)
     process.start()
     child_conn.close()
 
