@@ -410,9 +410,10 @@ from tests import service_models
 service.app.load_model = service_models.load_when_allowed
 if __name__ == "__main__":
     app = service.app.create_app({{"MODEL_PATH": {str(model_path)!r}}})
-    while app.extensions["captioner"].batcher._process is None:
+    batcher = app.extensions["captioner"].batcher
+    while batcher._process is None or batcher._process.pid is None:  # made, then started
         time.sleep(0.01)
-    print(app.extensions["captioner"].batcher._process.pid, flush=True)
+    print(batcher._process.pid, flush=True)
     time.sleep(60)
 """
     root = Path(__file__).resolve().parent.parent
