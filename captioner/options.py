@@ -416,3 +416,8 @@ class ServeOptions:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     cnn: str = _cnn()
+    api_keys_file: str | None = option(
+        None,
+        "a file of API keys, one a line (# comments), private to its owner: captions and the model card then "
+        "need 'Authorization: Bearer KEY'; SIGHUP reads it again (default: CAPTIONER_API_KEYS_FILE, else no keys)",
+    )
