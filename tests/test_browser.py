@@ -348,3 +348,25 @@ def test_the_page_asks_for_a_key_once_says_when_it_is_refused_and_keeps_it_in_th
     browser.refresh()
     wait.until(lambda d: "captioner-resnet18-lstm" in d.find_element(By.ID, "model").text)
     assert not browser.find_element(By.ID, "key-form").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def photo_server(trained_run, tmp_path_factory):
+    """The tiny model, recorded as trained on Flickr8k: what the page says such a model knows."""
+    from captioner.checkpoint import read_checkpoint, save_checkpoint
+
+    state = read_checkpoint(trained_run / "model.pt")
+    state = {k: v for k, v in state.items() if k not in ("format", "version", "created")}
+    flickr8k = {"name": "flickr8k", "format": "flickr", "world": None, "held_out": [], "images": {"train": 6000, "val": 1000}}
+    path = tmp_path_factory.mktemp("photo-model") / "model.pt"
+    save_checkpoint({**state, "data": {**state["data"], **flickr8k}}, path)
+    yield from _serve(create_app({"MODEL_PATH": str(path)}))
+
+
+def test_a_flickr8k_model_says_it_knows_photographs_not_shapes(browser, photo_server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, photo_server)
+    knows = browser.find_element(By.ID, "knows").text
+    assert "Trained on Flickr8k: 7,000 photographs (6,000 for training)" in knows
+    assert "people and dogs" in knows and "shapes" not in knows
