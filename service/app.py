@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ from captioner.options import CNN_RUNTIMES
 from captioner.runtime import torch_threads
 from service.admission import Admission
 from service.api import api
-from service.errors import register_error_handlers
+from service.errors import ServiceError, register_error_handlers
+from service.keys import ApiKeys, Refusals, check_key
 from service.logs import service_logger
 from service.metrics import ServiceMetrics
 from service.model import load_model
@@ -48,7 +51,16 @@ DEFAULTS = {
     "MAX_DECODES": 2,  # images decoding at once; each is bounded in memory (README: memory)
     "REQUEST_TIMEOUT_S": 60,  # a request waiting longer for the model gets 503
     "LOG_LEVEL": "INFO",
+    # A file of API keys, one a line (# comments), read at start and on SIGHUP: POST /v1/captions
+    # and GET /v1/model then need "Authorization: Bearer KEY" (docs/service-stopping-and-keys.md).
+    "API_KEYS_FILE": None,
+    "METRICS_KEY": None,  # GET /metrics then needs "Authorization: Bearer <this key>"
 }
+# Taken from the environment as written: a key or a path of digits is not a number.
+_TEXT = ("API_KEYS_FILE", "METRICS_KEY")
+# Endpoints that need a key, and which: an API key, or the metrics key. The probes stay open.
+_API_KEY_ENDPOINTS = ("api.captions", "api.model")
+_METRICS_ENDPOINT = "api.metrics"
 _POSITIVE = (
     "MAX_CONTENT_LENGTH",
     "MAX_PIXELS",
@@ -91,6 +103,7 @@ class Runtime:
     batcher: ModelProcess
     metrics: ServiceMetrics
     admission: Admission
+    keys: ApiKeys | None = None  # None: API keys are off
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -105,14 +118,20 @@ def create_app(config: dict | None = None) -> Flask:
         config: overrides, e.g. ``{"MODEL_PATH": "run/model.pt", "MAX_BATCH_SIZE": 8}``.
 
     Returns:
-        The Flask app, its model process already starting.
+        The Flask app, its model process already starting. ``stop_app(app)`` ends that process
+        (a test fixture's teardown); otherwise it ends when the interpreter exits.
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("CAPTIONER")
+    app.config.from_mapping({key: os.environ[f"CAPTIONER_{key}"] for key in _TEXT if f"CAPTIONER_{key}" in os.environ})
     app.config.from_mapping(config or {})
     _check_config(app.config)
     app.json = RoundedJSON(app)
+    # Before the model process starts: a key file that is not right refuses the service at once.
+    keys = ApiKeys.from_file(app.config["API_KEYS_FILE"]) if app.config["API_KEYS_FILE"] is not None else None
+    metrics_key = app.config["METRICS_KEY"]
+    metrics_keys = ApiKeys((check_key(metrics_key, "service setting METRICS_KEY"),)) if metrics_key is not None else None
 
     metrics = ServiceMetrics()
     batcher = ModelProcess(
@@ -131,13 +150,20 @@ def create_app(config: dict | None = None) -> Flask:
     )
     metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
     admission = Admission(int(app.config["MAX_IN_FLIGHT"]), int(app.config["MAX_DECODES"]))
-    app.extensions["captioner"] = Runtime(batcher, metrics, admission)
+    app.extensions["captioner"] = Runtime(batcher, metrics, admission, keys)
 
     register_error_handlers(app)
     app.register_blueprint(api)
     _add_request_hooks(app, metrics, service_logger(app.config["LOG_LEVEL"]))
+    _add_key_check(app, {**dict.fromkeys(_API_KEY_ENDPOINTS, keys), _METRICS_ENDPOINT: metrics_keys}, metrics)
     batcher.start()
     return app
+
+
+def stop_app(app: Flask) -> None:
+    """End the app's model process: the batch in progress finishes, requests still waiting get
+    503. For a test fixture or a notebook that is done with an app; at exit it happens anyway."""
+    app.extensions["captioner"].batcher.stop()
 
 
 def _check_config(config) -> None:
@@ -147,6 +173,9 @@ def _check_config(config) -> None:
     for key in ("MAX_WAIT_MS", "HEAVY_CNN_MS"):
         if not isinstance(config[key], (int, float)) or config[key] < 0:
             raise CaptionerError(f"service setting {key} must be 0 or more, not {config[key]!r}")
+    for key in _TEXT:
+        if config[key] is not None and (not isinstance(config[key], str) or not config[key]):
+            raise CaptionerError(f"service setting {key} must be text, and not empty")
     threads = config["TORCH_THREADS"]
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise CaptionerError(f"service setting TORCH_THREADS must be a positive whole number, not {threads!r}")
@@ -185,8 +214,38 @@ def _add_request_hooks(app: Flask, metrics: ServiceMetrics, logger: logging.Logg
             "status": response.status_code,
             "duration_ms": round(seconds * 1000, 3),
         }
+        if "key" in g:
+            fields["key"] = g.key  # the key's short hash (service.keys.key_id), or why it was refused
         logger.log(level, "request", extra={"fields": fields})
         return response
+
+
+def _add_key_check(app: Flask, needed: dict[str, ApiKeys | None], metrics: ServiceMetrics) -> None:
+    """Refuse a request without the key its endpoint needs (``needed``: endpoint -> keys, None:
+    open): 401, from the headers alone, before the body is read or the model is asked; an address
+    refused too often gets 429 first."""
+    refusals = Refusals()
+
+    @app.before_request
+    def check_key_of_request():
+        needs = needed.get(request.endpoint)
+        if needs is None:
+            return None
+        address = request.remote_addr or "unknown"
+        wait = refusals.retry_after(address)
+        if wait is not None:
+            message = f"too many requests with a missing or wrong key from this address; retry in {wait} s"
+            raise ServiceError(429, "too_many_refusals", message, wait)
+        key, verdict = needs.identify(request.headers.get("Authorization"))
+        if key is not None:
+            g.key = key
+            return None
+        g.key = verdict  # logged: "missing" or "wrong", never what was sent
+        refusals.add(address)
+        metrics.unauthorized.labels(_route(app), verdict).inc()
+        challenge = 'Bearer realm="captioner"' + (', error="invalid_token"' if verdict == "wrong" else "")
+        message = 'this needs an API key, sent as "Authorization: Bearer KEY"' if verdict == "missing" else "the key was refused"
+        raise ServiceError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
 
 
 def _route(app: Flask) -> str:
@@ -216,16 +275,27 @@ def _error_code(response: Response) -> str | None:
     return code if isinstance(code, str) else "unknown"
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str = "eager") -> None:
+def serve(
+    model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str = "eager", api_keys_file: str | None = None
+) -> None:
     """Run the service on Flask's threaded development server (gunicorn is for production).
 
-    Waits for the model first, so a bad model file is reported at once.
+    Waits for the model first, so a bad model file is reported at once. Ctrl-C or SIGTERM stops
+    it; with API keys on, SIGHUP reads the key file again.
 
     Raises:
-        CaptionerError: the model cannot be loaded.
+        CaptionerError: the model cannot be loaded, or the key file is not right.
     """
-    app = create_app({"MODEL_PATH": str(model_path), "CNN": cnn})
-    batcher = app.extensions["captioner"].batcher
+    config = {"MODEL_PATH": str(model_path), "CNN": cnn}
+    if api_keys_file is not None:
+        config["API_KEYS_FILE"] = str(api_keys_file)
+    app = create_app(config)
+    runtime = app.extensions["captioner"]
+    batcher = runtime.batcher
+    # SIGTERM stops the server as Ctrl-C does: werkzeug's loop ends, the model process is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if runtime.keys is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: runtime.keys.reload_soon())
     try:
         while not batcher.wait_ready(0.1):
             if batcher.load_error is not None:
@@ -236,3 +306,4 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, cnn: str =
         app.run(host=host, port=port, threaded=True)
     finally:
         batcher.stop()
+

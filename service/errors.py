@@ -18,16 +18,18 @@ log = logging.getLogger("captioner.service")
 class ServiceError(Exception):
     """An error answered as JSON with ``status``, a machine-readable ``code`` and a message."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str, retry_after: int | None = None):
+def error_response(status: int, code: str, message: str, retry_after: int | None = None, headers: dict | None = None):
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
+    response.headers.update(headers or {})
     return response
 
 
@@ -57,7 +59,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def service_error(exc: ServiceError):
-        return error_response(exc.status, exc.code, exc.message, exc.retry_after)
+        return error_response(exc.status, exc.code, exc.message, exc.retry_after, exc.headers)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

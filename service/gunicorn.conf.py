@@ -17,11 +17,15 @@ threads, and the HTTP processes on the others, where there are enough: captioner
 with one worker and CAPTIONER_TORCH_THREADS unset, a model process whose CNN is heavy takes the
 HTTP side's CPUs as well: service.model_process.Placement; 0 leaves placement to the scheduler),
 CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
-the app's own CAPTIONER_* settings (service.app.DEFAULTS).
+the app's own CAPTIONER_* settings (service.app.DEFAULTS). With CAPTIONER_API_KEYS_FILE set, a key
+file that is not right stops gunicorn before any worker starts, and SIGHUP to the master has each
+worker read the key file again instead of gunicorn's reload (new workers, each loading the model).
 """
 
 import json
 import os
+import signal
+import sys
 
 wsgi_app = "service.wsgi:app"
 bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
@@ -47,6 +51,37 @@ logconfig_dict = {
 
 
 pin_cpus = os.environ.get("CAPTIONER_PIN_CPUS", "1") != "0"
+api_keys_file = os.environ.get("CAPTIONER_API_KEYS_FILE")
+
+
+def on_starting(server):
+    """A key file that is not right: one line, and no server (it must never come up open)."""
+    if api_keys_file is None:
+        return
+    from captioner.errors import CaptionerError
+    from service.keys import read_key_file
+
+    try:
+        read_key_file(api_keys_file)
+    except CaptionerError as error:
+        server.log.error("%s", error)
+        sys.exit(1)
+
+
+def when_ready(server):
+    """With API keys on, SIGHUP has the workers read the key file again, in place (service.worker)."""
+    if api_keys_file is None:
+        return
+
+    def forward_hup():
+        server.log.info("Hang up: the workers read the API key file again")
+        for pid in list(server.WORKERS):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    server.handle_hup = forward_hup  # the arbiter looks its signal handlers up on itself
 
 
 def pre_fork(server, worker):

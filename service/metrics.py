@@ -30,6 +30,12 @@ class ServiceMetrics:
             ["status", "code"],
             registry=self.registry,
         )
+        self.unauthorized = Counter(
+            "captioner_unauthorized",
+            "Requests refused for a missing or wrong key (401), by endpoint and reason (missing, wrong)",
+            ["endpoint", "reason"],
+            registry=self.registry,
+        )
         self.captions = Counter(
             "captioner_caption_requests",
             "Caption requests answered, by decoding mode and whether explanations were asked for",

@@ -11,8 +11,17 @@ thread, and sends the captions back.
 ``ModelProcess`` is the HTTP side, with the batcher's interface (``submit`` returns a Future). It
 starts the model process, and starts it again if it dies: requests then in the model fail with
 503 ``not_ready``, and readiness is 503 until the model is loaded again. A model that fails to
-load is not retried. The model process ignores SIGINT and SIGTERM: it stops when told (finishing
-its batch), or when the HTTP process is gone (its pipe closes).
+load is not retried; a process that dies before its model is ready (it cannot be spawned, is
+killed while loading, an import fails in it) is started again after a delay that doubles, 0.5 s
+up to 30 s, so that a cause that stays does not become a loop that burns a CPU and floods the log.
+
+The model process ignores SIGINT and SIGTERM: a Ctrl-C or SIGTERM to the whole process group must
+not kill the batch in progress. It stops when told (finishing its batch), or when the HTTP
+process is gone: its pipe closes, and while it loads, the kernel kills it (PR_SET_PDEATHSIG).
+So nothing else may wait for it: multiprocessing's exit handler would end a daemonic child with
+SIGTERM and then wait for it forever, so every ModelProcess still running when the interpreter
+exits is stopped first (``_stop_all_at_exit``), and a script, a notebook or a test that made an
+app exits when its code returns.
 
 Messages are pickled tuples on one duplex pipe:
     HTTP -> model: ("slab", slab), once, before any job; ("job", id, slot, options, sent),
@@ -34,9 +43,12 @@ about 160 waiting jobs.)
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so that ours (below) runs before it
 import os
 import signal
 import threading
@@ -45,6 +57,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from weakref import WeakSet
 
 import torch
 
@@ -57,6 +70,16 @@ from service.model import ServedModel
 
 log = logging.getLogger("captioner.service")
 STOP_TIMEOUT_S = 10.0  # the batch in progress gets this long to finish on stop()
+RESTART_DELAY_S = (0.5, 30.0)  # after a death before ready: the first delay, doubled up to the second
+_RUNNING: WeakSet[ModelProcess] = WeakSet()  # started and not yet stopped
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Stop the model processes an app left running (see the module); atexit runs this before
+    multiprocessing's own exit handler, which was registered earlier."""
+    for process in list(_RUNNING):
+        process.stop()
 
 
 class QueueFull(Exception):
@@ -137,8 +160,10 @@ class ModelProcess:
         self._thread = threading.Thread(target=self._supervise, name="captioner-model-process", daemon=True)
         self.served: ServedModel | None = None
         self.load_error: Exception | None = None
+        self.not_ready_reason: str | None = None  # why the model process is being started again
 
     def start(self) -> ModelProcess:
+        _RUNNING.add(self)
         self._thread.start()
         return self
 
@@ -175,7 +200,12 @@ class ModelProcess:
         return future
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Let the batch in progress finish, fail the requests still waiting, end the model process."""
+        """Let the batch in progress finish, fail the requests still waiting, end the model process.
+
+        Safe to call more than once; also called for every model process still running when the
+        interpreter exits.
+        """
+        _RUNNING.discard(self)
         was_ready = self._ready.is_set()
         self._stopping.set()
         with self._lock:
@@ -229,13 +259,15 @@ class ModelProcess:
                 future.set_exception(error)
 
     def _supervise(self) -> None:
-        """Run the model process, and run it again whenever it dies, until stop()."""
+        """Run the model process, and run it again whenever it dies, until stop(): at once after
+        it was ready, after a growing delay while it keeps dying before (see the module)."""
         context = multiprocessing.get_context("spawn")  # never fork a process with threads and torch state
+        delay, starts = RESTART_DELAY_S[0], 0
         while not self._stopping.is_set():
             conn, child_conn = context.Pipe()
             process = context.Process(
                 target=serve_model,
-                args=(child_conn, self._load_model, self._batcher_settings, self._placement, self._log_level),
+                args=(child_conn, self._load_model, self._batcher_settings, self._placement, self._log_level, os.getpid()),
                 name="captioner-model",
                 daemon=True,
             )
@@ -243,14 +275,23 @@ class ModelProcess:
                 self._conn, self._process = conn, process
                 if self._stopping.is_set():
                     break
-                _start_on(process, self._placement)
+                try:
+                    _start_on(process, self._placement)
+                    failure, error_text = None, None
+                except Exception as error:  # no process, fds or memory left; a main module that refuses
+                    failure, error_text = f"not started: {type(error).__name__}", str(error)
             child_conn.close()  # the child's end: ours closed, recv() sees EOF when the child exits
-            self._listen(conn)
-            self._ready.clear()
-            process.join(STOP_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            starts += 1
+            was_ready = False
+            if failure is None:
+                self._listen(conn)
+                was_ready = self._ready.is_set()
+                self._ready.clear()
+                process.join(STOP_TIMEOUT_S)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+                failure = f"exit status {process.exitcode}"
             # Its end closed, a send in progress fails at once and lets go of _sending; only then
             # is ours closed, never under a send (whose descriptor could go to another file).
             with self._sending, self._lock:
@@ -259,7 +300,19 @@ class ModelProcess:
             self._fail_pending(NotReady("the model process stopped"))
             if self.load_error is not None or self._stopping.is_set():
                 return
-            log.error("the model process stopped unexpectedly; starting it again", extra={"fields": {"exitcode": process.exitcode}})
+            if was_ready:  # at once, and counting from the first delay again
+                delay, starts = RESTART_DELAY_S[0], 0
+                self.not_ready_reason = f"the model process stopped ({failure}); it is starting again"
+                log.error("the model process stopped unexpectedly; starting it again", extra={"fields": {"exitcode": process.exitcode}})
+                continue
+            self.not_ready_reason = (
+                f"the model process stopped before it was ready ({failure}; failed starts in a row: {starts}); "
+                f"starting it again in {delay:g} s"
+            )
+            fields = {"exitcode": process.exitcode, "error": error_text, "starts": starts, "delay_s": delay}
+            log.error(self.not_ready_reason, extra={"fields": fields})
+            self._stopping.wait(delay)
+            delay = min(2 * delay, RESTART_DELAY_S[1])
 
     def _deliver(self, kind: str, job_id: int, payload) -> None:
         future = self._release(job_id)
@@ -300,19 +353,23 @@ class ModelProcess:
             elif kind == "ready":
                 self._give_slab(message[1].transform.config.image_size)
                 self.served = message[1]
+                self.not_ready_reason = None
                 self._ready.set()
             elif kind == "load_failed":
                 _, text, is_captioner_error = message
                 self.load_error = CaptionerError(text) if is_captioner_error else ModelCallFailed(text)
 
 
-def serve_model(conn, load_model: Callable, batcher_settings: dict, placement: Placement, log_level: str) -> None:
+def serve_model(
+    conn, load_model: Callable, batcher_settings: dict, placement: Placement, log_level: str, parent: int
+) -> None:
     """The model process: one thread that reads jobs from the pipe between batches, captions each
     batch as it falls due and sends its answers back (see the module)."""
     # Stopping is the HTTP process's call: a Ctrl-C or SIGTERM to the whole process group must
     # not kill the batch in progress under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with(parent)
     service_logger(log_level)
 
     def send(message) -> None:
@@ -369,6 +426,18 @@ def serve_model(conn, load_model: Callable, batcher_settings: dict, placement: P
     if left := batcher.take(everything=True):
         send(("answers", [("failed", job.job_id, True) for job in left]))
     conn.close()
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when the thread that started it ends (the HTTP process's
+    supervisor, which outlives it unless the HTTP process dies): until its model is loaded it
+    reads no pipe that would tell it. Linux only; elsewhere the pipe tells it once loaded."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
 
 
 def _start_on(process: multiprocessing.Process, placement: Placement) -> None:

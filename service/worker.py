@@ -14,6 +14,9 @@ client's next request is answered (with "Connection: close") instead of meeting 
 
 gunicorn's own error answers (400, 414, 431, ...) are JSON like the app's.
 
+SIGHUP (forwarded by the master with API keys on: service/gunicorn.conf.py) has the app read its
+key file again, in place: no request is dropped, no model loaded again.
+
 Lean on system calls (``ClientSocket``): under load each one is a chance for another of the
 request threads to take the GIL, and a thread switch. A connection's socket stays non-blocking
 throughout, a kept-alive connection's next request is read as soon as the loop sees it, and an
@@ -27,6 +30,7 @@ import os
 import re
 import select
 import selectors
+import signal
 import socket
 import time
 from collections import deque
@@ -211,6 +215,16 @@ class CaptionerWorker(ThreadWorker):
         # is this worker's alone, so the swap touches nothing else.
         gunicorn.util.write_error = _write_json_error
         super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        signal.signal(signal.SIGHUP, self.handle_hup)
+
+    def handle_hup(self, sig, frame):
+        """The app reads its key file again (not loaded yet, it will read the file as it loads)."""
+        runtime = getattr(getattr(self, "wsgi", None), "extensions", {}).get("captioner")
+        if runtime is not None and runtime.keys is not None:
+            runtime.keys.reload_soon()
 
     def accept(self, listener):
         try:

@@ -5,6 +5,7 @@ their switches as files in the folder named by CAPTIONER_TEST_SWITCHES (set befo
 """
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
 
 
 def load_when_allowed(*args):
-    """``load_model``, once the "load" switch is on."""
+    """``load_model``, once the "load" switch is on (turning "loading" on meanwhile)."""
+    switch("loading").touch()
     _wait_for(switch("load").exists)
     return load_model(*args)
 
@@ -45,3 +47,10 @@ def load_faulty(*args):
 
     model.encode = faulty_encode
     return model
+
+
+def load_killed(*args):
+    """Dies as a process killed while loading does, having added the time to the "starts" switch."""
+    with switch("starts").open("a") as starts:
+        starts.write(f"{time.monotonic()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

