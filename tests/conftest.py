@@ -104,9 +104,14 @@ SLOW_ELSEWHERE = {
         "test_not_ready_until_the_model_is_loaded",
         "test_full_queue_is_429",
         "test_serve_reports_a_missing_model_at_once",
+        "test_a_model_process_still_loading_outlives_no_http_process",
     },
+
     "test_cli.py": {
         "test_plot_draws_the_training_curves",  # matplotlib's first import: seconds
+    },
+    "test_service_keys.py": {
+        "test_the_right_key_gets_the_same_caption_as_without_keys",  # the only user of a second app
     },
     "test_service_deploy.py": {
         "test_a_heavy_cnn_may_take_the_http_side_cpus_with_one_worker_and_threads_left_to_the_service",
