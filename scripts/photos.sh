@@ -19,8 +19,8 @@ for f in Flickr8k.token.txt Flickr_8k.testImages.txt images; do
 done
 mkdir -p "$out"
 
-# Chosen on the dev split (README, "Captioning photographs"): EfficientNet-Lite0 at 224 px with
-# ImageNet weights, attention over its 7 x 7 grid, word2vec trained on the training captions.
+# EfficientNet-Lite0 at 224 px with ImageNet weights (the photo default), attention over its 7 x 7
+# grid, word2vec trained on the training captions; how these were chosen: docs/photos.md.
 train_options=(
   --hidden-size 512 --embed-dim 128 --dropout 0.5 --min-count 5
   --epochs 10 --batch-size 64 --lr 2e-3
@@ -34,7 +34,7 @@ trained=$SECONDS
 
 echo "== the dev split's scores (beam search) into $out/report.json"
 "$bin/captioner" evaluate "$out/model.pt" --data "$data/Flickr8k.token.txt" --skip-missing --split val \
-  --mode beam --output "$out/report.json"
+  --mode beam --output "$out/report.json" --save-captions "$out/dev-captions.json"
 evaluated=$SECONDS
 
 echo "== captions of the test split (beam search) into $out/test-captions.jsonl"
