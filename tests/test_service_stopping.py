@@ -60,6 +60,10 @@ def test_captioner_serve_stops_on_ctrl_c_and_sigterm_with_a_request_in_flight(tr
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
+            # A terminal's foreground job: SIGINT at its default. Inherited as ignored (a background
+            # job's, or a test before this one that ran model-process code here), it would stay
+            # ignored in the server, as a program must leave it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         wait_ready(port, server)
