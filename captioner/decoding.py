@@ -1,7 +1,8 @@
 """Caption generation from image features: greedy, sampling (temperature, top-k, top-p), beam search.
 
 All three work on a batch of images at once. Every caption carries its log-probability under the
-model (sum over its words and ``<end>``), its perplexity ``exp(-log_prob / length)`` and whether it
+model (sum over its words and ``<end>``; ``<unk>`` is never said, and its probability goes to the
+other words), its perplexity ``exp(-log_prob / length)`` and whether it
 is finished (ends with ``<end>``) or was cut at ``max_length``. With ``explain``, each also carries,
 per word, its log-probability and the attention over the image's cells when it was said, kept as
 decoding goes (beam search carries them through its reordering of the beams, as it does the words);
@@ -39,6 +40,16 @@ class SpecialIds:
     start: int
     end: int
     pad: int
+    unk: int | None = None  # never said: its probability goes to the words the vocabulary kept
+
+
+def _next_word_log_probs(logits: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
+    """(N, V) logits (or log-probabilities) -> (N, V) float32 log-probabilities of the next word,
+    ``<unk>`` excluded: a caption saying "two <unk> <unk>" tells a reader nothing."""
+    logits = logits.float()
+    if ids.unk is not None:
+        logits = logits.index_fill(-1, torch.tensor([ids.unk], device=logits.device), float("-inf"))
+    return F.log_softmax(logits, dim=-1)
 
 
 def _trim(row: list[int], end: int) -> list[int]:
@@ -118,7 +129,7 @@ def _decode_rows(decoder, features, options, ids, generators):
     for t in range(length):
         coverage = state[-1][0]  # (A, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (A, V)
+        logp = _next_word_log_probs(logits, ids)  # (A, V)
         if generators is None:
             chosen, word = logp.max(dim=-1)  # (A,) each
         else:
@@ -192,7 +203,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         b = len(searching)
         coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = F.log_softmax(logits.float(), dim=-1).view(b, k, -1)  # (b, k, V)
+        logp = _next_word_log_probs(logits, ids).view(b, k, -1)  # (b, k, V)
         flat, beam, scores, lengths = _best_continuations(logp, scores, finished, lengths, pad_only)
         word = flat % logp.size(-1)
         was_finished = finished.gather(1, beam)

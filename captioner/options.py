@@ -252,6 +252,10 @@ class TrainConfig:
     batch_size: int = option(64, "captions per step")
     lr: float = option(3e-3, "Adam learning rate")
     weight_decay: float = option(0.0, "Adam weight decay")
+    self_critical_epochs: int = option(
+        0, "epochs of self-critical training after --epochs: the decoder samples captions and learns from their CIDEr-D"
+    )
+    self_critical_lr: float = option(5e-5, "Adam learning rate of the self-critical epochs")
     clip_norm: float = option(5.0, "clip the gradient norm to this")
     seed: int = option(0, "random seed")
     device: str = _device()
@@ -267,6 +271,8 @@ class TrainConfig:
             raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:
             raise CaptionerError("epochs and batch size must be at least 1, lr and clip norm positive")
+        if self.self_critical_epochs < 0 or self.self_critical_lr <= 0:
+            raise CaptionerError("self-critical epochs must be 0 or more and their lr positive")
         if self.cell not in CELLS:
             raise CaptionerError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.protocol not in PROTOCOLS:

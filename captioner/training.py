@@ -40,6 +40,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
+from captioner.self_critical import CiderD, self_critical_epoch
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
@@ -113,18 +114,30 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
     if process.distributed:
         decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
-    for epoch in range(progress.start_epoch, config.epochs + 1):
+    cider = None  # the self-critical epochs' reward, built when the first one starts
+    for epoch in range(progress.start_epoch, config.epochs + config.self_critical_epochs + 1):
         started = time.monotonic()
+        self_critical = epoch > config.epochs
+        if self_critical:  # after the cosine schedule, a small constant rate
+            for group in optimizer.param_groups:
+                group["lr"] = config.self_critical_lr
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "world_size": process.world_size}
         row["effective_batch_size"] = config.batch_size * process.world_size
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        row |= train_one_epoch(
-            decoder, train_features, train_captions, optimizer, scaler, pad=model.vocab.pad,
+        shared = dict(
             batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, generator=generator,
             progress=config.progress, shard=(process.rank, process.world_size),
         )  # fmt: skip
+        if self_critical:
+            cider = cider or CiderD([[tokenize(c) for c in r.captions] for r in dataset.split("train")])
+            row |= self_critical_epoch(
+                decoder, train_features, cider, model.vocab.words, optimizer, scaler, ids=model.ids,
+                max_length=config.max_caption_length, **shared,
+            )  # fmt: skip
+        else:
+            row |= train_one_epoch(decoder, train_features, train_captions, optimizer, scaler, pad=model.vocab.pad, **shared)
+            schedule.step()
         _stop_if_not_finite(row)  # every rank: under DDP the training loss is the same on all
-        schedule.step()
         rngs = _gather_rng_states(process, host)
         if process.is_main:
             row |= validate(model, val_features, val_records, config.max_caption_length)
@@ -463,8 +476,11 @@ def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainCo
     with (out / "metrics.jsonl").open("a") as f:
         f.write(strict_json(row) + "\n")
     truthful = f", truthful {row['val_truthfulness']:.1%}" if "val_truthfulness" in row else ""
+    trained = (
+        f"train ppl {row['train_perplexity']:.3f}" if "train_perplexity" in row else f"self-critical, train CIDEr-D {row['train_reward']:.3f}"
+    )
     _log(
-        f"epoch {row['epoch']}/{config.epochs}: train ppl {row['train_perplexity']:.3f}, val ppl "
+        f"epoch {row['epoch']}/{config.epochs + config.self_critical_epochs}: {trained}, val ppl "
         f"{row['val_perplexity']:.3f}, val BLEU-4 {row['val_bleu_4']:.3f}, CIDEr {row['val_cider']:.3f}{truthful}, "
         f"grad norm {row['grad_norm']:.2f} (max {row['grad_norm_max']:.2f}, clipped {row['clip_rate']:.0%}){' *' if is_best else ''}"
     )

@@ -213,3 +213,28 @@ def test_explain_gives_each_words_probability_and_the_attention_that_chose_it(at
             expected = captured[0][0]  # (T, N)
             assert torch.allclose(torch.tensor(hyp.attention), expected, atol=1e-5)
             assert expected.std(dim=-1).min() > 0  # not uniform: the test can tell cells apart
+
+
+def test_teacher_forcing_with_repeated_images_equals_repeating_their_features(decoder, features):
+    tokens = torch.randint(3, VOCAB, (len(features) * 3, 7), generator=torch.Generator().manual_seed(2))
+    once = decoder(features, tokens, repeats=3)
+    assert torch.allclose(once, decoder(features.repeat_interleave(3, dim=0), tokens), atol=1e-6)
+    assert not torch.allclose(once, decoder(features.repeat(3, 1), tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [DecodeOptions(), DecodeOptions(mode="sample", num_captions=4, seed=0), DecodeOptions(mode="beam")])
+def test_unk_is_never_said_and_its_probability_goes_to_the_other_words(decoder, features, options):
+    unk = 3
+    with torch.no_grad():
+        decoder.out.bias[unk] = 8.0  # <unk> the likeliest next word everywhere
+    allowed = generate(decoder, features, options, IDS)
+    assert any(unk in h.tokens for hyps in allowed for h in hyps)
+    ids = SpecialIds(start=1, end=2, pad=0, unk=unk)
+    for hyps, feature in zip(generate(decoder, features, options, ids), features):
+        for h in hyps:
+            assert unk not in h.tokens
+            ids_in = torch.tensor([[ids.start, *h.tokens[:-1]]])
+            logits = decoder(feature.unsqueeze(0), ids_in)[0]
+            logits[:, unk] = float("-inf")
+            expected = logits.log_softmax(-1).gather(1, torch.tensor(h.tokens).unsqueeze(1)).sum().item()
+            assert h.log_prob == pytest.approx(expected, abs=1e-4)

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -121,6 +122,20 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, shapes_json, featur
     for key, value in straight["decoder"]["state_dict"].items():
         assert torch.equal(resumed["decoder"]["state_dict"][key], value), key
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_self_critical_epochs_continue_a_finished_run(tmp_path, shapes_json, feature_cache, trained_run, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    train(tiny_config(shapes_json, out, feature_cache, resume=True, self_critical_epochs=2, self_critical_lr=1e-4))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    for row in rows[3:]:
+        assert row["lr"] == 1e-4 and "train_perplexity" not in row
+        assert 0.0 < row["train_reward"] and row["grad_norm"] > 0 and math.isfinite(row["val_cider"])
+    trained, tuned = (read_checkpoint(run / "last.pt")["decoder"]["state_dict"] for run in (trained_run, out))
+    assert any(not torch.equal(trained[key], tuned[key]) for key in trained)
+    assert "epoch 5/5: self-critical, train CIDEr-D" in capsys.readouterr().err
 
 
 def test_nothing_to_resume_is_a_clear_error(tmp_path, shapes_json, feature_cache):

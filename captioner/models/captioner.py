@@ -60,7 +60,7 @@ class Captioner(nn.Module):
         self.created = created
         self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
-        self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad)
+        self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad, unk=vocab.unk)
 
     def to_checkpoint(self, **extra) -> dict:
         """The checkpoint dictionary (plain data); ``extra`` adds top-level entries (metrics, training state)."""

@@ -197,9 +197,14 @@ class LSTMDecoder(nn.Module):
             logits = self.copy(logits, weights, cell_features)
         return logits, (word_h, word_c, h, c, context[None], coverage[None])
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: (B, F) features and (B, T) input ids -> (B, T, V) next-word logits."""
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """Teacher forcing: (B, F) features and (B * repeats, T) input ids -> (B * repeats, T, V)
+        next-word logits; each image's features serve ``repeats`` consecutive captions, and what
+        is read from them (the memory, the initial state) is computed once."""
         memory, state = self.start(features)
+        if repeats > 1:
+            rows = torch.arange(features.size(0), device=features.device).repeat_interleave(repeats)
+            memory, state = memory.index_select(0, rows), tuple(s.index_select(1, rows) for s in state)
         return self.run(tokens, state, memory)[0]
 
     def step(self, tokens: torch.Tensor, state: State, memory: StepMemory) -> tuple[torch.Tensor, State]:
