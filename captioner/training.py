@@ -132,7 +132,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
             cider = cider or CiderD([[tokenize(c) for c in r.captions] for r in dataset.split("train")])
             row |= self_critical_epoch(
                 decoder, train_features, cider, model.vocab.words, optimizer, scaler, ids=model.ids,
-                max_length=config.max_caption_length, **shared,
+                max_length=sample_length(train_captions, model.vocab.pad), **shared,
             )  # fmt: skip
         else:
             row |= train_one_epoch(decoder, train_features, train_captions, optimizer, scaler, pad=model.vocab.pad, **shared)
@@ -146,6 +146,14 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
             _save_epoch(model, row, progress, config, out, (optimizer, schedule, scaler), rngs)
         progress.best = _broadcast(progress.best, process, host)
     return progress.best
+
+
+def sample_length(captions, pad: int, share: float = 0.95) -> int:
+    """The words a self-critical sample may have: as many as ``share`` of the training captions
+    fit in. The longest sample sets every row's steps in its batch, and one far longer than
+    the references scores little (CIDEr-D's length penalty)."""
+    words = ((captions.ids != pad).sum(1) - 2).sort().values  # without <start> and <end>
+    return max(1, int(words[math.ceil(share * len(words)) - 1]))
 
 
 def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

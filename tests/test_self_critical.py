@@ -5,10 +5,11 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 from captioner.decoding import SpecialIds, generate
-from captioner.evaluation import caption_loss
+from captioner.evaluation import CaptionTensors, caption_loss
 from captioner.options import DecodeOptions
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.self_critical import CiderD, self_critical_epoch
+from captioner.training import sample_length
 
 IDS = SpecialIds(start=1, end=2, pad=0)
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "grass", "the", "mat"]
@@ -66,3 +67,12 @@ def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers
     greedy = [[WORDS[t] for t in hyps[0].tokens if t != IDS.end] for hyps in said]
     assert [caption[:2] for caption in greedy] == [["a", "dog"], ["the", "cat"]], greedy
     assert min(cider.score(i, caption) for i, caption in enumerate(greedy)) > 7.0, greedy
+
+
+def test_samples_are_as_long_as_nineteen_in_twenty_training_captions():
+    words = [3] * 19 + [25]  # one caption in twenty far longer than the others
+    ids = torch.zeros(len(words), 30, dtype=torch.long)
+    for row, n in enumerate(words):
+        ids[row, : n + 2] = 5  # <start>, n words, <end>
+    assert sample_length(CaptionTensors(ids, torch.zeros(len(words))), pad=0) == 3
+    assert sample_length(CaptionTensors(ids, torch.zeros(len(words))), pad=0, share=1.0) == 25
