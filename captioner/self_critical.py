@@ -97,7 +97,7 @@ def self_critical_epoch(
     sampling = DecodeOptions(mode="sample", num_captions=SAMPLES, max_length=max_length)
     decoder.eval()  # no dropout: the gradient is that of the policy that sampled
     params = [p for p in decoder.parameters() if p.requires_grad]
-    rewards, norms, clipped = [], [], 0
+    reward_sum, samples, norms, clipped = 0.0, 0, [], 0
     for batch in tqdm(batches, desc="self-critical", unit="batch", disable=not progress, leave=False):
         feats = features[batch].to(device)
         seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
@@ -126,8 +126,8 @@ def self_critical_epoch(
             clipped += norm > clip_norm
         scaler.step(optimizer)
         scaler.update()
-        rewards.append(reward.sum().item())
-    total = torch.tensor([sum(rewards), len(batches) * per_step * SAMPLES], dtype=torch.float64, device=device)
+        reward_sum, samples = reward_sum + reward.sum().item(), samples + reward.numel()
+    total = torch.tensor([reward_sum, samples], dtype=torch.float64, device=device)
     if world_size > 1:  # the reward over all ranks' samples, as a cross-entropy epoch's loss is
         dist.all_reduce(total)
     return {

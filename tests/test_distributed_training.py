@@ -81,18 +81,19 @@ def test_two_processes_train_in_step_and_rank_0_writes_the_run(ddp_run, shapes_j
 
 
 @pytest.mark.slow  # torchrun
-def test_command_line_resumes_a_distributed_run(ddp_run, tmp_path, shapes_json, feature_cache):
+def test_command_line_resumes_a_distributed_run_into_self_critical_epochs(ddp_run, tmp_path, shapes_json, feature_cache):
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0], run)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
     result = torchrun("-m", "captioner", "train", "--data", shapes_json, "--out", run, "--feature-cache", feature_cache,
-                      *flags, "--no-progress", "--epochs", "2", "--resume")
+                      *flags, "--no-progress", "--epochs", "2", "--self-critical-epochs", "1", "--resume")
     assert result.stdout.count("best epoch") == 1  # rank 0 speaks for all
     history = rows(run)
-    assert [r["epoch"] for r in history] == [1, 2] and {r["world_size"] for r in history} == {2}
+    assert [r["epoch"] for r in history] == [1, 2, 3] and {r["world_size"] for r in history} == {2}
     assert history[0] == rows(ddp_run[0])[0]
+    assert "train_perplexity" in history[1] and history[2]["train_reward"] > 0  # the third, self-critical
     last = read_checkpoint(run / "last.pt")["training"]
-    assert last["epoch"] == 2 and len(last["rng_ranks"]) == 2  # each rank's dropout continues on resume
+    assert last["epoch"] == 3 and len(last["rng_ranks"]) == 2  # each rank's dropout continues on resume
     assert_captions(Captioner.load(run / "model.pt", "cpu"), load_dataset(shapes_json).split("test"))
 
 
