@@ -1,4 +1,5 @@
-"""Training: cached CNN features -> LSTM decoder with cross-entropy, checkpoints and resume.
+"""Training: cached CNN features -> LSTM decoder with cross-entropy (then, if asked, self-critical
+epochs: ``captioner.self_critical``), checkpoints and resume.
 
 ``train(config)`` runs the whole job, as torchvision's reference ``main`` does: read the data set,
 build the model (vocabulary, frozen word2vec embedding, a frozen encoder with ImageNet weights, a
@@ -40,8 +41,8 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
-from captioner.self_critical import CiderD, self_critical_epoch
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
+from captioner.self_critical import CiderD, self_critical_epoch
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
 
