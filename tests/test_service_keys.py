@@ -300,14 +300,6 @@ def test_a_bad_key_file_stops_gunicorn_and_captioner_serve_in_one_line(trained_r
     log = tmp_path / "gunicorn.log"
     server = _gunicorn(free_port(), keys, log, trained_run / "model.pt")
     try:
-        # captioner serve meanwhile: the two programs start side by side.
-        serve = subprocess.run(
-            [sys.executable, "-m", "captioner", "serve", str(trained_run / "model.pt"), "--port", str(free_port()), "--api-keys-file", str(keys)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
         assert server.wait(timeout=60) != 0
     finally:
         if server.poll() is None:
@@ -316,5 +308,12 @@ def test_a_bad_key_file_stops_gunicorn_and_captioner_serve_in_one_line(trained_r
     lines = log.read_text().splitlines()
     assert [line for line in lines if problem in line] and len(lines) <= 3, lines  # gunicorn's start line, ours
     assert "Traceback" not in log.read_text()
+    serve = subprocess.run(
+        [sys.executable, "-m", "captioner", "serve", str(trained_run / "model.pt"), "--port", str(free_port()), "--api-keys-file", str(keys)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert serve.returncode == 1
     assert serve.stderr.strip().count("\n") == 0 and problem in serve.stderr, serve.stderr
