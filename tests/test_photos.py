@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,27 @@ def _captioner(*args, cwd=None) -> subprocess.CompletedProcess:
     return result
 
 
+def _captioner_started(*args) -> subprocess.Popen:
+    """The command started, not waited for (its standard error kept in a file)."""
+    err = tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, "-m", "captioner", *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
+    process.err = err
+    return process
+
+
+def _finished(process: subprocess.Popen) -> None:
+    try:
+        code = process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.err.seek(0)
+        stderr = process.err.read().decode(errors="replace")
+        process.err.close()
+    assert code == 0, stderr[-2000:]
+
+
 @needs_flickr8k
 @pytest.mark.slow
 def test_a_photo_model_trains_on_flickr8k_photographs_and_captions_them(flickr_slice, tmp_path):
@@ -142,14 +164,20 @@ def test_a_photo_model_trains_on_flickr8k_photographs_and_captions_them(flickr_s
     dev = (flickr_slice / "Flickr_8k.devImages.txt").read_text().split()[:3]
     listing = tmp_path / "photos.txt"
     listing.write_text("\n".join(str(images / name) for name in dev) + "\n")
-    out = tmp_path / "captions.jsonl"
-    _captioner("caption", run / "model.pt", listing, "--mode", "beam", "--output", out)
+    out, report = tmp_path / "captions.jsonl", tmp_path / "report.json"
+    # Two commands that only read the model: side by side (evaluate's METEOR JVM takes seconds).
+    captioning = _captioner_started("caption", run / "model.pt", listing, "--mode", "beam", "--output", out)
+    evaluating = _captioner_started(
+        "evaluate", run / "model.pt", "--data", data, "--images", images, "--split", "val", "--output", report
+    )
+    try:
+        _finished(captioning)
+    finally:
+        _finished(evaluating)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(r["image"]).name for r in records] == dev
     assert all(r["captions"][0]["text"].strip() for r in records)
 
-    report = tmp_path / "report.json"
-    _captioner("evaluate", run / "model.pt", "--data", data, "--images", images, "--split", "val", "--output", report)
     scores = json.loads(report.read_text())
     assert scores["images"] == 40 and 0 <= scores["bleu_4"] <= 1 and scores["perplexity"] > 1
 

@@ -290,13 +290,21 @@ def test_wrong_field_name_is_400(client):
 # --- 413, 415: what the image intake refuses -----------------------------------------------
 
 
-def test_upload_over_the_byte_limit_is_413_json(make_app):
-    app = make_app(MAX_CONTENT_LENGTH=2000)
+@pytest.fixture(scope="module")
+def limited_app(model_path):
+    """An app with tight limits on bodies (20,000 bytes) and forms (5 parts), ready: one model
+    process for the tests of those limits."""
+    app = create_app({"MODEL_PATH": str(model_path), "TESTING": True, "MAX_CONTENT_LENGTH": 20_000, "MAX_FORM_PARTS": 5})
     ready(app)
-    client = app.test_client()
-    big = png(size=(64, 64))  # random pixels do not compress: about 12 KB
-    assert len(big) > 2000
-    assert "2,000 bytes" in error_of(post_image(client, big), 413, "too_large")
+    yield app
+    stop_app(app)
+
+
+def test_upload_over_the_byte_limit_is_413_json(limited_app):
+    client = limited_app.test_client()
+    big = png(size=(100, 100))  # random pixels do not compress: about 30 KB
+    assert len(big) > 20_000
+    assert "20,000 bytes" in error_of(post_image(client, big), 413, "too_large")
     error_of(post_file(client, big), 413, "too_large")
 
 
@@ -735,8 +743,10 @@ def test_health_and_readiness(client):
     assert client.get("/readyz").get_json() == {"status": "ready"}
 
 
-def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app):
-    app, other = make_app(), make_app()
+def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app, app):
+    # The module's app is the other app here: not a second model process to start.
+    app, other = make_app(), app
+    other_posts = metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"')
     ready(app)
     client = app.test_client()
     post_file(client, png())
@@ -761,7 +771,7 @@ def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app):
     assert 'captioner_caption_requests_total{explain="false",mode="greedy"} 2.0' in text
     assert 'captioner_caption_requests_total{explain="true",mode="beam"} 1.0' in text
     # A second app counts only its own requests.
-    assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == 0
+    assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == other_posts
 
 
 def test_page_is_served_with_its_script(client):
@@ -865,10 +875,8 @@ def chunked(data: bytes):
     return {"input_stream": io.BytesIO(data), "headers": {"Transfer-Encoding": "chunked"}}
 
 
-def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(make_app):
-    app = make_app(MAX_CONTENT_LENGTH=20_000)
-    ready(app)
-    client = app.test_client()
+def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(limited_app):
+    client = limited_app.test_client()
     image = png(size=(24, 16))
     over = image + b"\0" * 30_000  # a valid PNG first: cut at the limit it would caption
     response = client.post("/v1/captions", content_type="image/png", **chunked(over))
@@ -877,11 +885,9 @@ def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(make_app):
     assert response.status_code == 200, response.get_data(as_text=True)
 
 
-def test_too_many_form_parts_is_413_that_says_so(make_app):
-    app = make_app(MAX_FORM_PARTS=5)
-    ready(app)
+def test_too_many_form_parts_is_413_that_says_so(limited_app):
     fields = {f"f{i}": "x" for i in range(10)}
-    response = app.test_client().post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png"), **fields})
+    response = limited_app.test_client().post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png"), **fields})
     message = error_of(response, 413, "too_large")
     assert "5 parts" in message and "bytes are accepted" not in message
 
