@@ -43,7 +43,7 @@ class SpecialIds:
     unk: int | None = None  # never said: its probability goes to the words the vocabulary kept
 
 
-def _next_word_log_probs(logits: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
+def next_word_log_probs(logits: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """(N, V) logits (or log-probabilities) -> (N, V) float32 log-probabilities of the next word,
     ``<unk>`` excluded: a caption saying "two <unk> <unk>" tells a reader nothing."""
     logits = logits.float()
@@ -129,7 +129,7 @@ def _decode_rows(decoder, features, options, ids, generators):
     for t in range(length):
         coverage = state[-1][0]  # (A, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = _next_word_log_probs(logits, ids)  # (A, V)
+        logp = next_word_log_probs(logits, ids)  # (A, V)
         if generators is None:
             chosen, word = logp.max(dim=-1)  # (A,) each
         else:
@@ -203,7 +203,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         b = len(searching)
         coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
-        logp = _next_word_log_probs(logits, ids).view(b, k, -1)  # (b, k, V)
+        logp = next_word_log_probs(logits, ids).view(b, k, -1)  # (b, k, V)
         flat, beam, scores, lengths = _best_continuations(logp, scores, finished, lengths, pad_only)
         word = flat % logp.size(-1)
         was_finished = finished.gather(1, beam)

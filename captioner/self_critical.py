@@ -22,10 +22,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from captioner.decoding import SpecialIds, generate
+from captioner.decoding import SpecialIds, generate, next_word_log_probs
 from captioner.options import DecodeOptions
 
 NGRAMS = 4
@@ -114,7 +113,10 @@ def self_critical_epoch(
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             logits = decoder(feats, tokens[:, :-1], repeats=SAMPLES)
         targets = tokens[:, 1:]
-        said = F.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)  # (R, T)
+        # Under the distribution the samples were drawn from (no <unk>): with <unk> in the
+        # softmax, a sample scoring below its siblings is made less likely most cheaply by
+        # moving mass to <unk>, which sampling never draws, and within an epoch <unk> had it all.
+        said = next_word_log_probs(logits.flatten(0, 1), ids).view_as(logits).gather(2, targets.unsqueeze(2)).squeeze(2)
         log_prob = said.masked_fill(targets == ids.pad, 0.0).sum(1)  # (R,) each caption's
         loss = -(advantage * log_prob).mean()
         optimizer.zero_grad(set_to_none=True)

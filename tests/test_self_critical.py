@@ -11,7 +11,7 @@ from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.self_critical import CiderD, self_critical_epoch
 from captioner.training import sample_length
 
-IDS = SpecialIds(start=1, end=2, pad=0)
+IDS = SpecialIds(start=1, end=2, pad=0, unk=3)
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "grass", "the", "mat"]
 
 
@@ -52,9 +52,9 @@ def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers
 
     features = kinds.repeat(4, 1)  # 8 images; image i shows kind i % 2, whose references say caption i % 2
     cider = CiderD([[captions[i % 2]] * 3 for i in range(8)])
-    for group in optimizer.param_groups:
-        group["lr"] = 5e-3
+    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=5e-3)  # no momentum from before
     generator = torch.Generator().manual_seed(0)
+    unk_row = decoder.out.weight[3].detach().clone(), decoder.out.bias[3].detach().clone()
     rewards = []
     for _ in range(10):
         row = self_critical_epoch(
@@ -63,6 +63,9 @@ def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers
         )  # fmt: skip
         rewards.append(row["train_reward"])
     said = generate(decoder, kinds, DecodeOptions(), IDS)
+    # <unk>, never sampled, is outside the policy: its output row had no gradient. (In the
+    # whole softmax it took every sample's loss and, on Flickr8k, all the mass within an epoch.)
+    assert torch.equal(decoder.out.weight[3], unk_row[0]) and torch.equal(decoder.out.bias[3], unk_row[1])
     assert 3.0 < rewards[0] < 7.0 and min(rewards[-3:]) > 8.0, rewards
     greedy = [[WORDS[t] for t in hyps[0].tokens if t != IDS.end] for hyps in said]
     assert [caption[:2] for caption in greedy] == [["a", "dog"], ["the", "cat"]], greedy
