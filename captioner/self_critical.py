@@ -36,6 +36,14 @@ def _ngrams(words: Sequence[str]) -> list[Counter]:
     return [Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)) for n in range(1, NGRAMS + 1)]
 
 
+def sample_length(captions, pad: int, share: float = 0.95) -> int:
+    """The words a self-critical sample may have: as many as ``share`` of the training captions
+    fit in. The longest sample sets every row's steps in its batch, and one far longer than
+    the references scores little (CIDEr-D's length penalty)."""
+    words = ((captions.ids != pad).sum(1) - 2).sort().values  # without <start> and <end>
+    return max(1, int(words[math.ceil(share * len(words)) - 1]))
+
+
 class CiderD:
     """CIDEr-D of candidate captions against fixed references.
 

@@ -42,7 +42,7 @@ from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
-from captioner.self_critical import CiderD, self_critical_epoch
+from captioner.self_critical import CiderD, sample_length, self_critical_epoch
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
 
@@ -147,14 +147,6 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
             _save_epoch(model, row, progress, config, out, (optimizer, schedule, scaler), rngs)
         progress.best = _broadcast(progress.best, process, host)
     return progress.best
-
-
-def sample_length(captions, pad: int, share: float = 0.95) -> int:
-    """The words a self-critical sample may have: as many as ``share`` of the training captions
-    fit in. The longest sample sets every row's steps in its batch, and one far longer than
-    the references scores little (CIDEr-D's length penalty)."""
-    words = ((captions.ids != pad).sum(1) - 2).sort().values  # without <start> and <end>
-    return max(1, int(words[math.ceil(share * len(words)) - 1]))
 
 
 def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
