@@ -11,4 +11,6 @@ fi
 # One torch thread per process: the suite runs servers and workers side by side on few cores,
 # where competing thread pools slow small matrix products down by orders of magnitude.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-.venv/bin/python -m pytest "$@"
+# Two workers: much of the suite waits (on servers starting, sockets, subprocesses) rather than
+# computes; tests that time something are marked `alone` and run with nothing beside them.
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

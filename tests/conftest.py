@@ -1,5 +1,6 @@
 """Shared fixtures (a tiny shapes world and a tiny model trained on it, made once per session) and checks."""
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         if name in SLOW_ELSEWHERE.get(item.path.name, ()):
             item.add_marker(pytest.mark.slow)
+    # Tests that must run alone first, while the other worker has nothing yet to be kept from.
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
+
+
+@pytest.fixture(autouse=True)
+def _alone_if_marked(request, tmp_path_factory):
+    """Under pytest-xdist (scripts/test.sh runs two workers), a test marked ``alone`` runs with
+    no other test beside it: it measures time (latencies, how long a stop takes), which a
+    neighbour's training would distort. The others share. A gate taken first keeps a test that
+    waits to be alone from being overtaken, test after test, by the other worker's."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    locks = tmp_path_factory.getbasetemp().parent  # one folder for all the workers of a run
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(locks / "suite.lock", "a") as suite, open(locks / "gate.lock", "a") as gate:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(suite, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(suite, fcntl.LOCK_UN)

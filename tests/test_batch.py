@@ -80,9 +80,13 @@ def test_sigkill_mid_run_then_the_same_command_finishes_with_each_image_exactly_
     assert 0 < killed_at[0] < killed_at[1] < 300
     finished = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert out.read_text() == reference  # none lost, none twice, no torn line, same order
+    # None lost, none twice, no torn line, same order. The scores to float precision only: a run
+    # resumed at an image that is not a multiple of the batch size cuts later batches elsewhere.
+    written = out.read_text()
+    assert written.endswith("\n") and len(written.splitlines()) == len(reference.splitlines())
+    assert_same_captions([json.loads(line) for line in written.splitlines()], [json.loads(line) for line in reference.splitlines()])
     again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)  # finished: nothing to do
-    assert again.returncode == 0 and out.read_text() == reference
+    assert again.returncode == 0 and out.read_text() == written
 
 
 @pytest.mark.slow  # the reference: a subprocess captioning 300 images

@@ -98,6 +98,7 @@ def test_hand_made_png_is_genuine():
     assert decoded.image.getextrema() == ((0, 0),) * 3
 
 
+@pytest.mark.alone  # "fast" is timed
 def test_decompression_bomb_is_refused_fast_without_decoding(huge_png, no_decoding):
     assert len(huge_png) < 1_000_000  # 900 megapixels in well under a megabyte
     limit_before = Image.MAX_IMAGE_PIXELS

@@ -28,7 +28,7 @@ from PIL import Image
 
 from tests.test_service_deploy import ROOT, free_port, png, request, wait_ready
 
-pytestmark = pytest.mark.slow  # each test starts gunicorn and loads a model
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # each starts gunicorn and loads a model; latencies measured
 SECONDS = float(os.environ.get("CAPTIONER_HOSTILE_SECONDS", "0"))  # 0: each test's own, short
 
 

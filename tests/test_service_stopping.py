@@ -16,7 +16,7 @@ import pytest
 
 from .test_service_deploy import free_port, png, request, wait_ready
 
-pytestmark = pytest.mark.slow  # servers and interpreters of their own
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # servers and interpreters of their own; how long a stop takes is timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
