@@ -82,7 +82,7 @@ class CiderD:
 
 def self_critical_epoch(
     decoder, features, cider: CiderD, words, optimizer, scaler, *, ids: SpecialIds, batch_size, max_length,
-    clip_norm, device, generator, progress, shard=(0, 1),
+    clip_norm, device, generator, progress, amp=None, shard=(0, 1),
 ):  # fmt: skip
     """One pass over the training images, ``batch_size // SAMPLES`` images a step.
 
@@ -90,7 +90,7 @@ def self_critical_epoch(
         decoder: the decoder, or its DistributedDataParallel wrapper (whose forward syncs gradients).
         features: (N, F) training features; row i is image i of ``cider``'s references.
         words: the vocabulary's words by id, to turn sampled ids into words for the reward.
-        shard: ``(rank, world_size)`` as in ``training.train_one_epoch``.
+        amp, shard: as in ``training.train_one_epoch``.
 
     Returns:
         ``{"train_reward"}`` (the samples' mean CIDEr-D) and the gradient columns of a
@@ -118,7 +118,7 @@ def self_critical_epoch(
         for r, row in enumerate(rows):
             tokens[r, : len(row)] = torch.tensor(row)
         tokens = tokens.to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = decoder(feats, tokens[:, :-1], repeats=SAMPLES)
         targets = tokens[:, 1:]
         # Under the distribution the samples were drawn from (no <unk>): with <unk> in the

@@ -104,7 +104,8 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     )
     _check_agreement(model, process, host)
     train_captions = encode_captions(dataset.split("train"), model.vocab, config.max_caption_length)
-    optimizer, schedule, scaler = _optimizer(model, config, device)
+    amp = autocast_dtype(config.precision, device)
+    optimizer, schedule, scaler = _optimizer(model, config, amp)
     progress = _restore(resumed, optimizer, schedule, scaler) if resumed else Progress()
     if resumed:
         torch.set_rng_state(_rng_state(resumed, process))
@@ -126,7 +127,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
         row["effective_batch_size"] = config.batch_size * process.world_size
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         shared = dict(
-            batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, generator=generator,
+            batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, amp=amp, generator=generator,
             progress=config.progress, shard=(process.rank, process.world_size),
         )  # fmt: skip
         if self_critical:
@@ -165,11 +166,15 @@ def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: tor
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batch_size, clip_norm, device, generator, progress, shard=(0, 1)):
-    """One pass over ``captions`` in a seeded random order; mixed precision (float16) on CUDA.
+def train_one_epoch(
+    decoder, features, captions, optimizer, scaler, *, pad, batch_size, clip_norm, device, generator, progress,
+    amp=None, shard=(0, 1),
+):  # fmt: skip
+    """One pass over ``captions`` in a seeded random order.
 
     Args:
-        scaler: a ``torch.amp.GradScaler``, enabled on CUDA; disabled it changes nothing.
+        scaler: a ``torch.amp.GradScaler``, enabled for float16; disabled it changes nothing.
+        amp: the dtype of the steps under autocast (``autocast_dtype``); None: float32.
         shard: ``(rank, world_size)`` under DistributedDataParallel. Every rank draws the same
             batches from ``generator`` and takes every world_size-th one, after the last
             ``len % world_size`` are dropped: all ranks must take the same number of steps, or
@@ -190,7 +195,7 @@ def train_one_epoch(decoder, features, captions, optimizer, scaler, *, pad, batc
     for batch in tqdm(batches, desc="training", unit="batch", disable=not progress, leave=False):
         ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
         value = loss.item()
         if not math.isfinite(value) and world_size == 1:
@@ -403,13 +408,26 @@ def _check_agreement(model: Captioner, process: Process, host) -> None:
         )
 
 
-def _optimizer(model: Captioner, config: TrainConfig, device: torch.device):
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the training steps under autocast for ``--precision`` (None: float32 throughout).
+
+    Autocast runs the matrix products and the LSTMs in the lower precision and keeps the weights,
+    their gradients and Adam's moments in float32, so only the arithmetic of a step is rounded.
+    """
+    if precision == "auto":
+        precision = "float16" if device.type == "cuda" else "float32"
+    if precision == "float16" and device.type != "cuda":
+        raise CaptionerError("--precision float16 needs CUDA (its loss scaling is CUDA's): on the CPU use bfloat16")
+    return None if precision == "float32" else getattr(torch, precision)
+
+
+def _optimizer(model: Captioner, config: TrainConfig, amp: torch.dtype | None):
     """Adam over the parameters that train (the frozen embedding and encoder are not among them),
-    a cosine learning-rate schedule, and float16 loss scaling on CUDA."""
+    a cosine learning-rate schedule, and loss scaling for float16 (bfloat16 has float32's range)."""
     params = [p for p in model.decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.lr * 0.05)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     return optimizer, schedule, scaler
 
 

@@ -143,6 +143,29 @@ def test_nothing_to_resume_is_a_clear_error(tmp_path, shapes_json, feature_cache
         train(tiny_config(shapes_json, tmp_path / "new", feature_cache, resume=True))
 
 
+def test_bfloat16_training_runs_its_steps_in_bfloat16_and_keeps_float32_weights(tmp_path, shapes_json, feature_cache, monkeypatch):
+    seen = []  # autocast's state at every training step's loss
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real_loss(*args, **kwargs)
+
+    real_loss = training.caption_loss
+    monkeypatch.setattr(training, "caption_loss", recorded)
+    train(tiny_config(shapes_json, tmp_path / "bf16", feature_cache, precision="bfloat16"))
+    history = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert seen and set(seen) == {torch.bfloat16}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(math.isfinite(row["val_perplexity"]) for row in history)
+    state = read_checkpoint(tmp_path / "bf16" / "last.pt")
+    assert {t.dtype for t in state["decoder"]["state_dict"].values() if t.is_floating_point()} == {torch.float32}
+    assert not state["training"]["scaler"]  # no loss scaling: bfloat16 has float32's range
+    # On the CPU, auto is float32 and float16 is refused (its loss scaling is CUDA's).
+    assert training.autocast_dtype("auto", torch.device("cpu")) is None
+    with pytest.raises(CaptionerError, match="float16 needs CUDA"):
+        training.autocast_dtype("float16", torch.device("cpu"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_precision_training_on_cuda_learns_and_loads_on_cpu(tmp_path, shapes_json, feature_cache, trained_run):
     best = train(tiny_config(shapes_json, tmp_path / "gpu", feature_cache, device="cuda"))
