@@ -263,7 +263,7 @@ class TrainConfig:
     precision: str = option(
         "auto",
         "the training steps' arithmetic: float32, bfloat16 (mixed, under autocast: weights and optimizer "
-        "stay float32; about 1.3x as fast on CPUs with AVX512-BF16 or AMX) or float16 (CUDA only, with "
+        "stay float32; 1.2-1.3x as fast on CPUs with AVX512-BF16 or AMX) or float16 (CUDA only, with "
         "loss scaling); auto: float16 on CUDA, float32 on the CPU",
         choices=PRECISIONS,
     )

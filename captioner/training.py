@@ -91,6 +91,7 @@ class Progress:
 
 def _main(config: TrainConfig, out: Path, device: torch.device, process: Process) -> dict:
     """The job: data, model and features, optimizer, then the epoch loop."""
+    amp = autocast_dtype(config.precision, device)  # first: a precision this device lacks is refused before any work
     dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
     val_records = dataset.split("val")[: config.val_images or None]
     host = _join(config, dataset, process)
@@ -104,7 +105,6 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     )
     _check_agreement(model, process, host)
     train_captions = encode_captions(dataset.split("train"), model.vocab, config.max_caption_length)
-    amp = autocast_dtype(config.precision, device)
     optimizer, schedule, scaler = _optimizer(model, config, amp)
     progress = _restore(resumed, optimizer, schedule, scaler) if resumed else Progress()
     if resumed:

@@ -160,10 +160,11 @@ def test_bfloat16_training_runs_its_steps_in_bfloat16_and_keeps_float32_weights(
     state = read_checkpoint(tmp_path / "bf16" / "last.pt")
     assert {t.dtype for t in state["decoder"]["state_dict"].values() if t.is_floating_point()} == {torch.float32}
     assert not state["training"]["scaler"]  # no loss scaling: bfloat16 has float32's range
-    # On the CPU, auto is float32 and float16 is refused (its loss scaling is CUDA's).
+    # On the CPU, auto is float32, and float16 (whose loss scaling is CUDA's) is refused before any work.
     assert training.autocast_dtype("auto", torch.device("cpu")) is None
     with pytest.raises(CaptionerError, match="float16 needs CUDA"):
-        training.autocast_dtype("float16", torch.device("cpu"))
+        train(tiny_config(shapes_json, tmp_path / "fp16", feature_cache, precision="float16", device="cpu"))
+    assert not (tmp_path / "fp16" / "metrics.jsonl").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
