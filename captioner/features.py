@@ -1,8 +1,7 @@
 """Image features of a frozen encoder, computed once and cached on disk.
 
-The cache lives in ``CACHE_DIR/<encoder fingerprint>/`` (the images' mirror images, for training
-on both, in ``<fingerprint>-mirrored/``): the fingerprint covers the backbone, its input
-preparation and every weight, and each image is keyed by its absolute path, size and
+The cache lives in ``CACHE_DIR/<encoder fingerprint>/``: the fingerprint covers the backbone,
+its input preparation and every weight, and each image is keyed by its absolute path, size and
 modification time. Features are written in shards as they are computed, so an interrupted
 extraction resumes where it stopped, and decoder epochs never run the CNN again.
 
@@ -22,7 +21,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,39 +56,18 @@ class ImageTensors(Dataset):
         return self.transform.load(self.paths[i])
 
 
-class Mirrored(NamedTuple):
-    """The training images' mirror images, a second view of each (data augmentation)."""
-
-    features: torch.Tensor  # (N, F) of each image mirrored left to right
-    words: torch.Tensor  # (V,) for each word id, the id that says it of the mirror image (``Vocabulary.mirrored``)
-
-    def pick(self, features: torch.Tensor, rows: torch.Tensor, generator: torch.Generator):
-        """(B, F) features of the images ``rows``, each the image's own or, by a fair coin, its
-        mirror image's, and the (B,) coins (True: mirrored)."""
-        mirrored = torch.rand(len(rows), generator=generator) < 0.5
-        picked = features[rows]
-        picked[mirrored] = self.features[rows[mirrored]]
-        return picked, mirrored
-
-
 def _image_key(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
 
 
 def image_batches(
-    paths: Sequence[Path],
-    transform: ImageTransform,
-    batch_size: int,
-    num_workers: int = 0,
-    progress: bool = False,
-    mirror: bool = False,
+    paths: Sequence[Path], transform: ImageTransform, batch_size: int, num_workers: int = 0, progress: bool = False
 ):
-    """Yields (B, 3, S, S) normalised image batches of ``paths``, in order, decoded in
-    ``num_workers`` processes; with ``mirror``, each image mirrored left to right."""
+    """Yields (B, 3, S, S) normalised image batches of ``paths``, in order, decoded in ``num_workers`` processes."""
     loader = DataLoader(ImageTensors(paths, transform), batch_size=batch_size, num_workers=num_workers)
     for pixels in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
-        yield transform.normalize(pixels.flip(-1) if mirror else pixels)
+        yield transform.normalize(pixels)
 
 
 @torch.inference_mode()
@@ -102,13 +79,12 @@ def compute_features(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = False,
-    mirror: bool = False,
 ):
-    """Yields (B, F) float32 feature batches of ``paths`` (with ``mirror``, of their mirror images), in order."""
+    """Yields (B, F) float32 feature batches of ``paths``, in order."""
     encoder = encoder.to(device).eval()
     if device.type == "cpu" and encoder.cnn == "eager":
         encoder.use_channels_last()  # the same features, several times sooner on the CPU (EfficientNet-Lite0: 3.6x)
-    for batch in image_batches(paths, encoder.transform, batch_size, num_workers, progress, mirror):
+    for batch in image_batches(paths, encoder.transform, batch_size, num_workers, progress):
         batch = batch.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             yield encoder.forward_features(batch).float().cpu()
@@ -123,9 +99,8 @@ def cached_features(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = False,
-    mirror: bool = False,
 ) -> torch.Tensor:
-    """(N, F) features of ``paths`` (with ``mirror``, of their mirror images), computing only those not in the cache.
+    """(N, F) features of ``paths``, computing only those not in the cache.
 
     Every shard is checked against the SHA-256 and the images the index records for it before
     its features are used; a damaged, truncated, deleted or swapped shard (or a damaged index) is
@@ -139,12 +114,11 @@ def cached_features(
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images.
         progress: show a progress bar.
-        mirror: the features of each image mirrored left to right (cached apart).
 
     Returns:
         The features, in the order of ``paths``.
     """
-    root = Path(cache_dir) / (weights_fingerprint(encoder) + ("-mirrored" if mirror else ""))
+    root = Path(cache_dir) / weights_fingerprint(encoder)
     root.mkdir(parents=True, exist_ok=True)
     remove_temporaries(root, older_than=STALE_SECONDS)
     index = _read_index(root / "index.json")
@@ -158,7 +132,7 @@ def cached_features(
         chunk = todo[start : start + SHARD_SIZE]
         parts = []
         for part in compute_features(
-            encoder, [paths[i] for i in chunk], device=device, batch_size=batch_size, num_workers=num_workers, mirror=mirror
+            encoder, [paths[i] for i in chunk], device=device, batch_size=batch_size, num_workers=num_workers
         ):
             parts.append(part)
             bar.update(len(part))

@@ -257,11 +257,6 @@ class TrainConfig:
         0, "epochs of self-critical training after --epochs: the decoder samples captions and learns from their CIDEr-D"
     )
     self_critical_lr: float = option(5e-5, "Adam learning rate of the self-critical epochs")
-    mirror: bool = option(
-        False,
-        "also train on each training image's mirror image (its features computed once and cached): each "
-        "caption, and each image of a self-critical step, takes one of the two by a coin, left and right swapped in its words",
-    )
     clip_norm: float = option(5.0, "clip the gradient norm to this")
     seed: int = option(0, "random seed")
     device: str = _device()

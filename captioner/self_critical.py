@@ -82,7 +82,7 @@ class CiderD:
 
 def self_critical_epoch(
     decoder, features, cider: CiderD, words, optimizer, scaler, *, ids: SpecialIds, batch_size, max_length,
-    clip_norm, device, generator, progress, amp=None, shard=(0, 1), mirrored=None,
+    clip_norm, device, generator, progress, amp=None, shard=(0, 1),
 ):  # fmt: skip
     """One pass over the training images, ``batch_size // SAMPLES`` images a step.
 
@@ -91,9 +91,6 @@ def self_critical_epoch(
         features: (N, F) training features; row i is image i of ``cider``'s references.
         words: the vocabulary's words by id, to turn sampled ids into words for the reward.
         amp, shard: as in ``training.train_one_epoch``.
-        mirrored: the images' mirror images (``features.Mirrored``): each image is then, by a coin
-            drawn from ``generator``, itself or its mirror image, whose samples are scored with
-            left and right swapped back.
 
     Returns:
         ``{"train_reward"}`` (the samples' mean CIDEr-D) and the gradient columns of a
@@ -105,27 +102,17 @@ def self_critical_epoch(
     batches = list(torch.randperm(len(features), generator=generator).split(per_step))
     batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
     sampling = DecodeOptions(mode="sample", num_captions=SAMPLES, max_length=max_length)
-    identity = list(range(len(words)))  # word ids as said of the image itself, and of its mirror image
-    mirror = None if mirrored is None else mirrored.words.tolist()
     decoder.eval()  # no dropout: the gradient is that of the policy that sampled
     params = [p for p in decoder.parameters() if p.requires_grad]
     reward_sum, samples, norms, clipped = 0.0, 0, [], 0
     for batch in tqdm(batches, desc="self-critical", unit="batch", disable=not progress, leave=False):
-        if mirrored is None:
-            feats, said_of = features[batch], [identity] * len(batch)
-        else:
-            feats, flipped = mirrored.pick(features, batch, generator)
-            said_of = [mirror if f else identity for f in flipped.tolist()]
-        feats = feats.to(device)
+        feats = features[batch].to(device)
         seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
         hypotheses = generate(module, feats, sampling, ids, seeds)  # per image, SAMPLES captions
         rows = [[ids.start, *h.tokens] for hyps in hypotheses for h in hyps]
         reward = torch.tensor(
-            [
-                [cider.score(int(i), [words[said[t]] for t in h.tokens if t != ids.end]) for h in hyps]
-                for i, said, hyps in zip(batch.tolist(), said_of, hypotheses)
-            ]
-        )  # (B, SAMPLES): a mirror image's samples scored in the original's words
+            [[cider.score(int(i), [words[t] for t in h.tokens if t != ids.end]) for h in hyps] for i, hyps in zip(batch, hypotheses)]
+        )  # (B, SAMPLES)
         advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (SAMPLES - 1)).flatten().to(device)
         tokens = torch.full((len(rows), max(map(len, rows))), ids.pad, dtype=torch.long)
         for r, row in enumerate(rows):

@@ -35,7 +35,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
 from captioner.evaluation import caption_loss, encode_captions, score
-from captioner.features import Mirrored, cached_features, default_cache_dir
+from captioner.features import cached_features, default_cache_dir
 from captioner.io import remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
@@ -100,7 +100,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
         remove_temporaries(out)  # of writes a kill interrupted: the run folder has one writer, this one
         if resumed:
             _repair_best(resumed, out)
-    model, train_features, val_features, mirrored = _rank_zero_first(
+    model, train_features, val_features = _rank_zero_first(
         process, host, lambda: _prepare(config, dataset, val_records, out, device, resumed)
     )
     _check_agreement(model, process, host)
@@ -128,7 +128,7 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         shared = dict(
             batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, amp=amp, generator=generator,
-            progress=config.progress, shard=(process.rank, process.world_size), mirrored=mirrored,
+            progress=config.progress, shard=(process.rank, process.world_size),
         )  # fmt: skip
         if self_critical:
             cider = cider or CiderD([[tokenize(c) for c in r.captions] for r in dataset.split("train")])
@@ -168,7 +168,7 @@ def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: tor
 
 def train_one_epoch(
     decoder, features, captions, optimizer, scaler, *, pad, batch_size, clip_norm, device, generator, progress,
-    amp=None, shard=(0, 1), mirrored: Mirrored | None = None,
+    amp=None, shard=(0, 1),
 ):  # fmt: skip
     """One pass over ``captions`` in a seeded random order.
 
@@ -179,8 +179,6 @@ def train_one_epoch(
             batches from ``generator`` and takes every world_size-th one, after the last
             ``len % world_size`` are dropped: all ranks must take the same number of steps, or
             DDP's gradient all-reduce waits forever. ``(0, 1)`` is a single process.
-        mirrored: the images' mirror images: each caption then describes, by a coin drawn from
-            ``generator``, its image or its mirror image (left and right swapped in its words).
 
     Returns:
         ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max", "clip_rate"}``; the loss
@@ -195,15 +193,10 @@ def train_one_epoch(
     total_loss, total_words, norms, clipped = 0.0, 0, [], 0
     params = [p for p in decoder.parameters() if p.requires_grad]
     for batch in tqdm(batches, desc="training", unit="batch", disable=not progress, leave=False):
-        ids, rows = captions.ids[batch], captions.image_index[batch]
-        if mirrored is None:
-            feats = features[rows]
-        else:
-            feats, flipped = mirrored.pick(features, rows, generator)
-            ids = torch.where(flipped[:, None], mirrored.words[ids], ids)
+        ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, words = caption_loss(decoder, feats.to(device), ids, pad)
+            loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
         value = loss.item()
         if not math.isfinite(value) and world_size == 1:
             total_loss = value
@@ -280,8 +273,7 @@ def _rank_zero_first(process: Process, host, prepare):
 
 
 def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, device: torch.device, resumed):
-    """The model (restored, or built anew) on ``device``, the cached features of train and
-    validation, and with ``--mirror`` the training images' mirror images (else None)."""
+    """The model (restored, or built anew) on ``device`` and the cached features of train and validation."""
     if resumed:
         model = Captioner.from_checkpoint(resumed, source="last.pt")
         if config.progress:
@@ -293,11 +285,7 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
     args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
     train_features = cached_features(model.encoder, [r.path for r in dataset.split("train")], **args)
     val_features = cached_features(model.encoder, [r.path for r in val_records], **args)
-    mirrored = None
-    if config.mirror:
-        features = cached_features(model.encoder, [r.path for r in dataset.split("train")], mirror=True, **args)
-        mirrored = Mirrored(features, torch.tensor(model.vocab.mirrored()))
-    return model, train_features, val_features, mirrored
+    return model, train_features, val_features
 
 
 def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Captioner:

@@ -116,26 +116,6 @@ def test_feature_cache_computes_each_image_once(tmp_path, shapes):
     assert sum(calls) == 8
 
 
-def test_mirrored_features_are_those_of_the_mirror_images_and_cached_apart(tmp_path, shapes):
-    from PIL import Image, ImageOps
-
-    encoder = Encoder(EncoderConfig(name="resnet18", image_size=32)).freeze()
-    paths = [r.path for r in shapes.records[:4]]
-    mirror_files = []
-    for i, path in enumerate(paths):  # the same pictures mirrored on disk, as a user would make them
-        mirror_files.append(tmp_path / f"mirror-{i}.png")
-        ImageOps.mirror(Image.open(path).convert("RGB")).save(mirror_files[-1])
-    device, cache = torch.device("cpu"), tmp_path / "cache"
-    plain = cached_features(encoder, paths, cache_dir=cache, device=device)
-    mirrored = cached_features(encoder, paths, cache_dir=cache, device=device, mirror=True)
-    expected = cached_features(encoder, mirror_files, cache_dir=cache, device=device)
-    assert torch.allclose(mirrored, expected, atol=1e-5)
-    assert not torch.allclose(mirrored, plain, atol=1e-3)
-    # Each view has its own cache entry: asking again returns each, not the other's.
-    assert torch.equal(cached_features(encoder, paths, cache_dir=cache, device=device), plain)
-    assert torch.equal(cached_features(encoder, paths, cache_dir=cache, device=device, mirror=True), mirrored)
-
-
 def shapes_encoder():
     from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES
 

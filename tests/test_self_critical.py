@@ -4,13 +4,11 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-import captioner.self_critical as self_critical
-from captioner.decoding import Hypothesis, SpecialIds, generate
+from captioner.decoding import SpecialIds, generate
 from captioner.evaluation import CaptionTensors, caption_loss
-from captioner.features import Mirrored
 from captioner.options import DecodeOptions
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.self_critical import SAMPLES, CiderD, sample_length, self_critical_epoch
+from captioner.self_critical import CiderD, sample_length, self_critical_epoch
 
 IDS = SpecialIds(start=1, end=2, pad=0, unk=3)
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "grass", "the", "mat"]
@@ -80,41 +78,3 @@ def test_samples_are_as_long_as_nineteen_in_twenty_training_captions():
         ids[row, : n + 2] = 5  # <start>, n words, <end>
     assert sample_length(CaptionTensors(ids, torch.zeros(len(words))), pad=0) == 3
     assert sample_length(CaptionTensors(ids, torch.zeros(len(words))), pad=0, share=1.0) == 25
-
-
-def test_a_mirror_images_samples_are_scored_with_left_and_right_swapped_back(monkeypatch):
-    """With --mirror, an image of a self-critical step is by a coin itself or its mirror image;
-    what is said of a mirror image ("a dog left of ...") is scored against the image's own
-    references in their words ("a dog right of ...")."""
-    words = [*WORDS, "left", "right"]
-    dog, left, right = WORDS.index("dog"), len(WORDS), len(WORDS) + 1
-    swap = list(range(len(words)))
-    swap[left], swap[right] = right, left
-    torch.manual_seed(0)
-    config = DecoderConfig(feature_dim=8, vocab_size=len(words), embed_dim=6, hidden_size=16, dropout=0.0)
-    decoder = LSTMDecoder(config, torch.randn(len(words), 6), pad_id=IDS.pad)
-    features, mirror_features = torch.zeros(16, 8), torch.ones(16, 8)  # the views told apart by value
-    sampled = []  # the features of each step's images, in order
-
-    def fixed_samples(module, feats, options, ids, seeds):
-        sampled.extend(feats[:, 0].tolist())
-        return [[Hypothesis([dog, left, right, IDS.end], 0.0)] * SAMPLES for _ in feats]
-
-    scored = []
-
-    class Recorder:  # the reward: every (image, words) scored, a reward that varies so the step has a gradient
-        def score(self, image, said):
-            scored.append((image, said))
-            return float(len(scored) % 3)
-
-    monkeypatch.setattr(self_critical, "generate", fixed_samples)
-    optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-3)
-    self_critical_epoch(
-        decoder, features, Recorder(), words, optimizer, torch.amp.GradScaler("cuda", enabled=False), ids=IDS,
-        batch_size=20, max_length=10, clip_norm=5.0, device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(0), progress=False, mirrored=Mirrored(mirror_features, torch.tensor(swap)),
-    )  # fmt: skip
-    assert len(scored) == 16 * SAMPLES and sorted({image for image, _ in scored}) == list(range(16))
-    kinds = [said for _, said in scored[::SAMPLES]]
-    assert all(said == [["dog", "left", "right"], ["dog", "right", "left"]][int(view)] for said, view in zip(kinds, sampled))
-    assert 0 < sum(sampled) < 16  # both views were drawn

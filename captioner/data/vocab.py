@@ -18,8 +18,6 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
 _punctuation = set(string.punctuation) | {"``", "''", "--", "..."}
-# Words a mirror image says in each other's place.
-MIRRORED_WORDS = (("left", "right"), ("leftmost", "rightmost"))
 
 
 @functools.cache
@@ -71,14 +69,6 @@ class Vocabulary:
         """``<start> w1 ... wn <end>`` as ids; unknown words map to ``<unk>``."""
         ids = [self.index.get(t, self.unk) for t in tokenize(text)]
         return [self.start, *ids, self.end]
-
-    def mirrored(self) -> list[int]:
-        """For each id, the id that says the same of the mirror image: left and right swapped."""
-        ids = list(range(len(self.words)))
-        for a, b in MIRRORED_WORDS:
-            if a in self.index and b in self.index:
-                ids[self.index[a]], ids[self.index[b]] = self.index[b], self.index[a]
-        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of generated ids: stops at ``<end>``, skips ``<start>`` and ``<pad>``."""
