@@ -39,7 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=1280, help="CNN channels per cell")
     parser.add_argument("--vocab-size", type=int, default=2540)
     parser.add_argument("--output", help="also write the figures here as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.batches, args.batch_size, args.rounds, args.hidden_size, args.channels) < 1 or args.vocab_size < 4:
+        parser.error("--batches, --batch-size, --rounds, --hidden-size and --channels must be 1 or more, --vocab-size 4 or more")
+    if args.cells < 1 or round(args.cells**0.5) ** 2 != args.cells:
+        parser.error(f"--cells must be a square number (the grid is square), not {args.cells}")
+    return args
 
 
 def captions(count: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
