@@ -15,23 +15,23 @@ FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 
 # What the hand-written Flickr8k fixtures say, image by image.
 FLICKR8K = {
-    "1000268201_693b08cb0e.jpg": (
+    "9000000001_00000000a1.jpg": (
         "A child in a pink dress is climbing up a set of stairs in an entry way .",
         "A girl going into a wooden building .",
     ),
-    "1001773457_577c3a7d70.jpg": (
+    "9000000002_00000000a2.jpg": (
         "A black dog and a spotted dog are fighting",
         "A black dog and a white dog with brown spots are staring at each other in the street .",
     ),
-    "1002674143_1b742ab4b8.jpg": (
+    "9000000003_00000000a3.jpg": (
         "A little girl, covered in paint, sits in front of a painted rainbow .",
         "A little girl is sitting in front of a large painted rainbow .",
     ),
-    "1003163366_44323f5815.jpg": (
+    "9000000004_00000000a4.jpg": (
         "A man lays on a bench while his dog sits by him .",
         "A man lays on the bench to which a white dog is also tied .",
     ),
-    "1007129816_e794419615.jpg": (
+    "9000000005_00000000a5.jpg": (
         "A man in an orange hat starring at something .",
         "A man wears an orange hat and glasses .",
     ),
@@ -93,17 +93,17 @@ def write(tmp_path: Path, name: str, content: str) -> Path:
 def test_flickr8k_token_file_uses_split_lists_and_misspelt_image_folder():
     dataset = load_dataset(TOKEN_FILE)
     splits = {
-        "1000268201_693b08cb0e.jpg": "train",
-        "1001773457_577c3a7d70.jpg": "train",
-        "1002674143_1b742ab4b8.jpg": "val",  # from Flickr_8k.devImages.txt
-        "1003163366_44323f5815.jpg": "test",
-        "1007129816_e794419615.jpg": "unassigned",  # in no list
+        "9000000001_00000000a1.jpg": "train",
+        "9000000002_00000000a2.jpg": "train",
+        "9000000003_00000000a3.jpg": "val",  # from Flickr_8k.devImages.txt
+        "9000000004_00000000a4.jpg": "test",
+        "9000000005_00000000a5.jpg": "unassigned",  # in no list
     }
     assert table(dataset) == expected(FLICKR8K, splits)
     assert (dataset.format, dataset.name, dataset.missing, dataset.meta) == ("flickr", "flickr8k", (), {})
     assert dataset.source == TOKEN_FILE.resolve()
     first = dataset.records[0]
-    assert first.path == (FIXTURES / "flickr8k" / "Flicker8k_Dataset" / "1000268201_693b08cb0e.jpg").resolve()
+    assert first.path == (FIXTURES / "flickr8k" / "Flicker8k_Dataset" / "9000000001_00000000a1.jpg").resolve()
     assert first.path.is_absolute() and first.scene is None
 
 
@@ -315,19 +315,19 @@ def test_images_without_captions_are_dropped_but_all_empty_is_an_error(tmp_path)
 def test_missing_images_fail_unless_skipped(tmp_path):
     shutil.copytree(FIXTURES / "flickr8k", tmp_path / "flickr8k")
     images = tmp_path / "flickr8k" / "Flicker8k_Dataset"
-    for name in ("1001773457_577c3a7d70.jpg", "1003163366_44323f5815.jpg"):
+    for name in ("9000000002_00000000a2.jpg", "9000000004_00000000a4.jpg"):
         (images / name).unlink()
     token = tmp_path / "flickr8k" / "Flickr8k.token.txt"
     assert error(token) == (
         f"2 of 5 images listed in {token} are missing from {images}: "
-        "1001773457_577c3a7d70.jpg, 1003163366_44323f5815.jpg; pass --skip-missing to leave them out"
+        "9000000002_00000000a2.jpg, 9000000004_00000000a4.jpg; pass --skip-missing to leave them out"
     )
     dataset = load_dataset(token, skip_missing=True)
-    assert dataset.missing == ("1001773457_577c3a7d70.jpg", "1003163366_44323f5815.jpg")
+    assert dataset.missing == ("9000000002_00000000a2.jpg", "9000000004_00000000a4.jpg")
     assert [r.image_id for r in dataset.records] == [
-        "1000268201_693b08cb0e.jpg",
-        "1002674143_1b742ab4b8.jpg",
-        "1007129816_e794419615.jpg",
+        "9000000001_00000000a1.jpg",
+        "9000000003_00000000a3.jpg",
+        "9000000005_00000000a5.jpg",
     ]
 
 
@@ -337,8 +337,8 @@ def test_missing_images_message_shows_three_names(tmp_path):
         path.unlink()
     message = error(tmp_path / "k" / "captions.txt")
     assert "4 of 5 images" in message
-    assert "1002674143_1b742ab4b8.jpg, ...; pass --skip-missing" in message
-    assert "1003163366_44323f5815.jpg" not in message
+    assert "9000000003_00000000a3.jpg, ...; pass --skip-missing" in message
+    assert "9000000004_00000000a4.jpg" not in message
 
 
 def test_no_image_found_at_all_points_at_the_image_folder(tmp_path):
@@ -360,7 +360,7 @@ def test_karpathy_images_argument_overrides_the_json_folder(tmp_path):
 
 def test_split_returns_records_or_names_the_splits_that_exist():
     dataset = load_dataset(TOKEN_FILE)
-    assert [r.image_id for r in dataset.split("val")] == ["1002674143_1b742ab4b8.jpg"]
+    assert [r.image_id for r in dataset.split("val")] == ["9000000003_00000000a3.jpg"]
     assert all(isinstance(r, ImageRecord) for r in dataset.split("train"))
     with pytest.raises(CaptionerError) as info:
         dataset.split("holdout")
