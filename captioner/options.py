@@ -132,6 +132,11 @@ class DecodeOptions:
     beam_size: int = option(3, "beams kept in beam search")
     max_length: int = option(30, "most words per caption")
     seed: int | None = option(None, "seed for sampling")
+    rerank: int | None = option(
+        None,
+        "beam search: re-rank the beam's captions by their agreement with the captions of this many training "
+        "images most like the image (0: off; default: the model's, 0 for a model that keeps no training captions)",
+    )
     # A decoding option, not a service flag: it changes what decoding returns (and what it
     # computes), and so reaches the command line, Python and the service from this one field.
     explain: bool = option(False, "with each caption, every word's probability and the attention over the image's cells")
@@ -156,6 +161,8 @@ class DecodeOptions:
             bad(f"beam search with beam_size {self.beam_size} gives at most {self.beam_size} captions")
         if not 1 <= self.max_length <= MAX_LENGTH:
             bad(f"max_length must be between 1 and {MAX_LENGTH}")
+        if self.rerank is not None and self.rerank < 0:
+            bad("rerank must be 0 (off) or a positive number of training images")
         check_applicable(self.mode, [f.name for f in fields(self) if getattr(self, f.name) != f.default])
 
     def to_dict(self) -> dict:
@@ -172,6 +179,7 @@ MODE_OPTIONS = {
     "top_p": ("sample",),
     "seed": ("sample",),
     "beam_size": ("beam",),
+    "rerank": ("beam",),
 }  # options not listed (mode, max_length, explain) apply to every mode
 
 
@@ -195,6 +203,9 @@ SHAPES_WORLD_ENCODER = ("mobilenet_v3_small", 96, 3)
 # EfficientNet-Lite0's ImageNet weights come in a package (no download); its last map is 7 x 7 at
 # 224 pixels, and the decoder attends over those 49 cells.
 PHOTO_ENCODER = ("efficientnet_lite0", 224, 7)
+# Photo models re-rank beam search's captions by those of the training photographs most like the
+# photograph (captioner/consensus.py): this many, chosen on Flickr8k's dev split (docs/photos.md).
+PHOTO_RERANK = 20
 TRAINED_VECTORS_DIM = 64  # word2vec trained on the captions; a vectors file brings its own size
 
 
@@ -270,6 +281,12 @@ class TrainConfig:
     feature_cache: str | None = option(None, "feature cache folder (default ~/.cache/captioner/features)")
     num_workers: int = option(0, "image-decoding worker processes")
     val_images: int = option(1000, "validation images captioned each epoch for BLEU-4/CIDEr")
+    rerank: int | None = option(
+        None,
+        "the model keeps its training images' captions, and beam search re-ranks its captions by their agreement "
+        f"with those of this many training images most like the image (0: keep none; default: {PHOTO_RERANK} for "
+        "photos, 0 for the shapes world)",
+    )
     resume: bool = option(False, "continue the run in --out from last.pt")
     progress: bool = option(True, "show progress bars")
 
@@ -285,6 +302,8 @@ class TrainConfig:
             raise CaptionerError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         if self.protocol not in PROTOCOLS:
             raise CaptionerError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.rerank is not None and self.rerank < 0:
+            raise CaptionerError("rerank must be 0 (keep no training captions) or a positive number of training images")
         if self.precision not in PRECISIONS:
             raise CaptionerError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.checkpoint import read_checkpoint, save_checkpoint
+from captioner.consensus import CaptionMemory
 from captioner.data.datasets import Dataset, load_dataset
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.embeddings import word_embedding
@@ -40,7 +41,7 @@ from captioner.io import remove_temporaries, strict_json
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
-from captioner.options import PHOTO_ENCODER, SHAPES_WORLD_ENCODER, TrainConfig
+from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
 from captioner.self_critical import CiderD, sample_length, self_critical_epoch
 from captioner.shapes import GRID
@@ -285,7 +286,19 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
     args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
     train_features = cached_features(model.encoder, [r.path for r in dataset.split("train")], **args)
     val_features = cached_features(model.encoder, [r.path for r in val_records], **args)
+    model.memory = caption_memory(config, dataset, train_features, model.decoder.config.cells)
     return model, train_features, val_features
+
+
+def caption_memory(config: TrainConfig, dataset: Dataset, train_features: torch.Tensor, cells: int) -> CaptionMemory | None:
+    """What the model keeps of its training images for consensus re-ranking (None: nothing)."""
+    records = dataset.split("train")
+    neighbours = config.rerank
+    if neighbours is None:  # by data, and never more than there are training images
+        neighbours = 0 if dataset.meta.get("shapes_world") else min(PHOTO_RERANK, len(records))
+    if not neighbours:
+        return None
+    return CaptionMemory.from_features(train_features, cells, [[tokenize(c) for c in r.captions] for r in records], neighbours)
 
 
 def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Captioner:

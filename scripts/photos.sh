@@ -24,6 +24,9 @@ mkdir -p "$out"
 # self-critical training on CIDEr-D, the steps in bfloat16 (float32 weights); each epoch's greedy
 # dev scores (to keep the best) on 500 of the 1,000 dev photographs, for time. How these were
 # chosen: docs/photos.md.
+# Captions by beam search of 8, re-ranked by the captions of the 20 training photographs most like
+# each photograph (the model keeps them: captioner/consensus.py); chosen on dev, docs/photos.md.
+decoding=(--mode beam --beam-size 8)
 train_options=(
   --hidden-size 512 --embed-dim 128 --dropout 0.5 --min-count 5 --precision bfloat16
   --epochs 6 --batch-size 64 --lr 2e-3 --self-critical-epochs 1 --self-critical-lr 5e-5 --val-images 500
@@ -37,13 +40,13 @@ trained=$SECONDS
 
 echo "== the dev split's scores (beam search) into $out/report.json"
 "$bin/captioner" evaluate "$out/model.pt" --data "$data/Flickr8k.token.txt" --skip-missing --split val \
-  --mode beam --output "$out/report.json" --save-captions "$out/dev-captions.json"
+  "${decoding[@]}" --output "$out/report.json" --save-captions "$out/dev-captions.json"
 evaluated=$SECONDS
 
 echo "== captions of the test split (beam search) into $out/test-captions.jsonl"
 root=$(cd "$data" && pwd)
 sed -e 's/\r$//' -e '/^$/d' -e "s|^|$root/images/|" "$data/Flickr_8k.testImages.txt" > "$out/test-images.txt"
-"$bin/captioner" caption "$out/model.pt" "$out/test-images.txt" --mode beam --output "$out/test-captions.jsonl"
+"$bin/captioner" caption "$out/model.pt" "$out/test-images.txt" "${decoding[@]}" --output "$out/test-captions.jsonl"
 
 epochs=$("$bin/python" -c '
 import json, sys
@@ -57,6 +60,6 @@ Done in $((SECONDS - started)) s: training $((trained - started)) s (its epochs,
 $epochs s; the rest is reading the data and the CNN's features), dev evaluation $((evaluated - trained)) s,
 test captions $((SECONDS - evaluated)) s. The model is $out/model.pt
   its dev scores:       $out/report.json
-  caption photographs:  $bin/captioner caption $out/model.pt IMAGE_OR_FOLDER... --mode beam
+  caption photographs:  $bin/captioner caption $out/model.pt IMAGE_OR_FOLDER... ${decoding[*]}
   serve it over HTTP:   $bin/captioner serve $out/model.pt   (then open http://127.0.0.1:8000/)
 MSG

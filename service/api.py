@@ -8,7 +8,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from captioner.consensus import neighbours_for
 from captioner.data.images import ImageError, decode_image
+from captioner.errors import CaptionerError
 from service.admission import Busy
 from service.errors import ServiceError, error_response
 from service.intake import hold_body_to_limit, read_image_bytes, read_options
@@ -53,8 +55,13 @@ def captions():
 def _caption(batcher: ModelProcess, started: float):
     hold_body_to_limit(request, current_app.config["MAX_CONTENT_LENGTH"])
     options = read_options(request)
-    data = read_image_bytes(request)
     served = batcher.served
+    rerank = served.card["decoding"]["rerank"]
+    try:  # a model-dependent option: refused here, as read_options refuses the others
+        neighbours_for(options.mode, options.rerank, (rerank["neighbours"], rerank["images"]) if rerank else None)
+    except CaptionerError as exc:
+        raise ServiceError(400, "invalid_option", str(exc)) from None
+    data = read_image_bytes(request)
     with current_app.extensions["captioner"].admission.decoding():
         try:
             max_pixels, size = current_app.config["MAX_PIXELS"], served.transform.config.image_size

