@@ -7,7 +7,7 @@ sentences; the references a caption is judged against are five people's words. A
 Flickr8k keeps a memory of its training photographs: each one's CNN feature averaged over the grid
 (unit length, float16) and its five captions. For a new photograph, the ``neighbours`` training
 photographs with the most similar features are found (cosine), and each of the beam's captions is
-scored by its mean CIDEr-D against their captions (``self_critical.CiderD``, document frequencies
+scored by its mean CIDEr-D against their captions (``metrics.CiderD``, document frequencies
 of the training captions), plus ``LOG_PROB_WEIGHT`` times its mean log-probability per word. The
 caption that the neighbours' people would most nearly have written comes first.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from captioner.decoding import Hypothesis
 from captioner.errors import CaptionerError
-from captioner.self_critical import CiderD
+from captioner.metrics import CiderD
 
 LOG_PROB_WEIGHT = 0.5  # chosen on half of Flickr8k's dev split, checked on the other half (docs/photos.md)
 

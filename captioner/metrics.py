@@ -1,4 +1,5 @@
-"""Standard caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D), computed by pycocoevalcap.
+"""Standard caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D), computed by pycocoevalcap; and
+``CiderD``, CIDEr-D against fixed references, for the many captions that training and re-ranking score.
 
 pycocoevalcap is the reference implementation behind the numbers papers report, so it is used
 exactly as its ``COCOEvalCap.evaluate`` does: PTB-tokenize both sides, then each scorer's
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -27,6 +30,8 @@ METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "ci
 TOKENIZERS = ("ptb", "simple")
 
 _NOT_WORD = re.compile(r"[^\w\s]|_")
+NGRAMS = 4
+SIGMA = 6.0  # CIDEr-D's length penalty: exp(-(len(candidate) - len(reference))^2 / (2 sigma^2))
 
 
 @functools.cache
@@ -215,3 +220,46 @@ def _stop_meteor(scorer: Meteor) -> str:
         proc.stdout.close()
         proc.stderr.close()
     return err.splitlines()[0] if err else ""
+
+
+def _ngrams(words: Sequence[str]) -> list[Counter]:
+    return [Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)) for n in range(1, NGRAMS + 1)]
+
+
+class CiderD:
+    """CIDEr-D of candidate captions against fixed references: pycocoevalcap's (the same n-grams,
+    tf-idf, clipping and length penalty; a test checks the scores are equal), with the document
+    frequencies counted once and each reference's vectors computed once, in pure Python: the
+    self-critical reward of tens of thousands of sampled captions an epoch, and re-ranking's.
+
+    Args:
+        references: for each image, its reference captions as lists of words; the document
+            frequencies are counted over these images.
+    """
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]]):
+        counts = [[_ngrams(ref) for ref in refs] for refs in references]
+        self.df: Counter = Counter()
+        for refs in counts:
+            self.df.update({gram for ref in refs for order in ref for gram in order})
+        self.log_images = math.log(float(len(references)))
+        self.references = [[self._vector(ref, sum(ref[0].values())) for ref in refs] for refs in counts]
+
+    def _vector(self, grams: list[Counter], length: int):
+        """Per n-gram order its tf-idf weights and their norm, and the caption's length."""
+        weights = [
+            {g: tf * (self.log_images - math.log(max(1.0, self.df[g]))) for g, tf in order.items()} for order in grams
+        ]
+        return weights, [math.sqrt(sum(w * w for w in order.values())) for order in weights], length
+
+    def score(self, image: int, words: Sequence[str]) -> float:
+        """CIDEr-D (x 10, as pycocoevalcap reports it) of ``words`` against ``image``'s references."""
+        weights, norms, length = self._vector(_ngrams(words), len(words))
+        total = 0.0
+        for ref_weights, ref_norms, ref_length in self.references[image]:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))
+            for order, ref_order, norm, ref_norm in zip(weights, ref_weights, norms, ref_norms):
+                if norm and ref_norm:
+                    overlap = sum(min(w, ref_order[g]) * ref_order[g] for g, w in order.items() if g in ref_order)
+                    total += overlap / (norm * ref_norm) * penalty
+        return 10.0 * total / NGRAMS / max(len(self.references[image]), 1)

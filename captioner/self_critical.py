@@ -8,32 +8,23 @@ the image's other samples (REINFORCE with the mean of the other samples as the b
 trains on both. The samples are drawn and their log-probabilities computed with dropout off, so the
 gradient is that of the policy that wrote them.
 
-``CiderD`` is pycocoevalcap's CIDEr-D (the same n-grams, tf-idf, clipping and length penalty; a
-test checks the scores are equal), with the document frequencies fixed once from the training
-references and each reference's vectors computed once: a reward for tens of thousands of sampled
-captions an epoch, in pure Python.
+The reward is ``metrics.CiderD``: pycocoevalcap's CIDEr-D with the document frequencies of the
+training references fixed once, fast enough for tens of thousands of sampled captions an epoch.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from captioner.decoding import SpecialIds, generate, next_word_log_probs
+from captioner.metrics import CiderD
 from captioner.options import DecodeOptions
 
-NGRAMS = 4
-SIGMA = 6.0  # CIDEr-D's length penalty: exp(-(len(candidate) - len(reference))^2 / (2 sigma^2))
 SAMPLES = 5  # captions sampled per image: each one's baseline is the mean reward of the other four
-
-
-def _ngrams(words: Sequence[str]) -> list[Counter]:
-    return [Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)) for n in range(1, NGRAMS + 1)]
 
 
 def sample_length(captions, pad: int, share: float = 0.95) -> int:
@@ -42,42 +33,6 @@ def sample_length(captions, pad: int, share: float = 0.95) -> int:
     the references scores little (CIDEr-D's length penalty)."""
     words = ((captions.ids != pad).sum(1) - 2).sort().values  # without <start> and <end>
     return max(1, int(words[math.ceil(share * len(words)) - 1]))
-
-
-class CiderD:
-    """CIDEr-D of candidate captions against fixed references.
-
-    Args:
-        references: for each image, its reference captions as lists of words; the document
-            frequencies are counted over these images.
-    """
-
-    def __init__(self, references: Sequence[Sequence[Sequence[str]]]):
-        counts = [[_ngrams(ref) for ref in refs] for refs in references]
-        self.df: Counter = Counter()
-        for refs in counts:
-            self.df.update({gram for ref in refs for order in ref for gram in order})
-        self.log_images = math.log(float(len(references)))
-        self.references = [[self._vector(ref, sum(ref[0].values())) for ref in refs] for refs in counts]
-
-    def _vector(self, grams: list[Counter], length: int):
-        """Per n-gram order its tf-idf weights and their norm, and the caption's length."""
-        weights = [
-            {g: tf * (self.log_images - math.log(max(1.0, self.df[g]))) for g, tf in order.items()} for order in grams
-        ]
-        return weights, [math.sqrt(sum(w * w for w in order.values())) for order in weights], length
-
-    def score(self, image: int, words: Sequence[str]) -> float:
-        """CIDEr-D (x 10, as pycocoevalcap reports it) of ``words`` against ``image``'s references."""
-        weights, norms, length = self._vector(_ngrams(words), len(words))
-        total = 0.0
-        for ref_weights, ref_norms, ref_length in self.references[image]:
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))
-            for order, ref_order, norm, ref_norm in zip(weights, ref_weights, norms, ref_norms):
-                if norm and ref_norm:
-                    overlap = sum(min(w, ref_order[g]) * ref_order[g] for g, w in order.items() if g in ref_order)
-                    total += overlap / (norm * ref_norm) * penalty
-        return 10.0 * total / NGRAMS / max(len(self.references[image]), 1)
 
 
 def self_critical_epoch(

@@ -38,12 +38,13 @@ from captioner.errors import CaptionerError
 from captioner.evaluation import caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
 from captioner.io import remove_temporaries, strict_json
+from captioner.metrics import CiderD
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
-from captioner.self_critical import CiderD, sample_length, self_critical_epoch
+from captioner.self_critical import sample_length, self_critical_epoch
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
 

@@ -8,7 +8,8 @@ from captioner.decoding import SpecialIds, generate
 from captioner.evaluation import CaptionTensors, caption_loss
 from captioner.options import DecodeOptions
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
-from captioner.self_critical import CiderD, sample_length, self_critical_epoch
+from captioner.metrics import CiderD
+from captioner.self_critical import sample_length, self_critical_epoch
 
 IDS = SpecialIds(start=1, end=2, pad=0, unk=3)
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "grass", "the", "mat"]
