@@ -44,6 +44,8 @@ class CaptionMemory:
     def __init__(self, features: torch.Tensor, captions: Sequence[Sequence[Sequence[str]]], neighbours: int):
         if features.dim() != 2 or len(features) != len(captions) or not captions:
             raise CaptionerError("a caption memory needs one feature and one list of captions per training image")
+        if not torch.isfinite(features).all():
+            raise CaptionerError("a caption memory's features must be finite numbers")
         if not 1 <= neighbours <= len(captions):
             raise CaptionerError(f"a caption memory of {len(captions)} images cannot re-rank by {neighbours} neighbours")
         self.features = F.normalize(features.float(), dim=1).half()
@@ -63,7 +65,8 @@ class CaptionMemory:
         return self.neighbours, len(self.captions)
 
     def to_dict(self) -> dict:
-        return {"features": self.features, "captions": [[" ".join(w) for w in image] for image in self.captions], "neighbours": self.neighbours}
+        captions = [[" ".join(words) for words in image] for image in self.captions]
+        return {"features": self.features, "captions": captions, "neighbours": self.neighbours}
 
     @classmethod
     def from_dict(cls, state: dict) -> CaptionMemory:

@@ -51,6 +51,8 @@ def test_the_memory_averages_each_images_cells_and_refuses_another_encoders_feat
         CaptionMemory(torch.eye(2), [DOG, MAN], neighbours=3)
     with pytest.raises(CaptionerError, match="one feature and one list of captions per training image"):
         CaptionMemory(torch.eye(3), [DOG, MAN], neighbours=1)
+    with pytest.raises(CaptionerError, match="finite"):
+        CaptionMemory(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [DOG, MAN], neighbours=1)
 
 
 @pytest.mark.parametrize(
@@ -93,10 +95,16 @@ def test_training_keeps_the_training_captions_and_the_checkpoint_carries_them(re
     assert model.memory.features.shape == (len(train_records), model.encoder.feature_dim)  # one cell
     assert [" ".join(words) for words in model.memory.captions[0]] == [c.lower().rstrip(".") for c in train_records[0].captions]
     # A memory that does not fit together is a clear error, not a model that half works.
-    state = read_checkpoint(reranking_run / "model.pt")
-    state["caption_memory"]["captions"] = state["caption_memory"]["captions"][:-1]
-    with pytest.raises(CaptionerError, match="does not fit together"):
-        Captioner.from_checkpoint(state)
+    for damage in (
+        lambda memory: memory.update(captions=memory["captions"][:-1]),  # an image without captions
+        lambda memory: memory.update(features=memory["features"][:, :-1]),  # not this encoder's features
+        lambda memory: memory.update(features=memory["features"] * float("inf")),
+        lambda memory: memory.update(captions=[[7] * 5] * len(memory["captions"])),  # not text
+    ):
+        state = read_checkpoint(reranking_run / "model.pt")
+        damage(state["caption_memory"])
+        with pytest.raises(CaptionerError, match="does not fit together"):
+            Captioner.from_checkpoint(state)
 
 
 def test_beam_search_re_ranks_its_own_captions_by_the_memory(reranking_run):

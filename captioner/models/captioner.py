@@ -103,6 +103,8 @@ class Captioner(nn.Module):
             decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
             memory = CaptionMemory.from_dict(state["caption_memory"]) if "caption_memory" in state else None
+            if memory and memory.features.size(1) * decoder.config.cells != encoder.feature_dim:
+                raise CaptionerError("its caption memory's features are not its encoder's")
         except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
         return cls(
