@@ -37,15 +37,15 @@ FLICKR8K = {
     ),
 }
 FLICKR30K = {
-    "1000092795.jpg": (
+    "9100000001.jpg": (
         "Two young guys with shaggy hair look at their hands while hanging out in the yard .",
         "Two young , White males are outside near many bushes .",
     ),
-    "10002456.jpg": (
+    "9100000002.jpg": (
         "Several men in hard hats are operating a giant pulley system .",
         "Workers look down from up above on a piece of equipment .",
     ),
-    "1000268201.jpg": (
+    "9100000003.jpg": (
         "A child in a pink dress is climbing up a set of stairs in an entry way .",
         "A little girl in a pink dress going into a wooden cabin .",
     ),
@@ -130,7 +130,7 @@ def test_flickr30k_token_file_and_kaggle_pipe_csv_give_the_same_records():
     assert table(token) == table(kaggle) == expected(FLICKR30K, "train")
     assert (token.format, kaggle.format) == ("flickr", "csv")
     # Kaggle nests the images: flickr30k_images/results.csv beside flickr30k_images/flickr30k_images/.
-    assert kaggle.records[0].path == (KAGGLE_RESULTS.parent / "flickr30k_images" / "1000092795.jpg").resolve()
+    assert kaggle.records[0].path == (KAGGLE_RESULTS.parent / "flickr30k_images" / "9100000001.jpg").resolve()
     assert token.records[0].path.parent.name == "flickr30k-images"
 
 
