@@ -89,15 +89,15 @@ class CaptionMemory:
             words: the vocabulary's words by id.
             end: the ``<end>`` id.
         """
-        if pooled(features, cells).size(1) != self.features.size(1):
+        query = pooled(features, cells)
+        if query.size(1) != self.features.size(1):
             raise CaptionerError("the caption memory's features do not match this encoder's")
-        query = F.normalize(pooled(features, cells).float(), dim=1).cpu()
+        query = F.normalize(query.float(), dim=1).cpu()
         nearest = (query @ self.features.float().T).topk(neighbours, dim=1).indices.tolist()  # (B, K)
         ranked = []
         for images, hyps in zip(nearest, hypotheses):
             def score(h: Hypothesis) -> float:
-                said = [words[t] for t in h.tokens if t != end]
-                agreement = sum(self.cider.score(j, said) for j in images) / len(images)
+                agreement = self.cider.mean_score(images, [words[t] for t in h.tokens if t != end])
                 return agreement + LOG_PROB_WEIGHT * h.log_prob / max(len(h.tokens), 1)
 
             ranked.append(sorted(hyps, key=score, reverse=True))

@@ -254,7 +254,15 @@ class CiderD:
 
     def score(self, image: int, words: Sequence[str]) -> float:
         """CIDEr-D (x 10, as pycocoevalcap reports it) of ``words`` against ``image``'s references."""
-        weights, norms, length = self._vector(_ngrams(words), len(words))
+        return self.mean_score([image], words)
+
+    def mean_score(self, images: Sequence[int], words: Sequence[str]) -> float:
+        """The mean of ``score`` over ``images``, the caption's own vectors computed once."""
+        candidate = self._vector(_ngrams(words), len(words))
+        return sum(self._against(candidate, image) for image in images) / len(images)
+
+    def _against(self, candidate, image: int) -> float:
+        weights, norms, length = candidate
         total = 0.0
         for ref_weights, ref_norms, ref_length in self.references[image]:
             penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))

@@ -133,7 +133,10 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
             progress=config.progress, shard=(process.rank, process.world_size),
         )  # fmt: skip
         if self_critical:
-            cider = cider or CiderD([[tokenize(c) for c in r.captions] for r in dataset.split("train")])
+            if cider is None:  # the reward's references: the training captions, which a caption memory holds already
+                cider = model.memory.cider if model.memory else CiderD(
+                    [[tokenize(c) for c in r.captions] for r in dataset.split("train")]
+                )
             row |= self_critical_epoch(
                 decoder, train_features, cider, model.vocab.words, optimizer, scaler, ids=model.ids,
                 max_length=sample_length(train_captions, model.vocab.pad), **shared,

@@ -82,9 +82,10 @@ def test_re_ranking_that_cannot_be_done_is_refused_in_one_line():
 
 @pytest.fixture(scope="module")
 def reranking_run(tmp_path_factory, shapes_json, feature_cache):
-    """A tiny shapes model that keeps its 48 training images' captions and re-ranks by 5."""
+    """A tiny shapes model that keeps its 48 training images' captions and re-ranks by 5; its
+    self-critical epoch takes its reward from the same captions."""
     out = tmp_path_factory.mktemp("rerank") / "run"
-    train(tiny_config(shapes_json, out, feature_cache, rerank=5))
+    train(tiny_config(shapes_json, out, feature_cache, rerank=5, self_critical_epochs=1))
     return out
 
 
@@ -92,6 +93,8 @@ def test_training_keeps_the_training_captions_and_the_checkpoint_carries_them(re
     model = Captioner.load(reranking_run / "model.pt")
     train_records = shapes.split("train")
     assert model.memory.summary == (5, len(train_records))
+    last = read_checkpoint(reranking_run / "last.pt")["training"]["history"][-1]
+    assert last["epoch"] == 4 and 0 < last["train_reward"] <= 10  # CIDEr-D's scale
     assert model.memory.features.shape == (len(train_records), model.encoder.feature_dim)  # one cell
     assert [" ".join(words) for words in model.memory.captions[0]] == [c.lower().rstrip(".") for c in train_records[0].captions]
     # A memory that does not fit together is a clear error, not a model that half works.

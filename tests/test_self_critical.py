@@ -30,6 +30,9 @@ def test_cider_d_is_pycocoevalcaps():
     got = [cider.score(i, c) for i, c in enumerate(candidates)]
     assert got == pytest.approx(list(expected), abs=1e-9)
     assert got[3] == 0.0 and max(got) > 1.0
+    # Re-ranking's mean over several images' references is the mean of the scores.
+    images = [0, 5, 17]
+    assert cider.mean_score(images, candidates[5]) == pytest.approx(sum(cider.score(i, candidates[5]) for i in images) / 3)
 
 
 def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers():
