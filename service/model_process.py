@@ -200,7 +200,8 @@ class ModelProcess:
         return future
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Let the batch in progress finish, fail the requests still waiting, end the model process.
+        """Let the batch in progress finish, fail the requests still waiting, end the model process;
+        on return it has exited and been reaped.
 
         Safe to call more than once; also called for every model process still running when the
         interpreter exits.
@@ -221,6 +222,8 @@ class ModelProcess:
         process = self._process
         if process is not None and process.is_alive():
             process.kill()
+            # Killed is not yet gone: the supervisor reaps it and closes the pipe, at once now.
+            self._thread.join(timeout)
         self._fail_pending(NotReady("the service is shutting down"))
 
     def _send(self, message) -> bool:
