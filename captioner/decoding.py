@@ -162,7 +162,8 @@ def _decode_rows(decoder, features, options, ids, generators):
     return hypotheses
 
 
-def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds):
+@torch.inference_mode()
+def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: SpecialIds, keep: int | None = None):
     """Beam search over a whole batch of images at once.
 
     Beams are ranked by length-normalised log-probability (mean per word, i.e. by perplexity).
@@ -175,9 +176,11 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         features: (B, F) image features.
         options: ``beam_size``, ``num_captions``, ``max_length`` and ``explain`` are used.
         ids: the special token ids.
+        keep: how many hypotheses to return, up to ``beam_size`` (default ``num_captions``): the
+            whole beam for re-ranking, which may be wider than the most captions one may ask for.
 
     Returns:
-        For each image, its ``num_captions`` best hypotheses, best first.
+        For each image, its ``keep`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
     memory, state = decoder.start_stepwise(features)  # tensors of (layers, B, H)
@@ -230,7 +233,8 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         tokens = word.view(-1)
     for i, image in enumerate(searching.tolist()):
         done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))
-    return [_best_beams(*done[image], options) for image in range(batch)]
+    keep = options.num_captions if keep is None else keep
+    return [_best_beams(*done[image], keep, options.explain) for image in range(batch)]
 
 
 def _best_continuations(logp, scores, finished, lengths, pad_only):
@@ -250,15 +254,15 @@ def _best_continuations(logp, scores, finished, lengths, pad_only):
     return flat, beam, candidates.view(b, -1).gather(1, flat), new_lengths.gather(1, beam)
 
 
-def _best_beams(scores, lengths, finished, sequences, said, looked, options: DecodeOptions) -> list[Hypothesis]:
+def _best_beams(scores, lengths, finished, sequences, said, looked, keep: int, explain: bool) -> list[Hypothesis]:
     """An image's (k,) beam scores, lengths and finished flags, (k, T) words and, with explain,
-    (k, T) and (k, T, N) histories -> its ``num_captions`` best hypotheses, best first."""
+    (k, T) and (k, T, N) histories -> its ``keep`` best hypotheses, best first."""
     hypotheses = []
     for j in (scores / lengths.clamp(min=1)).argsort(descending=True).tolist():
-        if math.isfinite(scores[j].item()) and len(hypotheses) < options.num_captions:
+        if math.isfinite(scores[j].item()) and len(hypotheses) < keep:
             length = int(lengths[j].item())
             hyp = Hypothesis(sequences[j, :length].tolist(), scores[j].item(), finished=bool(finished[j]))
-            if options.explain:
+            if explain:
                 _attach([hyp], said[j : j + 1], looked[j : j + 1])
             hypotheses.append(hyp)
     return hypotheses

@@ -12,7 +12,7 @@ from captioner.consensus import CaptionMemory, neighbours_for
 from captioner.decoding import Hypothesis
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
-from captioner.options import DecodeOptions
+from captioner.options import MAX_BEAM_SIZE, MAX_CAPTIONS, DecodeOptions
 from captioner.training import train
 from service.app import create_app, stop_app
 from tests.conftest import tiny_config
@@ -127,6 +127,9 @@ def test_beam_search_re_ranks_its_own_captions_by_the_memory(reranking_run):
     # One caption asked for: the best of the whole beam after re-ranking, not of one.
     assert model.generate(features, DecodeOptions(mode="beam"))[0][0].tokens == by_probability[-1].tokens
     assert model.generate(features, DecodeOptions(mode="beam", rerank=0))[0][0].tokens == by_probability[0].tokens
+    # A beam wider than the most captions one may ask for is re-ranked whole all the same.
+    widest = model.generate(features, DecodeOptions(mode="beam", beam_size=MAX_BEAM_SIZE))[0]
+    assert MAX_BEAM_SIZE > MAX_CAPTIONS and [h.tokens for h in widest] == [by_probability[-1].tokens]
 
 
 def test_the_service_names_the_memory_and_refuses_what_the_model_cannot_do(reranking_run, trained_run):

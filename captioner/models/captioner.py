@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from captioner.checkpoint import file_digest, read_checkpoint
 from captioner.consensus import CaptionMemory, neighbours_for
 from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
-from captioner.decoding import Hypothesis, SpecialIds, generate
+from captioner.decoding import Hypothesis, SpecialIds, beam_search, generate
 from captioner.errors import CaptionerError
 from captioner.models.decoder import DecoderConfig, LSTMDecoder
 from captioner.models.encoder import Encoder, EncoderConfig
@@ -163,7 +162,7 @@ class Captioner(nn.Module):
         neighbours = self.rerank_neighbours(options)
         if not neighbours:
             return generate(self.decoder, features, options, self.ids, seeds)
-        beams = generate(self.decoder, features, replace(options, num_captions=options.beam_size), self.ids, seeds)
+        beams = beam_search(self.decoder, features, options, self.ids, keep=options.beam_size)
         ranked = self.memory.rerank(features, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours)
         return [hyps[: options.num_captions] for hyps in ranked]
 
