@@ -24,9 +24,10 @@ mkdir -p "$out"
 # self-critical training on CIDEr-D, the steps in bfloat16 (float32 weights); each epoch's greedy
 # dev scores (to keep the best) on 500 of the 1,000 dev photographs, for time. How these were
 # chosen: docs/photos.md.
-# Captions by beam search of 8, re-ranked by the captions of the 20 training photographs most like
-# each photograph (the model keeps them: captioner/consensus.py); chosen on dev, docs/photos.md.
-decoding=(--mode beam --beam-size 8)
+# Captions by beam search of 16 (the widest), re-ranked by the captions of the 20 training
+# photographs most like each photograph (the model keeps them: captioner/consensus.py); chosen on
+# dev, docs/photos.md.
+decoding=(--mode beam --beam-size 16)
 train_options=(
   --hidden-size 512 --embed-dim 128 --dropout 0.5 --min-count 5 --precision bfloat16
   --epochs 6 --batch-size 64 --lr 2e-3 --self-critical-epochs 1 --self-critical-lr 5e-5 --val-images 500
