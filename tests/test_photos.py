@@ -169,7 +169,8 @@ def test_a_photo_model_trains_on_flickr8k_photographs_and_captions_them(flickr_s
     listing.write_text("\n".join(str(images / name) for name in dev) + "\n")
     out, report = tmp_path / "captions.jsonl", tmp_path / "report.json"
     # Two commands that only read the model: side by side (evaluate's METEOR JVM takes seconds).
-    captioning = _captioner_started("caption", run / "model.pt", listing, "--mode", "beam", "--beam-size", 8, "--output", out)
+    # Captions by the script's decoding: a beam of 16, re-ranked whole.
+    captioning = _captioner_started("caption", run / "model.pt", listing, "--mode", "beam", "--beam-size", 16, "--output", out)
     evaluating = _captioner_started(
         "evaluate", run / "model.pt", "--data", data, "--images", images, "--split", "val", "--output", report
     )
