@@ -144,6 +144,10 @@ def test_the_service_names_the_memory_and_refuses_what_the_model_cannot_do(reran
             answer = client.post("/v1/captions?mode=beam&rerank=3", data=png.getvalue(), content_type="image/png")
             if card:
                 assert answer.status_code == 200, answer.get_json()
+                # The widest beam, wider than the most captions one may ask for (was a 500).
+                widest = f"/v1/captions?mode=beam&beam_size={MAX_BEAM_SIZE}&num_captions={MAX_CAPTIONS}"
+                answer = client.post(widest, data=png.getvalue(), content_type="image/png")
+                assert answer.status_code == 200 and len(answer.get_json()["captions"]) == MAX_CAPTIONS, answer.get_json()
             else:
                 assert answer.status_code == 400
                 assert answer.get_json()["error"]["code"] == "invalid_option"
