@@ -62,7 +62,7 @@ def generate(decoder, features: torch.Tensor, options: DecodeOptions, ids: Speci
     """Captions for a batch of image features.
 
     Args:
-        decoder: an ``LSTMDecoder`` (``start`` and ``step``).
+        decoder: an ``AttentionDecoder`` (``start`` and ``step``).
         features: (B, F) image features.
         options: how to decode.
         ids: the special token ids.
@@ -124,10 +124,10 @@ def _decode_rows(decoder, features, options, ids, generators):
     log_prob = torch.zeros(n_rows, device=device)
     if options.explain:  # per row and step, the word's log-probability and the attention it was said with
         said = torch.zeros(n_rows, length, device=device)
-        looked = torch.zeros(n_rows, length, state[-1].size(-1), device=device)
+        looked = torch.zeros(n_rows, length, state.coverage.size(-1), device=device)
     active = torch.arange(n_rows, device=device)  # the rows still writing, in order
     for t in range(length):
-        coverage = state[-1][0]  # (A, cells): the attention each cell has had before this step
+        coverage = state.coverage[0]  # (A, cells): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = next_word_log_probs(logits, ids)  # (A, V)
         if generators is None:
@@ -144,14 +144,14 @@ def _decode_rows(decoder, features, options, ids, generators):
         words[:, t].index_copy_(0, active, word)
         if options.explain:
             said[:, t].index_copy_(0, active, chosen)
-            looked[:, t].index_copy_(0, active, state[-1][0] - coverage)  # this step's attention weights
+            looked[:, t].index_copy_(0, active, state.coverage[0] - coverage)  # this step's attention weights
         writing = word != ids.end
         if not writing.all():
             if not writing.any():
                 break
             kept = writing.nonzero().squeeze(1)
             active, word, memory = active[kept], word[kept], memory.rows(kept)
-            state = tuple(s.index_select(1, kept) for s in state)
+            state = state.rows(kept)
         tokens = word
     hypotheses = [
         Hypothesis(_trim(row, ids.end), float(lp), finished=ids.end in row)
@@ -172,7 +172,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     captions. With beam_size 1 this is exactly greedy decoding.
 
     Args:
-        decoder: an ``LSTMDecoder``.
+        decoder: an ``AttentionDecoder``.
         features: (B, F) image features.
         options: ``beam_size``, ``num_captions``, ``max_length`` and ``explain`` are used.
         ids: the special token ids.
@@ -183,18 +183,18 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         For each image, its ``keep`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
-    memory, state = decoder.start_stepwise(features)  # tensors of (layers, B, H)
+    memory, state = decoder.start_stepwise(features)
     # Row r of the beams always belongs to image r // k, so the memory is only ever reordered
     # when a finished image leaves the batch.
     memory = memory.rows(torch.arange(batch, device=device).repeat_interleave(k))  # B*k rows
-    state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # (layers, B*k, H)
+    state = state.repeat(k)  # B*k rows
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so they do not duplicate each other
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, k, device=device)
     sequences = torch.empty(batch, k, 0, dtype=torch.long, device=device)
     # With explain, each beam's history of word log-probabilities (B, k, T) and attention (B, k, T, N).
-    said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state[-1].size(-1), device=device)
+    said, looked = torch.empty(batch, k, 0, device=device), torch.empty(batch, k, 0, state.coverage.size(-1), device=device)
     tokens = torch.full((batch * k,), ids.start, dtype=torch.long, device=device)
     first_rows = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1) the row of each image's first beam
     # A finished beam's one continuation, <pad>, at no cost: 0 there, -inf elsewhere.
@@ -204,7 +204,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
     done: dict[int, tuple] = {}  # image -> its final beams (scores, lengths, finished, words, said, looked)
     for _ in range(options.max_length):
         b = len(searching)
-        coverage = state[-1][0]  # (b*k, N): the attention each cell has had before this step
+        coverage = state.coverage[0]  # (b*k, N): the attention each cell has had before this step
         logits, state = decoder.step(tokens, state, memory)
         logp = next_word_log_probs(logits, ids).view(b, k, -1)  # (b, k, V)
         flat, beam, scores, lengths = _best_continuations(logp, scores, finished, lengths, pad_only)
@@ -214,7 +214,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         sequences = _extend(sequences, beam, word)
         if options.explain:
             said = _extend(said, beam, logp.view(b, -1).gather(1, flat))
-            attention = (state[-1][0] - coverage).view(b, k, -1)  # (b, k, N) of the beams before
+            attention = (state.coverage[0] - coverage).view(b, k, -1)  # (b, k, N) of the beams before
             looked = _extend(looked, beam, attention.gather(1, beam.unsqueeze(-1).expand_as(attention)))
         finished = was_finished | (word == ids.end)
         rows = beam + first_rows[:b]  # (b, k) the state each beam continues
@@ -229,7 +229,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
             sequences, said, looked, rows, word = sequences[going], said[going], looked[going], rows[going], word[going]
             memory = memory.rows(going.repeat_interleave(k))
         rows = rows.view(-1)
-        state = tuple(s.index_select(1, rows) for s in state)
+        state = state.rows(rows)
         tokens = word.view(-1)
     for i, image in enumerate(searching.tolist()):
         done.setdefault(image, (scores[i], lengths[i], finished[i], sequences[i], said[i], looked[i]))

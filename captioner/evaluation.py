@@ -17,7 +17,7 @@ from captioner.data.vocab import Vocabulary, tokenize
 from captioner.features import compute_features
 from captioner.metrics import caption_metrics, java_available
 from captioner.models.captioner import Captioner
-from captioner.models.decoder import LSTMDecoder
+from captioner.models.decoder import AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import COLOURS, GRID, SHAPES, Scene, check_caption, parse_holdout
 
@@ -45,7 +45,7 @@ def encode_captions(records: Sequence[ImageRecord], vocab: Vocabulary, max_lengt
     return CaptionTensors(padded, torch.tensor(index))
 
 
-def caption_loss(decoder: LSTMDecoder, features: torch.Tensor, ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
+def caption_loss(decoder: AttentionDecoder, features: torch.Tensor, ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of next-word prediction under teacher forcing, and the number of words.
 
     Padding is masked out, so a batch's loss does not depend on how it was padded.

@@ -1,7 +1,7 @@
 """Looking inside the decoder: where it looked for each word, what its gates and cells do, and
 how gradients flow back through time.
 
-Everything is measured by replaying the decoder on a caption with a trace (``LSTMDecoder.run``'s
+Everything is measured by replaying the decoder on a caption with a trace (``AttentionDecoder.run``'s
 ``trace``): the language layer then runs unrolled by its equations (``models.recurrent.unroll``),
 so its gates, cell states and every step's hidden state are there to read and to differentiate.
 Training and captioning never pay for it.

@@ -40,7 +40,7 @@ from captioner.features import cached_features, default_cache_dir
 from captioner.io import remove_temporaries, strict_json
 from captioner.metrics import CiderD
 from captioner.models.captioner import Captioner
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
 from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
@@ -332,7 +332,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         cell=config.cell,
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
     )
-    decoder = LSTMDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
+    decoder = AttentionDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
     return Captioner(encoder, decoder, vocab, embedding=info, data=dataset.summary())
 
 

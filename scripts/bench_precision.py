@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.evaluation import CaptionTensors  # noqa: E402
-from captioner.models.decoder import DecoderConfig, LSTMDecoder  # noqa: E402
+from captioner.models.decoder import DecoderConfig, AttentionDecoder  # noqa: E402
 from captioner.training import train_one_epoch  # noqa: E402
 
 PAD, START, END = 0, 1, 2
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         feature_dim=args.channels * args.cells, vocab_size=args.vocab_size, embed_dim=128, cells=args.cells,
         hidden_size=args.hidden_size, dropout=0.5,
     )  # fmt: skip
-    decoder = LSTMDecoder(config, torch.randn(args.vocab_size, 128), pad_id=PAD)
+    decoder = AttentionDecoder(config, torch.randn(args.vocab_size, 128), pad_id=PAD)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-4)
     count = args.batches * args.batch_size
     features = torch.rand(count // 5 + 1, config.feature_dim)

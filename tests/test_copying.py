@@ -11,7 +11,7 @@ import torch
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import SpecialIds, generate
 from captioner.evaluation import encode_captions
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import GRID, Scene, check_caption, describe_scene, sample_scene
 from captioner.shapes.pretraining import CELL_CLASSES, cell_labels
@@ -30,14 +30,14 @@ def perfect_features(scenes: list[Scene]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def train_decoder(copying: bool, scenes, captions, vocab, epochs=12) -> LSTMDecoder:
+def train_decoder(copying: bool, scenes, captions, vocab, epochs=12) -> AttentionDecoder:
     torch.manual_seed(0)
     features = perfect_features(scenes)
     config = DecoderConfig(
         feature_dim=features.size(1), vocab_size=len(vocab), embed_dim=16, cells=GRID * GRID, hidden_size=48,
         dropout=0.0, copy_ids=copy_ids(CELL_CLASSES, vocab) if copying else (),
     )  # fmt: skip
-    decoder = LSTMDecoder(config, torch.randn(len(vocab), 16), pad_id=vocab.pad)
+    decoder = AttentionDecoder(config, torch.randn(len(vocab), 16), pad_id=vocab.pad)
     records = [SimpleNamespace(captions=c) for c in captions]  # all encode_captions reads
     tensors = encode_captions(records, vocab, 30)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)

@@ -4,7 +4,7 @@ import torch
 from captioner.decoding import SpecialIds, beam_search, generate
 from captioner.options import DecodeOptions
 from captioner.errors import CaptionerError
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 
 IDS = SpecialIds(start=1, end=2, pad=0)
 VOCAB = 12
@@ -14,7 +14,7 @@ VOCAB = 12
 def decoder():
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=8, vocab_size=VOCAB, embed_dim=6, hidden_size=16, num_layers=2, dropout=0.0)
-    return LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    return AttentionDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_decoder_knows_where_each_cell_is():
     # the order of cells: a scene and its mirror image would get the same caption.
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
-    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    decoder = AttentionDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
     cells = torch.randn(1, 4, 9)  # channel-major, as the encoder lays out its grid
     mirrored = cells.view(1, 4, 3, 3).flip(-1).reshape(1, 4, 9)
     tokens = torch.tensor([[IDS.start, 5, 6]])
@@ -137,7 +137,7 @@ def test_attention_remembers_where_it_looked():
     # every word after it.
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
-    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    decoder = AttentionDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
     features, tokens = torch.randn(2, 4 * 9), torch.tensor([[IDS.start, 5, 6, 7]] * 2)
     with torch.no_grad():
         decoder.attention.coverage_weight.normal_()
@@ -156,7 +156,7 @@ def test_one_step_at_a_time_equals_teacher_forcing():
     # Generation carries the attention's context and coverage in the state from step to step.
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * 9, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
-    decoder = LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    decoder = AttentionDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
     torch.nn.init.normal_(decoder.attention.coverage_weight)
     features, tokens = torch.randn(3, 4 * 9), torch.randint(3, VOCAB, (3, 6))
     with torch.no_grad():
@@ -190,7 +190,7 @@ def attending_decoder():
     """A decoder over a 3 x 3 grid of cells, so that attention has somewhere to choose."""
     torch.manual_seed(2)
     config = DecoderConfig(feature_dim=9 * 4, vocab_size=VOCAB, embed_dim=6, cells=9, hidden_size=16, dropout=0.0)
-    return LSTMDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
+    return AttentionDecoder(config, torch.randn(VOCAB, 6), pad_id=IDS.pad).eval()
 
 
 @pytest.mark.parametrize("options", MODES, ids=lambda o: o.mode)

@@ -16,7 +16,7 @@ from captioner.inspection import (
     word_properties,
 )
 from captioner.models.captioner import Captioner
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.recurrent import recurrent_layer, run_layer, unroll
 from captioner.training import train
 from tests.conftest import tiny_config
@@ -26,7 +26,7 @@ def tiny_decoder(cell="lstm", layers=1, cells=9, copy_ids=()):
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=4 * cells, vocab_size=12, embed_dim=6, cells=cells, hidden_size=16,
                            num_layers=layers, dropout=0.0, cell=cell, copy_ids=copy_ids)  # fmt: skip
-    return LSTMDecoder(config, torch.randn(12, 6), pad_id=0).eval()
+    return AttentionDecoder(config, torch.randn(12, 6), pad_id=0).eval()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -73,7 +73,7 @@ def test_a_trace_changes_no_output(cell):
 def test_checkpoints_from_before_the_cell_option_are_lstms():
     config = tiny_decoder().config.to_dict()
     del config["cell"]
-    decoder = LSTMDecoder(DecoderConfig(**config), torch.randn(12, 6), pad_id=0)
+    decoder = AttentionDecoder(DecoderConfig(**config), torch.randn(12, 6), pad_id=0)
     assert isinstance(decoder.language_lstm, torch.nn.LSTM) and isinstance(decoder.word_lstm, torch.nn.LSTM)
     assert "language_lstm.weight_hh_l0" in decoder.state_dict()  # the weight names checkpoints hold
 
@@ -133,9 +133,8 @@ def test_decoder_gradients_through_time_match_autograd_through_the_fused_lstm():
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T)
     norms = gradient_norms(losses, record["hidden"])
     # Independently: the fused nn.LSTM run on from (h_k, c_k), differentiated by autograd.
-    word_h, word_c, _, _, context, coverage = state
-    queries, _, _ = run_layer(decoder.word_lstm, decoder.embed(ids[:, :-1]), word_h, word_c)
-    contexts = decoder.attention(queries, memory[..., :16], context[0], coverage[0])[0]
+    queries, _, _ = run_layer(decoder.word_lstm, decoder.embed(ids[:, :-1]), state.word_h, state.word_c)
+    contexts = decoder.attention(queries, memory.keys, state.context[0], state.coverage[0])[0]
     inputs = torch.cat([queries, contexts], dim=-1).detach()
     for t in range(5):
         for k in range(t + 1):

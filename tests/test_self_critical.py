@@ -7,7 +7,7 @@ from pycocoevalcap.cider.cider import Cider
 from captioner.decoding import SpecialIds, generate
 from captioner.evaluation import CaptionTensors, caption_loss
 from captioner.options import DecodeOptions
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.metrics import CiderD
 from captioner.self_critical import sample_length, self_critical_epoch
 
@@ -41,7 +41,7 @@ def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers
     one: the reward of its samples rises and greedy decoding says it."""
     torch.manual_seed(0)
     config = DecoderConfig(feature_dim=8, vocab_size=len(WORDS), embed_dim=6, hidden_size=32, dropout=0.0)
-    decoder = LSTMDecoder(config, torch.randn(len(WORDS), 6), pad_id=IDS.pad)
+    decoder = AttentionDecoder(config, torch.randn(len(WORDS), 6), pad_id=IDS.pad)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
     kinds = torch.eye(8)[:2]
     captions = [["a", "dog", "runs", "on", "grass"], ["the", "cat", "sits", "on", "the", "mat"]]

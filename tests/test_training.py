@@ -10,7 +10,7 @@ from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
-from captioner.models.decoder import LSTMDecoder
+from captioner.models.decoder import AttentionDecoder
 from captioner.evaluation import encode_captions, evaluate_loss
 from captioner.training import train, train_one_epoch
 
@@ -40,7 +40,7 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
     features = cached_features(model.encoder, [r.path for r in val], cache_dir=feature_cache, device=torch.device("cpu"))
     captions = encode_captions(val, model.vocab, 30)
     torch.manual_seed(0)
-    untrained = LSTMDecoder(model.decoder.config, model.decoder.embed.weight, model.vocab.pad)
+    untrained = AttentionDecoder(model.decoder.config, model.decoder.embed.weight, model.vocab.pad)
     args = dict(pad=model.vocab.pad, batch_size=64, device=torch.device("cpu"))
     trained_ppl = evaluate_loss(model.decoder, features, captions, **args)["perplexity"]
     untrained_ppl = evaluate_loss(untrained, features, captions, **args)["perplexity"]

@@ -17,7 +17,7 @@ from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Hypothesis, SpecialIds, beam_search, generate
 from captioner.errors import CaptionerError
-from captioner.models.decoder import DecoderConfig, LSTMDecoder
+from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import DecodeOptions
 
@@ -45,7 +45,7 @@ class Captioner(nn.Module):
     def __init__(
         self,
         encoder: Encoder,
-        decoder: LSTMDecoder,
+        decoder: AttentionDecoder,
         vocab: Vocabulary,
         *,
         embedding: dict | None = None,
@@ -99,7 +99,7 @@ class Captioner(nn.Module):
             encoder.pretraining = state["encoder"].get("pretraining", {})
             encoder.int8_calibration = state["encoder"].get("int8_calibration", {})
             decoder_state = state["decoder"]["state_dict"]
-            decoder = LSTMDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
+            decoder = AttentionDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
             memory = CaptionMemory.from_dict(state["caption_memory"]) if "caption_memory" in state else None
             if memory and memory.features.size(1) * decoder.config.cells != encoder.feature_dim:

@@ -1,4 +1,4 @@
-"""The LSTM decoder: image features -> initial state, then one word at a time, attending to the image.
+"""The attention decoder: image features -> initial state, then one word at a time, attending to the image.
 
 The image sets the LSTMs' initial states (Show and Tell; Karpathy & Fei-Fei) and, at every step,
 soft attention over the cells of the CNN's pooled feature map feeds the language LSTM what it
@@ -31,18 +31,49 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from captioner.errors import CaptionerError
 from captioner.models.recurrent import recurrent_layer, run_layer, unroll
 from captioner.options import CELLS
 
-# (word h, word c, language h, language c, context, coverage), each (layers or 1, B, H or cells):
-# every tensor has the batch in dimension 1, so beam search reorders them all alike.
-State = tuple[torch.Tensor, ...]
+class DecoderState(NamedTuple):
+    """The recurrent state between words. Every tensor has the batch in dimension 1, so that
+    beam search and finished captions reorder them all alike (``rows``)."""
+
+    word_h: torch.Tensor  # (1, B, H) the word LSTM's
+    word_c: torch.Tensor  # (1, B, H)
+    h: torch.Tensor  # (L, B, H) the language LSTM's
+    c: torch.Tensor  # (L, B, H)
+    context: torch.Tensor  # (1, B, H) what attention read at the last step (fed to the next query)
+    coverage: torch.Tensor  # (1, B, N) the attention each cell has had so far
+
+    def rows(self, index: torch.Tensor) -> DecoderState:
+        """The state of the rows ``index`` selects, in that order."""
+        return DecoderState(*(x.index_select(1, index) for x in self))
+
+    def repeat(self, k: int) -> DecoderState:
+        """Each row ``k`` times in a row (the beams of an image)."""
+        return DecoderState(*(x.repeat_interleave(k, dim=1) for x in self))
+
+
+class Memory(NamedTuple):
+    """What the decoder reads of each image at every word (``AttentionDecoder.start``)."""
+
+    keys: torch.Tensor  # (B, N, H) what attention reads from each cell
+    cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
+    # With concepts: (B, V) the log-probability of each word that the classifier's concepts say
+    # (``_Concepts``), and (B, 1) the probability of the likeliest one; else (B, 0) each.
+    concept_words: torch.Tensor
+    concept_confidence: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> Memory:
+        """The memory of the images ``index`` selects, in that order."""
+        return Memory(*(x.index_select(0, index) for x in self))
 
 
 class StepMemory(NamedTuple):
-    """What generation reads at every step (``LSTMDecoder.start_stepwise``): of each image, and of
+    """What generation reads at every step (``AttentionDecoder.start_stepwise``): of each image, and of
     the weights, laid out once per batch so that a step makes fewer operations."""
 
     keys: torch.Tensor  # (B, N, H) what attention reads from each cell
@@ -53,14 +84,20 @@ class StepMemory(NamedTuple):
     # and its share of the language LSTM's gates (biases included), one product instead of two.
     query_weight: torch.Tensor
     query_bias: torch.Tensor
+    concept_words: torch.Tensor  # (B, V) and (B, 1), as in ``Memory``
+    concept_confidence: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> StepMemory:
         """The memory of the images ``index`` selects (a mask or indices), in that order."""
         if index.dtype == torch.bool:
             index = index.nonzero().squeeze(1)
         # index_select: a third to a half of the time of advanced indexing for these gathers.
-        keys, gates, cells = (x.index_select(0, index) for x in (self.keys, self.context_gates, self.cells))
-        return self._replace(keys=keys, context_gates=gates, cells=cells)
+        per_image = ("keys", "context_gates", "cells", "concept_words", "concept_confidence")
+        return self._replace(**{name: getattr(self, name).index_select(0, index) for name in per_image})
+
+    def read(self) -> Memory:
+        """The per-image part, as ``AttentionDecoder.run`` reads it."""
+        return Memory(self.keys, self.cells, self.concept_words, self.concept_confidence)
 
 
 @dataclass(frozen=True)
@@ -78,27 +115,42 @@ class DecoderConfig:
     # for "nothing here"): words said by copying them from the attended cell. Empty: no copying.
     copy_ids: tuple[tuple[int, ...], ...] = ()
     cell: str = "lstm"  # the recurrent cell of both layers; checkpoints before it was chosen are LSTMs
+    # Per class of the encoder's ImageNet classifier, the vocabulary id of its word (-1: unmapped;
+    # ``captioner.models.concepts``): the last len(concept_ids) features are the class
+    # probabilities, which the decoder reads and can copy words from. Empty: no concepts.
+    concept_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "copy_ids", tuple(tuple(group) for group in self.copy_ids))
+        object.__setattr__(self, "concept_ids", tuple(self.concept_ids))
         if self.cell not in CELLS:
             raise CaptionerError(f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
             raise CaptionerError("hidden size and layers must be positive and dropout in [0, 1)")
-        if self.cells < 1 or self.feature_dim % self.cells:
-            raise CaptionerError(f"a {self.feature_dim}-d feature cannot be split into {self.cells} cells")
+        if self.cells < 1 or self.grid_dim < 1 or self.grid_dim % self.cells:
+            raise CaptionerError(f"a {self.grid_dim}-d feature cannot be split into {self.cells} cells")
+        if self.copy_ids and self.concept_ids:
+            raise CaptionerError("a decoder copies either a cell head's class names or concepts, not both")
+        if any(not -1 <= i < self.vocab_size for i in self.concept_ids):
+            raise CaptionerError("every concept's word must be a word of the vocabulary (or -1)")
         words = [i for group in self.copy_ids for i in group if i >= 0]
-        if self.copy_ids and sum(map(len, self.copy_ids)) * self.cells != self.feature_dim:
+        if self.copy_ids and sum(map(len, self.copy_ids)) * self.cells != self.grid_dim:
             raise CaptionerError("copying needs one feature per class of the cell head in every cell")
         if len(words) != len(set(words)) or any(not 0 <= i < self.vocab_size for i in words):
             raise CaptionerError("every copied word must be a distinct word of the vocabulary")
 
+    @property
+    def grid_dim(self) -> int:
+        """The features' cells, all together: what comes before the concepts."""
+        return self.feature_dim - len(self.concept_ids)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "copy_ids": [list(group) for group in self.copy_ids]}
+        return {**asdict(self), "copy_ids": [list(group) for group in self.copy_ids], "concept_ids": list(self.concept_ids)}
 
 
-class LSTMDecoder(nn.Module):
-    """Generates a caption from an image feature.
+class AttentionDecoder(nn.Module):
+    """Generates a caption from an image feature: two recurrent layers (LSTM, GRU or plain RNN)
+    with attention over the image's cells between them.
 
     Args:
         config: sizes.
@@ -113,7 +165,7 @@ class LSTMDecoder(nn.Module):
                 f"embedding is {tuple(embedding.shape)}, expected ({config.vocab_size}, {config.embed_dim})"
             )
         self.config = config
-        hidden, cell_dim = config.hidden_size, config.feature_dim // config.cells
+        hidden, cell_dim = config.hidden_size, config.grid_dim // config.cells
         # Frozen word2vec vectors: no gradient, so never in the optimizer either.
         self.embed = nn.Embedding.from_pretrained(embedding.float(), freeze=True, padding_idx=pad_id)
         self.feature_norm = nn.LayerNorm(cell_dim)
@@ -132,34 +184,44 @@ class LSTMDecoder(nn.Module):
         self.init_state = nn.Linear(cell_dim, 2 * (1 + config.num_layers) * hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.copy = _Copy(config.copy_ids, config.vocab_size) if config.copy_ids else None
+        init_size = 2 * (1 + config.num_layers) * hidden
+        self.concepts = _Concepts(config.concept_ids, config.vocab_size, config.embed_dim, hidden, init_size) if config.concept_ids else None
         self.out = nn.Linear(hidden, config.vocab_size + len(config.copy_ids))  # + a slot per copied group
 
-    def start(self, features: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """(B, F) image features -> memory (B, N, H + C) and the initial state.
+    def start(self, features: torch.Tensor) -> tuple[Memory, DecoderState]:
+        """(B, F) image features -> what is read of them at every word, and the initial state.
 
         The memory holds, per cell, what attention reads (H) and, for a copying decoder, the
-        probability of each class name the cell holds (C: ``_Copy.cell_words``), else its features.
+        probability of each class name the cell holds (C: ``_Copy.cell_words``), else its
+        features; with concepts, the words they say.
         """
         batch, cells = features.size(0), self.config.cells
-        cell_features = features.view(batch, -1, cells).transpose(1, 2)  # (B, N, C)
+        grid, classes = features.split([self.config.grid_dim, len(self.config.concept_ids)], dim=1)
+        cell_features = grid.reshape(batch, -1, cells).transpose(1, 2)  # (B, N, C)
         x = self.dropout(self.feature_norm(cell_features))
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
-        init = torch.tanh(self.init_state(x.mean(dim=1))).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
+        init = self.init_state(x.mean(dim=1))  # (B, 2 * (1+L) * H)
+        concept_words = concept_confidence = features.new_zeros(batch, 0)
+        if self.concepts is not None:
+            concept_words, concept_confidence = self.concepts.words(classes.float())
+            init = init + self.concepts.init(self.concepts.summary(concept_words, self.embed.weight).to(init.dtype))
+        init = torch.tanh(init).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
         keys = self.memory(x) + self.position(self.coordinates)  # (B, N, H)
         context, coverage = keys.new_zeros(1, batch, hidden), keys.new_zeros(1, batch, cells)
         if self.copy is not None:  # computed once per image, not at every step
             cell_features = self.copy.cell_words(cell_features.float())  # (B, N, L)
-        memory = torch.cat([keys, cell_features.to(keys.dtype)], dim=-1)  # (B, N, H + C)
-        return memory, (h[:1], c[:1], h[1:], c[1:], context, coverage)
+        memory = Memory(keys, cell_features.to(keys.dtype), concept_words, concept_confidence)
+        return memory, DecoderState(h[:1], c[:1], h[1:], c[1:], context, coverage)
 
-    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, State]:
+    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, DecoderState]:
         """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
         memory, state = self.start(features)
-        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
+        keys, cell_features = memory.keys, memory.cells
+        concepts = (memory.concept_words, memory.concept_confidence)
         if self.config.cell != "lstm":  # a GRU or RNN (the lecture's comparison) steps through run: no gates kept
             nothing = keys.new_zeros(0)
-            return StepMemory(keys, keys[..., :0], cell_features, nothing, nothing, nothing), state
+            return StepMemory(keys, keys[..., :0], cell_features, nothing, nothing, nothing, *concepts), state
         # The language LSTM's gates take the context, a weighted sum of keys: the same weighted
         # sum of each key's share of the gates, computed once here, saves most of a matrix
         # product at every generated word.
@@ -170,32 +232,32 @@ class LSTMDecoder(nn.Module):
         lstm, query = self.language_lstm, self.attention.query
         query_weight = torch.cat([query.weight, lstm.weight_ih_l0[:, : self.config.hidden_size]]).T.contiguous()
         query_bias = torch.cat([query.bias, lstm.bias_ih_l0 + lstm.bias_hh_l0])
-        return StepMemory(keys, context_gates, cell_features, word_gates, query_weight, query_bias), state
+        return StepMemory(keys, context_gates, cell_features, word_gates, query_weight, query_bias, *concepts), state
 
     def run(
-        self, tokens: torch.Tensor, state: State, memory: torch.Tensor, trace: dict | None = None
-    ) -> tuple[torch.Tensor, State]:
+        self, tokens: torch.Tensor, state: DecoderState, memory: Memory, trace: dict | None = None
+    ) -> tuple[torch.Tensor, DecoderState]:
         """(B, T) input ids from ``state`` -> (B, T, V) next-word logits and the state after them.
 
-        With copying the logits are log-probabilities (their softmax is themselves). ``trace``, a
+        With copying or concepts the logits are log-probabilities (their softmax is themselves). ``trace``, a
         dict, asks to look inside (``captioner.inspection``): the language layer then runs unrolled
         by its equations, and the dict receives the (B, T, N) ``attention`` and that layer's
         ``gates``, ``cell`` and ``hidden`` (see ``recurrent.unroll``). Without it nothing changes.
         """
-        word_h, word_c, h, c, context, coverage = state
-        keys, cell_features = memory.split([self.config.hidden_size, memory.size(-1) - self.config.hidden_size], -1)
-        queries, word_h, word_c = run_layer(self.word_lstm, self.embed(tokens), word_h, word_c)  # (B, T, H)
-        contexts, weights, context, coverage = self.attention(queries, keys, context[0], coverage[0])
+        queries, word_h, word_c = run_layer(self.word_lstm, self.embed(tokens), state.word_h, state.word_c)  # (B, T, H)
+        contexts, weights, context, coverage = self.attention(queries, memory.keys, state.context[0], state.coverage[0])
         inputs = torch.cat([queries, contexts], dim=-1)  # (B, T, 2H)
         if trace is None:
-            x, h, c = run_layer(self.language_lstm, inputs, h, c)
+            x, h, c = run_layer(self.language_lstm, inputs, state.h, state.c)
         else:
-            x, h, c = unroll(self.language_lstm, inputs, h, c, trace)
+            x, h, c = unroll(self.language_lstm, inputs, state.h, state.c, trace)
             trace["attention"] = weights
         logits = self.out(self.dropout(x))  # (B, T, V + slots)
         if self.copy is not None:
-            logits = self.copy(logits, weights, cell_features)
-        return logits, (word_h, word_c, h, c, context[None], coverage[None])
+            logits = self.copy(logits, weights, memory.cells)
+        elif self.concepts is not None:
+            logits = self.concepts(logits, x, memory.concept_words.unsqueeze(1), memory.concept_confidence.unsqueeze(1))
+        return logits, DecoderState(word_h, word_c, h, c, context[None], coverage[None])
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, repeats: int = 1) -> torch.Tensor:
         """Teacher forcing: (B, F) features and (B * repeats, T) input ids -> (B * repeats, T, V)
@@ -203,11 +265,10 @@ class LSTMDecoder(nn.Module):
         is read from them (the memory, the initial state) is computed once."""
         memory, state = self.start(features)
         if repeats > 1:
-            rows = torch.arange(features.size(0), device=features.device).repeat_interleave(repeats)
-            memory, state = memory.index_select(0, rows), tuple(s.index_select(1, rows) for s in state)
+            memory, state = memory.rows(torch.arange(features.size(0), device=features.device).repeat_interleave(repeats)), state.repeat(repeats)
         return self.run(tokens, state, memory)[0]
 
-    def step(self, tokens: torch.Tensor, state: State, memory: StepMemory) -> tuple[torch.Tensor, State]:
+    def step(self, tokens: torch.Tensor, state: DecoderState, memory: StepMemory) -> tuple[torch.Tensor, DecoderState]:
         """One word: (B,) last ids -> (B, V) next-word logits and the new state (memory and the
         first state from ``start_stepwise``).
 
@@ -218,18 +279,16 @@ class LSTMDecoder(nn.Module):
         ``start_stepwise``'s precomputed gates).
         """
         if self.config.cell != "lstm":
-            keys, cells = memory.keys, memory.cells
-            logits, state = self.run(tokens.unsqueeze(1), state, torch.cat([keys, cells.to(keys.dtype)], dim=-1))
+            logits, state = self.run(tokens.unsqueeze(1), state, memory.read())
             return logits.squeeze(1), state
-        word_h, word_c, h, c, context, coverage = state
-        keys, context_gates, cell_features, word_gates, query_weight, query_bias = memory
-        word_gates = torch.addmm(word_gates.index_select(0, tokens), word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
-        query, word_c = _lstm_from_gates(word_gates, word_c[0])  # (B, H)
-        projected = torch.addmm(query_bias, query, query_weight)  # (B, H + 4H)
+        h, c = state.h, state.c
+        word_gates = torch.addmm(memory.word_gates.index_select(0, tokens), state.word_h[0], self.word_lstm.weight_hh_l0.T)  # (B, 4H)
+        query, word_c = _lstm_from_gates(word_gates, state.word_c[0])  # (B, H)
+        projected = torch.addmm(memory.query_bias, query, memory.query_weight)  # (B, H + 4H)
         hidden = self.config.hidden_size
-        context, weights, coverage = self.attention.step(projected[:, :hidden], keys, context[0], coverage[0])
+        context, weights, coverage = self.attention.step(projected[:, :hidden], memory.keys, state.context[0], state.coverage[0])
         gates = torch.addmm(projected[:, hidden:], h[0], self.language_lstm.weight_hh_l0.T)
-        gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), context_gates).squeeze(1)  # (B, 4H)
+        gates = gates.unsqueeze(1).baddbmm(weights.unsqueeze(1), memory.context_gates).squeeze(1)  # (B, 4H)
         x, c_layer = _lstm_from_gates(gates, c[0])
         if self.config.num_layers == 1:
             h, c = x.unsqueeze(0), c_layer.unsqueeze(0)
@@ -242,8 +301,10 @@ class LSTMDecoder(nn.Module):
             h, c = torch.stack(hs), torch.stack(cs)
         logits = self.out(x)  # (B, V + slots); dropout is off in generation
         if self.copy is not None:
-            logits = self.copy(logits, weights, cell_features)
-        return logits, (query.unsqueeze(0), word_c.unsqueeze(0), h, c, context.unsqueeze(0), coverage.unsqueeze(0))
+            logits = self.copy(logits, weights, memory.cells)
+        elif self.concepts is not None:
+            logits = self.concepts(logits, x, memory.concept_words, memory.concept_confidence)
+        return logits, DecoderState(query.unsqueeze(0), word_c.unsqueeze(0), h, c, context.unsqueeze(0), coverage.unsqueeze(0))
 
 
 def _lstm_cell(lstm: nn.LSTM, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
@@ -349,3 +410,46 @@ class _Copy(nn.Module):
         out = log_p[..., : self.vocab_size].scatter(-1, self.words.expand_as(copied), slots + copied)
         # Attention on cells with nothing named loses its slots' mass: what is left is renormalised.
         return out.log_softmax(dim=-1)
+
+
+class _Concepts(nn.Module):
+    """The ImageNet classifier's concepts, read and said (Yao et al. 2017, LSTM-A and LSTM-C).
+
+    Each class's probability goes to its word (``concept_ids``), which gives a distribution over
+    the words the concepts say. The decoder reads it twice: its word2vec average sets part of the
+    initial state (the decoder knows what is there before the first word), and at every word a gate
+    copies from it: p(word) = (1 - g) p_out(word) + g p_concepts(word), with g from the language
+    layer's output and the likeliest concept's probability (a pointer-generator mixture, See et al.
+    2017). A word that no training caption paired with a photograph (a held-out object) has almost
+    no probability under p_out, and is said through the copy when the classifier sees it.
+    """
+
+    def __init__(self, concept_ids: tuple[int, ...], vocab_size: int, embed_dim: int, hidden: int, init_size: int):
+        super().__init__()
+        mapped = [(k, w) for k, w in enumerate(concept_ids) if w >= 0]
+        if not mapped:
+            raise CaptionerError("no concept maps to a word of the vocabulary")
+        self.register_buffer("classes", torch.tensor([k for k, _ in mapped]), persistent=False)  # (M,)
+        self.register_buffer("words_of", torch.tensor([w for _, w in mapped]), persistent=False)  # (M,)
+        self.vocab_size = vocab_size
+        self.init = nn.Linear(embed_dim, init_size)  # the concepts' share of the initial state
+        self.gate = nn.Linear(hidden + 1, 1)
+
+    def words(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1000) class probabilities -> (B, V) log-probabilities of the words the concepts say
+        (renormalised over the mapped classes), and (B, 1) the likeliest word's probability before
+        renormalising (how sure the classifier is of any word: the copy gate reads it)."""
+        mass = classes.new_zeros(classes.size(0), self.vocab_size).index_add_(1, self.words_of, classes[:, self.classes])
+        confidence = mass.amax(dim=1, keepdim=True)
+        return (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)).clamp_min(1e-12).log(), confidence
+
+    def summary(self, words: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, V) word log-probabilities -> (B, E) their expected word2vec vector."""
+        return words.exp() @ embedding.float()
+
+    def forward(self, logits: torch.Tensor, x: torch.Tensor, words: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """(..., V) output logits and (..., H) language outputs, with the image's (B, [1,] V) word
+        log-probabilities and (B, [1,] 1) confidence -> (..., V) log-probabilities of the next word."""
+        log_p = logits.float().log_softmax(dim=-1)
+        gate = self.gate(torch.cat([x.float(), confidence.float().expand(*x.shape[:-1], 1)], dim=-1))  # (..., 1)
+        return torch.logaddexp(F.logsigmoid(-gate) + log_p, F.logsigmoid(gate) + words.float())

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from captioner.data.images import decode_image
 from captioner.errors import CaptionerError
-from captioner.models import efficientnet, int8
+from captioner.models import concepts, efficientnet, int8
 from captioner.options import BACKBONES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +49,9 @@ class EncoderConfig:
     # The group of cell classes read by a colour path that sees one pixel at a time, while the
     # backbone sees the image without its colours (see ``Encoder.cell_logits``); None: no such path.
     colour_group: int | None = None
+    # The backbone keeps its ImageNet classifier, and its 1,000 class probabilities follow the grid
+    # features: the concepts the CNN saw (``captioner.models.concepts``), from the same forward pass.
+    concepts: bool = False
 
     def __post_init__(self):
         if self.name not in BACKBONES:
@@ -62,6 +65,8 @@ class EncoderConfig:
             raise CaptionerError("every group of cell classes needs at least 2 classes")
         if self.colour_group is not None and not 0 <= self.colour_group < len(self.cell_classes):
             raise CaptionerError("the colour path must read one of the groups of cell classes")
+        if self.concepts and self.cell_classes:
+            raise CaptionerError("an encoder reads either ImageNet concepts or a cell head's classes, not both")
 
     @property
     def group_sizes(self) -> list[int]:
@@ -148,18 +153,20 @@ class Encoder(nn.Module):
         self.int8_calibration: dict[str, torch.Tensor] = {}  # activation ranges for the int8 trunk (models/int8.py)
         object.__setattr__(self, "_int8_trunk", None)
         object.__setattr__(self, "_channels_last", False)
-        # The classifier is not used; dropping it keeps checkpoints small.
+        # The ImageNet classifier is kept for concepts only; without them dropping it keeps checkpoints small.
         if config.name == "efficientnet_lite0":
-            self.backbone = efficientnet.build(num_classes=0)
+            self.backbone = efficientnet.build(num_classes=concepts.NUM_CLASSES if config.concepts else 0)
             channels = self.backbone.num_features
         elif config.name.startswith("resnet"):
             self.backbone = torchvision.models.get_model(config.name, weights=None)
             channels = self.backbone.fc.in_features
-            self.backbone.fc = nn.Identity()
+            if not config.concepts:
+                self.backbone.fc = nn.Identity()
         else:
             self.backbone = torchvision.models.get_model(config.name, weights=None)
             channels = self.backbone.classifier[0].in_features
-            self.backbone.classifier = nn.Identity()
+            if not config.concepts:
+                self.backbone.classifier = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(config.pool_grid)
         sizes, colour = config.group_sizes, config.colour_group
         self.head = nn.Linear(channels, sum(sizes) - (sizes[colour] if colour is not None else 0)) if sizes else None
@@ -172,7 +179,16 @@ class Encoder(nn.Module):
                 nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveMaxPool2d(config.pool_grid)
             )
             self.colour_head = nn.Linear(16, sizes[colour])
-        self.feature_dim = (sum(config.group_sizes) or channels) * config.pool_grid**2
+        self.grid_dim = (sum(config.group_sizes) or channels) * config.pool_grid**2
+        self.num_concepts = concepts.NUM_CLASSES if config.concepts else 0
+        self.feature_dim = self.grid_dim + self.num_concepts
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        """The backbone's ImageNet classifier, of the globally pooled last map (None without concepts)."""
+        if not self.config.concepts:
+            return None
+        return self.backbone.fc if self.config.name.startswith("resnet") else self.backbone.classifier
 
     @property
     def cnn(self) -> str:
@@ -266,7 +282,8 @@ class Encoder(nn.Module):
         return (mask - mean) / std  # (B, 3, H, W)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, F) features, channel-major: (B, C, G * G) flattened.
+        """(B, 3, H, W) normalised images -> (B, F) features, channel-major: (B, C, G * G) flattened,
+        then with concepts the classifier's (B, 1000) class probabilities.
 
         With a cell head, C is the classes and each cell's feature its probabilities per group:
         what is in the cell, as the pretraining task taught the CNN to say it, which a decoder reads
@@ -274,7 +291,12 @@ class Encoder(nn.Module):
         Wu et al. 2016, "What value do explicit high level concepts have in vision to language problems?").
         """
         if self.head is None:
-            return self.pool(self.feature_map(images)).flatten(1)  # (B, C * G * G)
+            feature_map = self.feature_map(images)  # (B, C, h, w)
+            grid = self.pool(feature_map).flatten(1)  # (B, C * G * G)
+            if self.classifier is None:
+                return grid
+            probabilities = self.classifier(feature_map.mean(dim=(2, 3))).float().softmax(dim=-1)  # (B, 1000)
+            return torch.cat([grid, probabilities.to(grid.dtype)], dim=1)  # (B, C * G * G + 1000)
         groups = self.cell_logits(images).split(self.config.group_sizes, dim=-1)
         probabilities = torch.cat([group.softmax(dim=-1) for group in groups], dim=-1)  # (B, G*G, C)
         return probabilities.transpose(1, 2).flatten(1)
@@ -322,7 +344,7 @@ class Encoder(nn.Module):
             if not isinstance(state, dict):
                 raise CaptionerError(f"{path.name} does not hold a state_dict")
             source = f"file:{path.name}"
-        result = self.backbone.load_state_dict(_clean_state_dict(state), strict=False)
+        result = self.backbone.load_state_dict(_clean_state_dict(state, self.config.concepts), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CaptionerError(
                 f"the weights in {weights} do not fit {name}: {len(result.missing_keys)} missing and "
@@ -343,8 +365,8 @@ class Encoder(nn.Module):
         return super().train(mode and not frozen)
 
 
-def _clean_state_dict(state: dict) -> dict:
-    """Backbone weights from the usual containers, without the classifier."""
+def _clean_state_dict(state: dict, classifier: bool = False) -> dict:
+    """Backbone weights from the usual containers, without the classifier unless it is kept."""
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state.get(key), dict):
             state = state[key]
@@ -352,7 +374,7 @@ def _clean_state_dict(state: dict) -> dict:
     for key, value in state.items():
         for prefix in ("module.", "backbone."):
             key = key.removeprefix(prefix)
-        if not key.startswith(("fc.", "classifier.")):
+        if classifier or not key.startswith(("fc.", "classifier.")):
             cleaned[key] = value
     return cleaned
 
