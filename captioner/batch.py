@@ -77,7 +77,7 @@ def caption_tensors(model: Captioner, pixels: torch.Tensor, options: DecodeOptio
 def caption_features(model: Captioner, features: torch.Tensor, options: DecodeOptions) -> list[list[dict]]:
     """(B, F) image features -> their captions, each image seeded alike (``options.seed``), so that
     an image's captions do not depend on the batch it came in: every engine captions here."""
-    return model.describe(model.generate(features, options, [options.seed] * len(features)))
+    return model.describe(model.generate(features, options, [options.seed] * len(features)), features)
 
 
 def encoded_ahead(

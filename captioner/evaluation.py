@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.datasets import Dataset, ImageRecord
+from captioner.data.mentions import NOVEL_OBJECTS, mention_f1, parse_groups
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.features import compute_features
 from captioner.metrics import caption_metrics, java_available
 from captioner.models.captioner import Captioner
+from captioner.models.concepts import seen_words
 from captioner.models.decoder import AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import COLOURS, GRID, SHAPES, Scene, check_caption, parse_holdout
@@ -215,11 +217,32 @@ def score(
     report |= caption_metrics(captions, references, tokenizer=tokenizer, meteor=full)
     refs = encode_captions(records, model.vocab, max_length)
     report |= evaluate_loss(model.decoder, features, refs, pad=model.vocab.pad, batch_size=512, device=model.device)
+    if not any(r.scene for r in records):
+        report |= photo_report(model, features, captions, references)
     if all(r.scene for r in records):
         report |= shapes_report(captions, records, held_out)
         if model.encoder.config.cell_classes:
             report |= cnn_readings(features, records, model.encoder.config.cell_classes, held_out)
     return report, captions
+
+
+def photo_report(model: Captioner, features: torch.Tensor, captions: dict[str, str], references: dict) -> dict:
+    """What photographs' captions say beyond n-grams: the F1 of mentioning each novel object
+    (the model's held-out words, else ``NOVEL_OBJECTS``) and their mean, the distinct words and
+    captions, and with concepts the share of captions that say a word the classifier saw."""
+    groups = [tuple(g) for g in model.data.get("held_out_words") or parse_groups(NOVEL_OBJECTS)]
+    mentions = mention_f1(captions, references, groups)
+    report = {
+        "mentions": mentions,
+        "mention_f1_mean": sum(m["f1"] for m in mentions.values()) / len(mentions),
+        "distinct_words": len({w for c in captions.values() for w in tokenize(c)}),
+        "distinct_captions": len(set(captions.values())),
+    }
+    if model.decoder.config.concept_ids:
+        seen = [seen_words(c) for c in model.concepts(features)]
+        said = [not seen_here.isdisjoint(tokenize(caption)) for seen_here, caption in zip(seen, captions.values())]
+        report["concept_share"] = sum(said) / max(len(said), 1)
+    return report
 
 
 def evaluate(

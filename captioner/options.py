@@ -248,6 +248,18 @@ class TrainConfig:
     copy_labels: bool = option(
         True, "say the class names the encoder's cell head reads (shapes world) by copying them from the attended cell"
     )
+    concepts: bool | None = option(
+        None,
+        "the decoder reads the ImageNet classifier's concepts and can copy their words into the caption "
+        "(default: on for a photo encoder with ImageNet weights)",
+    )
+    holdout_words: list[str] = option(
+        help="novel objects: training images whose captions say one of these words (or its plural; synonyms after "
+        "commas: bicycle,bike) are left out of the image-caption data; text alone (vocabulary, word2vec) reads them",
+        default_factory=list,
+        nargs="*",
+        metavar="WORD[,SYNONYM]",
+    )
     word2vec: str | None = option(None, "pretrained word2vec file (binary or text); default: train on the captions")
     embed_dim: int | None = option(
         None, f"word vector size (default: {TRAINED_VECTORS_DIM} trained, the file's with --word2vec, which it must match)"

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.consensus import CaptionMemory
 from captioner.data.datasets import Dataset, load_dataset
+from captioner.data.mentions import TEXT_ONLY, parse_groups, text_only
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
@@ -40,6 +41,7 @@ from captioner.features import cached_features, default_cache_dir
 from captioner.io import remove_temporaries, strict_json
 from captioner.metrics import CiderD
 from captioner.models.captioner import Captioner
+from captioner.models.concepts import ConceptMap
 from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
@@ -95,6 +97,8 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
     """The job: data, model and features, optimizer, then the epoch loop."""
     amp = autocast_dtype(config.precision, device)  # first: a precision this device lacks is refused before any work
     dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
+    if config.holdout_words:
+        dataset = hold_out_words(dataset, parse_groups(config.holdout_words), config.progress)
     val_records = dataset.split("val")[: config.val_images or None]
     host = _join(config, dataset, process)
     resumed = read_checkpoint(out / "last.pt") if config.resume else None
@@ -290,8 +294,22 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
     args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)
     train_features = cached_features(model.encoder, [r.path for r in dataset.split("train")], **args)
     val_features = cached_features(model.encoder, [r.path for r in val_records], **args)
-    model.memory = caption_memory(config, dataset, train_features, model.decoder.config.cells)
+    grid = train_features[:, : model.decoder.config.grid_dim]  # the memory compares photographs by their grids
+    model.memory = caption_memory(config, dataset, grid, model.decoder.config.cells)
     return model, train_features, val_features
+
+
+def hold_out_words(dataset: Dataset, groups: tuple[tuple[str, ...], ...], progress: bool) -> Dataset:
+    """``dataset`` with the training images that mention a held-out word moved out of the paired
+    data (``mentions.text_only``): every use of ``split("train")`` then leaves them out."""
+    records = tuple(text_only(dataset.records, groups))
+    left_out = sum(r.split == TEXT_ONLY for r in records)
+    if progress:
+        _log(
+            f"held out {', '.join('/'.join(g) for g in groups)}: {left_out} of {left_out + sum(r.split == 'train' for r in records)} "
+            "training images leave the image-caption data (their captions still train the vocabulary and word2vec)"
+        )
+    return replace(dataset, records=records, meta={**dataset.meta, "held_out_words": [list(g) for g in groups]})
 
 
 def caption_memory(config: TrainConfig, dataset: Dataset, train_features: torch.Tensor, cells: int) -> CaptionMemory | None:
@@ -308,7 +326,8 @@ def caption_memory(config: TrainConfig, dataset: Dataset, train_features: torch.
 def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Captioner:
     """A new captioner: vocabulary and frozen word2vec embedding of the training captions, the
     frozen encoder, and a randomly initialised decoder (seeded)."""
-    captions = [c for r in dataset.split("train") for c in r.captions]
+    # Text alone reads the held-out images' captions too (DCC's in-domain text).
+    captions = [c for r in dataset.records if r.split in ("train", TEXT_ONLY) for c in r.captions]
     vocab = Vocabulary.build(captions, config.min_count)
     embedding = word_embedding(
         vocab, [tokenize(c) for c in captions], vectors_path=config.word2vec, dim=config.embed_dim, seed=config.seed
@@ -331,6 +350,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         dropout=config.dropout,
         cell=config.cell,
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
+        concept_ids=concept_ids(vocab, config.progress) if encoder.config.concepts else (),
     )
     decoder = AttentionDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
     return Captioner(encoder, decoder, vocab, embedding=info, data=dataset.summary())
@@ -341,6 +361,18 @@ def copy_ids(cell_classes: tuple[tuple[str, ...], ...], vocab: Vocabulary) -> tu
     of the captions): what the decoder copies. Empty if no class name is a word."""
     ids = tuple(tuple(vocab.index.get(name, -1) if name else -1 for name in group) for group in cell_classes)
     return ids if any(i >= 0 for group in ids for i in group) else ()
+
+
+def concept_ids(vocab: Vocabulary, progress: bool) -> tuple[int, ...]:
+    """Each ImageNet class's word in ``vocab`` (-1: unmapped), said in one line."""
+    concepts = ConceptMap.build(vocab.words)
+    summary = concepts.summary()
+    if progress:
+        _log(
+            f"concepts: {summary['mapped']} of {summary['classes']} ImageNet classes map to {summary['words']} caption words; "
+            f"{len(summary['unmapped'])} unmapped (e.g. {', '.join(summary['unmapped'][:3])})"
+        )
+    return concepts.ids(vocab.index)
 
 
 def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torch.device) -> Encoder:
@@ -363,6 +395,7 @@ def build_encoder(config: TrainConfig, dataset: Dataset, out: Path, device: torc
             pool_grid=GRID if auxiliary else config.pool_grid or grid,
             cell_classes=CELL_CLASSES if auxiliary else (),
             colour_group=CELL_CLASSES.index(COLOUR_CLASSES) if auxiliary and config.colour_path else None,
+            concepts=weights == "imagenet" if config.concepts is None else config.concepts,
         )
     )
     if auxiliary:

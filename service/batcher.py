@@ -113,7 +113,7 @@ def caption_batch(model: Captioner, jobs: list[CaptionJob]) -> list[CaptionResul
         for options, members in groups.items():
             generate_started = time.monotonic()
             seeds = [jobs[i].options.seed for i in members]
-            captions = model.describe(model.generate(features[members], options, seeds))
+            captions = model.describe(model.generate(features[members], options, seeds), features[members])
             generate_ms = _ms(time.monotonic() - generate_started)
             for i, image_captions in zip(members, captions, strict=True):
                 timing = {"queue": _ms(started - jobs[i].sent), "encode": encode_ms, "generate": generate_ms}

@@ -194,3 +194,37 @@ def test_efficientnet_has_no_int8_path_and_says_why():
     encoder.int8_calibration = {"anything": torch.zeros(1)}
     with pytest.raises(CaptionerError, match="EfficientNet-Lite0 has no int8 CNN"):
         encoder.use_int8()
+
+
+@needs_flickr8k
+@pytest.mark.slow
+def test_a_photo_model_with_a_held_out_word_names_concepts_and_reports_mentions(flickr_slice, tmp_path):
+    """End to end on a slice: "dog" held out of the image-caption data; the model reads the
+    classifier's concepts, explains them, and evaluate scores the F1 of mentioning "dog"."""
+    run, images = tmp_path / "run", FLICKR8K / "images"
+    data = flickr_slice / "Flickr8k.token.txt"
+    _captioner(
+        "train", "--data", data, "--images", images, "--out", run, "--epochs", 1, "--hidden-size", 64,
+        "--embed-dim", 32, "--min-count", 2, "--no-progress", "--feature-cache", tmp_path / "cache",
+        "--holdout-words", "dog",
+    )  # fmt: skip
+    checkpoint = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["encoder"]["config"]["concepts"] is True
+    concept_ids = checkpoint["decoder"]["config"]["concept_ids"]
+    assert len(concept_ids) == 1000 and checkpoint["vocab"][concept_ids[207]] == "dog"  # golden retriever
+    kept = checkpoint["data"]["images"]["train"]
+    assert 0 < kept < 200 and kept + checkpoint["data"]["images"]["train_text"] == 200
+    assert not any("dog" in c.split() or "dogs" in c.split() for image in checkpoint["caption_memory"]["captions"] for c in image)
+
+    dev = (flickr_slice / "Flickr_8k.devImages.txt").read_text().split()[:2]
+    out, report = tmp_path / "captions.jsonl", tmp_path / "report.json"
+    _captioner("caption", run / "model.pt", *[images / name for name in dev], "--explain", "--output", out)
+    for record in map(json.loads, out.read_text().splitlines()):
+        caption = record["captions"][0]
+        assert len(caption["concepts"]) == 5 and {"class", "prob", "word"} <= set(caption["concepts"][0])
+        assert all(isinstance(word["concept"], bool) for word in caption["words"])
+    _captioner("evaluate", run / "model.pt", "--data", data, "--images", images, "--split", "val", "--output", report)
+    scores = json.loads(report.read_text())
+    assert set(scores["mentions"]) == {"dog"} and 0 <= scores["mentions"]["dog"]["f1"] <= 1
+    assert scores["mentions"]["dog"]["images"] > 0 and 0 <= scores["concept_share"] <= 1
+    assert scores["distinct_words"] > 3 and 1 <= scores["distinct_captions"] <= 40

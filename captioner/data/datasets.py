@@ -108,9 +108,10 @@ class Dataset:
             "name": self.name,
             "format": self.format,
             "images": dict(Counter(r.split for r in self.records)),
-            "train_captions": sum(len(r.captions) for r in self.records if r.split == "train"),
+            "train_captions": sum(len(r.captions) for r in self.records if r.split == "train"),  # paired with images
             "world": "shapes" if isinstance(world, dict) else None,
             "held_out": list(world.get("holdout", [])) if isinstance(world, dict) else [],
+            "held_out_words": self.meta.get("held_out_words", []),
         }
 
 

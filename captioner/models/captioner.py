@@ -17,7 +17,8 @@ from captioner.data.images import decode_image
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import Hypothesis, SpecialIds, beam_search, generate
 from captioner.errors import CaptionerError
-from captioner.models.decoder import DecoderConfig, AttentionDecoder
+from captioner.models.concepts import seen_words, top_concepts
+from captioner.models.decoder import AttentionDecoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import DecodeOptions
 
@@ -102,7 +103,7 @@ class Captioner(nn.Module):
             decoder = AttentionDecoder(DecoderConfig(**state["decoder"]["config"]), decoder_state["embed.weight"], pad_id=vocab.pad)
             decoder.load_state_dict(decoder_state)
             memory = CaptionMemory.from_dict(state["caption_memory"]) if "caption_memory" in state else None
-            if memory and memory.features.size(1) * decoder.config.cells != encoder.feature_dim:
+            if memory and memory.features.size(1) * decoder.config.cells != decoder.config.grid_dim:
                 raise CaptionerError("its caption memory's features are not its encoder's")
         except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
@@ -163,20 +164,38 @@ class Captioner(nn.Module):
         if not neighbours:
             return generate(self.decoder, features, options, self.ids, seeds)
         beams = beam_search(self.decoder, features, options, self.ids, keep=options.beam_size)
-        ranked = self.memory.rerank(features, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours)
+        grid = features[:, : self.decoder.config.grid_dim]
+        ranked = self.memory.rerank(grid, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours)
         return [hyps[: options.num_captions] for hyps in ranked]
 
     def rerank_neighbours(self, options: DecodeOptions) -> int:
         """How many training images' captions re-rank these options' captions (0: none)."""
         return neighbours_for(options.mode, options.rerank, self.memory.summary if self.memory else None)
 
-    def describe(self, hypotheses: list[list[Hypothesis]]) -> list[list[dict]]:
-        """Hypotheses -> ``{"text", "log_prob", "perplexity", "finished"}`` dictionaries; explained
-        ones add ``"words"``: ``[{"word", "prob", "attention"}]``, the attention as rows x columns
-        of the encoder's cell grid (the whole image, resized, is the grid)."""
-        return [[self._describe_one(h) for h in hyps] for hyps in hypotheses]
+    @property
+    def concept_words(self) -> list[str | None]:
+        """Each ImageNet class's caption word (None: unmapped); empty without concepts."""
+        return [self.vocab.words[i] if i >= 0 else None for i in self.decoder.config.concept_ids]
 
-    def _describe_one(self, h: Hypothesis) -> dict:
+    def concepts(self, features: torch.Tensor) -> list[list[dict]]:
+        """(B, F) features -> per image the classifier's top concepts (``{"class", "prob", "word"}``);
+        empty lists without concepts."""
+        if not self.decoder.config.concept_ids:
+            return [[] for _ in range(len(features))]
+        words = self.concept_words
+        return [top_concepts(row, words) for row in features[:, self.decoder.config.grid_dim :].float().tolist()]
+
+    def describe(self, hypotheses: list[list[Hypothesis]], features: torch.Tensor | None = None) -> list[list[dict]]:
+        """Hypotheses -> ``{"text", "log_prob", "perplexity", "finished"}`` dictionaries; explained
+        ones add ``"words"``: ``[{"word", "prob", "attention", "concept"}]``, the attention as rows x
+        columns of the encoder's cell grid (the whole image, resized, is the grid), ``concept`` whether
+        the word is one of the image's top concepts (``models.concepts.seen_words``); and with
+        concepts (given the images' ``features``) ``"concepts"``, the classifier's top classes."""
+        explained = any(h.word_log_probs is not None for hyps in hypotheses for h in hyps)
+        concepts = self.concepts(features) if explained and features is not None else [[] for _ in hypotheses]
+        return [[self._describe_one(h, seen) for h in hyps] for hyps, seen in zip(hypotheses, concepts, strict=True)]
+
+    def _describe_one(self, h: Hypothesis, concepts: list[dict]) -> dict:
         described = {
             "text": self.vocab.decode(h.tokens),
             "log_prob": h.log_prob,
@@ -184,15 +203,18 @@ class Captioner(nn.Module):
             "finished": h.finished,
         }
         if h.word_log_probs is not None:
-            side = self.encoder.config.pool_grid
+            side, seen = self.encoder.config.pool_grid, seen_words(concepts)
             described["words"] = [
                 {
                     "word": self.vocab.words[token],
                     "prob": math.exp(log_p),
                     "attention": [weights[row * side : (row + 1) * side] for row in range(side)],  # (G, G)
+                    "concept": self.vocab.words[token] in seen,
                 }
                 for token, log_p, weights in zip(h.tokens, h.word_log_probs, h.attention)
             ]
+            if concepts:
+                described["concepts"] = concepts
         return described
 
     def caption(self, images: Sequence, **options) -> list[list[dict]]:
@@ -210,4 +232,4 @@ class Captioner(nn.Module):
         decode_options = DecodeOptions(**options)
         pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]
         features = self.encode(self.images_to_batch(pil))
-        return self.describe(self.generate(features, decode_options))
+        return self.describe(self.generate(features, decode_options), features)

@@ -79,10 +79,11 @@ def definition_head(definition: str) -> str | None:
     for i, word in enumerate(words):
         if word == "of" and (not head or head[-1] in _OF_HEADS):
             return definition_head(" ".join(words[i + 1 :]))
-        if word in _HEAD_ENDS or (word.endswith(("ed", "ing")) and head):
+        if "-" in word:  # a compound adjective ("short-haired", "flat-bottomed") is never the head
+            continue
+        if word in _HEAD_ENDS or (word.endswith(("ed", "ing")) and set(head) - _MODIFIERS):
             break
-        # Articles, compound adjectives ("short-haired") and modifiers ("large", "brightly") are never the head.
-        if word not in ("a", "an", "the", "or", "and") and "-" not in word and not word.endswith("ly"):
+        if word not in ("a", "an", "the", "or", "and") and not word.endswith("ly"):  # nor an article or adverb
             head.append(word)
     nouns = [w for w in head if w not in _MODIFIERS]
     return nouns[-1] if nouns else None
@@ -146,8 +147,17 @@ class ConceptMap:
         return {"classes": len(self.words), "mapped": len(mapped), "words": len(set(mapped)), "unmapped": self.unmapped}
 
 
-def top_concepts(probabilities: Sequence[float], words: Sequence[str | None], k: int = 5) -> list[dict]:
+TOP = 5  # the concepts shown with a caption, and those a caption word counts as coming from
+SEEN = 0.05  # ... when the class has at least this probability
+
+
+def top_concepts(probabilities: Sequence[float], words: Sequence[str | None], k: int = TOP) -> list[dict]:
     """The ``k`` likeliest classes of one image: ``{"class", "prob", "word"}``, likeliest first."""
     classes = imagenet_classes()
     order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:k]
     return [{"class": classes[i][0][0], "prob": float(probabilities[i]), "word": words[i]} for i in order]
+
+
+def seen_words(concepts: Sequence[dict]) -> set[str]:
+    """The words of an image's top concepts (``top_concepts``) that the classifier gives at least ``SEEN``."""
+    return {c["word"] for c in concepts if c["word"] and c["prob"] >= SEEN}
