@@ -15,6 +15,7 @@ const statusLine = $("status");
 const errorLine = $("error");
 const result = $("result");
 const captionList = $("captions");
+const conceptLine = $("concepts");
 const staleNote = $("stale-note");
 const readout = $("word-readout");
 const fileName = $("file-name");
@@ -214,8 +215,17 @@ function showAnswer(body) {
   $("hover-hint").textContent = touch
     ? "Tap a word to see where the model looked."
     : "Point at a word (or tab to it) to see where the model looked.";
+  showConcepts(answer.captions[0] && answer.captions[0].concepts);
   const { width, height, format } = body.image;
   statusLine.textContent = `${format} ${width}×${height} · ${body.timing_ms.total.toFixed(0)} ms`;
+}
+
+// What the CNN's ImageNet classifier saw, and the caption word each class maps to.
+function showConcepts(concepts) {
+  conceptLine.hidden = !concepts || concepts.length === 0;
+  if (conceptLine.hidden) return;
+  const seen = concepts.map((c) => `${c.class} ${Math.round(100 * c.prob)}%` + (c.word ? ` (“${c.word}”)` : ""));
+  conceptLine.textContent = `The CNN saw: ${seen.join(", ")}. Underlined words are among these concepts.`;
 }
 
 function captionItem(c, index) {
@@ -243,7 +253,8 @@ function captionItem(c, index) {
 
 function wordButton(word, captionIndex, wordIndex) {
   const span = document.createElement("span");
-  span.className = word.word === "<end>" ? "word end" : "word";
+  span.className = word.word === "<end>" ? "word end" : word.concept ? "word concept" : "word";
+  if (word.concept) span.title = "a word of what the CNN's ImageNet classifier saw";
   span.textContent = word.word === "<end>" ? "■" : word.word;
   span.tabIndex = 0;
   span.dataset.caption = captionIndex;
