@@ -1,4 +1,4 @@
-"""The CNN encoder: a torchvision or timm backbone, without its classifier, that turns images into features.
+"""The CNN encoder: a torchvision or timm backbone that turns images into features (and, with concepts, its ImageNet class probabilities).
 
 Constructing an encoder never downloads anything: weights are asked for explicitly with
 ``Encoder.load_weights`` (torchvision's ImageNet weights, EfficientNet-Lite0's from the
