@@ -1,4 +1,5 @@
-"""The CNN encoder: a torchvision or timm backbone that turns images into features (and, with concepts, its ImageNet class probabilities).
+"""The CNN encoder: a torchvision or timm backbone that turns images into features and, with
+concepts, its ImageNet classifier's class probabilities.
 
 Constructing an encoder never downloads anything: weights are asked for explicitly with
 ``Encoder.load_weights`` (torchvision's ImageNet weights, EfficientNet-Lite0's from the
