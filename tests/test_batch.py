@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,7 @@ import torch
 
 from captioner.models.captioner import Captioner
 
-from .conftest import assert_same_captions
-from .test_cli import assert_one_line_error, run
-
-ROOT = Path(__file__).parent.parent
+from tests.helpers import assert_one_line_error, assert_same_captions, free_port, run
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +133,6 @@ def test_csv_to_standard_output(capsys, trained_run, shapes):
     assert rows[1][0] == str(image)
     [[greedy]] = Captioner.load(trained_run / "model.pt").caption([image])
     assert rows[1][1] == greedy["text"] and float(rows[1][3]) == pytest.approx(greedy["perplexity"], rel=1e-4)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # torchrun

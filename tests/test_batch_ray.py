@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_same_captions
-from .test_cli import assert_one_line_error, run
+from tests.helpers import assert_one_line_error, assert_same_captions, run
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray Data is an optional extra: pip install 'captioner[ray]'"

@@ -8,7 +8,7 @@ from captioner.features import compute_features
 from captioner.models.captioner import Captioner
 from captioner.training import build_model, train_one_epoch
 
-from .conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_an_in_memory_model_saved_and_reloaded_captions_identically(shapes, tmp_path):

@@ -9,20 +9,7 @@ from PIL import Image
 
 from captioner.cli import main
 
-from .conftest import TINY
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 1
-    assert err.startswith("captioner: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err
+from tests.helpers import TINY, assert_one_line_error, run
 
 
 def test_caption_writes_one_json_line_per_image_and_keeps_going_past_bad_ones(capsys, tmp_path, trained_run, shapes):
@@ -119,6 +106,7 @@ def test_coco_results_use_integer_ids_where_coco_has_them():
     ]
 
 
+@pytest.mark.slow  # matplotlib's first import: seconds
 def test_plot_draws_the_training_curves(capsys, tmp_path, trained_run):
     code, out, err = run(capsys, "plot", trained_run, "--output", tmp_path / "curves.png")
     assert code == 0, err

@@ -15,7 +15,7 @@ from captioner.models.captioner import Captioner
 from captioner.options import MAX_BEAM_SIZE, MAX_CAPTIONS, DecodeOptions
 from captioner.training import train
 from service.app import create_app, stop_app
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "grass", "man", "rides", "bike"]
 DOG = [["a", "dog", "runs", "on", "grass"], ["a", "dog", "runs"]]

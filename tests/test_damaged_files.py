@@ -21,8 +21,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.training import train
 
-from .conftest import TINY, tiny_config
-from .test_cli import assert_one_line_error, run
+from tests.helpers import TINY, assert_one_line_error, run, tiny_config
 
 
 def garble(path, size=4096, seed=0):

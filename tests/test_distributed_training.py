@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +16,13 @@ from captioner.runtime import Process, process_device
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 
-from .conftest import TINY, tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, TINY, free_port, tiny_config
 
 
 def torchrun(*args, processes=2):
     """Runs ``torchrun --nproc-per-node PROCESSES ARGS`` on a free local port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *map(str, args)]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -10,12 +10,13 @@ from captioner.data.vocab import Vocabulary
 from captioner.decoding import Hypothesis
 from captioner.evaluation import generate_captions, shapes_report
 from captioner.options import DecodeOptions
+from captioner.shapes import Scene
 
-from .test_shapes import SCENE, Scene, _obj
+from tests.helpers import SCENE, scene_object
 
 # SCENE: large red circle top-left, small blue square top-right, large green star bottom-middle.
 # HELD: a small green triangle in the middle and a large red circle top-left; green:triangle is held out.
-HELD = Scene((_obj("triangle", "green", "small", 1, 1), _obj("circle", "red", "large", 0, 0)))
+HELD = Scene((scene_object("triangle", "green", "small", 1, 1), scene_object("circle", "red", "large", 0, 0)))
 CAPTIONS = {
     "true relation": (SCENE, "a red circle left of a blue square"),  # shape, colour, shape, colour right
     "wrong colour": (SCENE, "a large blue circle"),  # shape right, colour wrong, size right

@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import os
 import resource
-import struct
 import time
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -24,40 +22,12 @@ from captioner.data.images import (
 )
 from captioner.errors import CaptionerError
 
+from tests.helpers import blank_png, encode, noise
+
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def blank_png(width: int, height: int) -> bytes:
-    """A genuine black 1-bit greyscale PNG, built by hand so huge sizes stay cheap to make."""
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    compressor = zlib.compressobj(1)
-    rows_per_chunk = max(1, 4_000_000 // len(row))
-    idat = b"".join(
-        compressor.compress(row * min(rows_per_chunk, height - y))
-        for y in range(0, height, rows_per_chunk)
-    )
-    idat += compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey, no interlace
-    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + chunks
-
-
-def noise(size=(64, 64), seed=0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def refused(source, code: str, **kwargs) -> ImageError:
@@ -139,12 +109,12 @@ def test_pillow_bomb_warning_is_handled_locally(monkeypatch):
 
 
 def test_truncated_jpeg_is_corrupt():
-    data = encode(noise(), "JPEG", quality=90)
+    data = encode(noise((64, 64)), "JPEG", quality=90)
     refused(data[: len(data) // 2], "corrupt_image")
 
 
 def test_truncated_and_damaged_png_are_corrupt():
-    data = encode(noise(), "PNG")
+    data = encode(noise((64, 64)), "PNG")
     refused(data[: len(data) // 2], "corrupt_image")  # cut inside the pixel data
     refused(data[:20], "corrupt_image")  # cut inside the header: still recognisably a PNG
     damaged = bytearray(data)
@@ -157,7 +127,7 @@ def test_truncated_and_damaged_png_are_corrupt():
 def test_truncated_headers_are_corrupt_not_unsupported(fmt, keep):
     # Pillow cannot identify these at all; their signature shows they are damaged images.
     # (Truncated TIFFs also make Pillow warn about corrupt EXIF; that must stay inside.)
-    data = encode(noise(), fmt)
+    data = encode(noise((64, 64)), fmt)
     refused(data[:keep], "corrupt_image")
 
 

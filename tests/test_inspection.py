@@ -19,7 +19,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.recurrent import recurrent_layer, run_layer, unroll
 from captioner.training import train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def tiny_decoder(cell="lstm", layers=1, cells=9, copy_ids=()):

@@ -9,7 +9,7 @@ from captioner.data.vocab import tokenize
 from captioner.errors import CaptionerError
 from captioner.features import cached_features
 from captioner.models.captioner import Captioner
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_a_caption_mentions_a_word_or_its_plural_or_a_synonym():

@@ -19,9 +19,10 @@ from captioner.data.vocab import tokenize
 from captioner.metrics import caption_metrics
 from captioner.models.captioner import Captioner
 
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.slow  # the recipe script trains, evaluates and plots in subprocesses: a minute
 
-ROOT = Path(__file__).parent.parent
 FLICKR8K = Path(__file__).parent / "fixtures" / "datasets" / "flickr8k"
 
 

@@ -8,12 +8,10 @@ import math
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,41 +28,24 @@ from service.batcher import CaptionJob, MicroBatcher, decode_group
 from service.model_process import NotReady, QueueFull
 from captioner.checkpoint import file_digest
 from tests import service_models
-from tests.conftest import threads_cpus
+from tests.helpers import (
+    ROOT,
+    blank_png,
+    encode,
+    error_of,
+    metric,
+    noise,
+    png,
+    post_image,
+    ready,
+    threads_cpus,
+    wait_until,
+)
 
 CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
 
 
 # --- images -------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-def noise(size=(40, 30), seed=0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def png(seed=0, size=(40, 30)) -> bytes:
-    return encode(noise(size, seed), "PNG")
-
-
-def blank_png(width: int, height: int) -> bytes:
-    """A genuine black 1-bit PNG built by hand: a huge pixel count in about 100 KB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row * 1000) for _ in range(height // 1000))
-    idat += compressor.compress(row * (height % 1000)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -97,13 +78,6 @@ def make_app(model_path):
         stop_app(app)
 
 
-def ready(app):
-    """The app's batcher, once its model is loaded."""
-    batcher = app.extensions["captioner"].batcher
-    assert batcher.wait_ready(60), batcher.load_error
-    return batcher
-
-
 @pytest.fixture(scope="module")
 def app(trained_run):
     app = create_app({"MODEL_PATH": str(trained_run / "model.pt"), "TESTING": True})
@@ -117,40 +91,9 @@ def client(app):
     return app.test_client()
 
 
-def post_image(client, data: bytes, query: str = "", content_type="image/png", **kwargs):
-    return client.post(f"/v1/captions?{query}", data=data, content_type=content_type, **kwargs)
-
-
 def post_file(client, data: bytes, filename="image.png", field="image", **fields):
     form = {field: (io.BytesIO(data), filename), **fields}
     return client.post("/v1/captions", data=form, content_type="multipart/form-data")
-
-
-def error_of(response, status: int, code: str) -> str:
-    """Assert a JSON error with ``status`` and ``code``, safe to show; return its message."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    text = response.get_data(as_text=True)
-    assert "<html" not in text.lower() and "Traceback" not in text and "/tmp" not in text
-    return body["error"]["message"]
-
-
-def metric(app, name: str, labels: str = "") -> float:
-    """A sample's value from the app's /metrics (0 when absent)."""
-    text = app.test_client().get("/metrics").get_data(as_text=True)
-    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 # --- captions -----------------------------------------------------------------------------
@@ -300,6 +243,7 @@ def limited_app(model_path):
     stop_app(app)
 
 
+@pytest.mark.slow  # limited_app's model process
 def test_upload_over_the_byte_limit_is_413_json(limited_app):
     client = limited_app.test_client()
     big = png(size=(100, 100))  # random pixels do not compress: about 30 KB
@@ -353,6 +297,7 @@ def switches(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow  # a model process of its own
 def test_model_failure_is_500_json_without_details(make_app, monkeypatch, switches):
     import service.app
 
@@ -367,6 +312,7 @@ def test_model_failure_is_500_json_without_details(make_app, monkeypatch, switch
     assert post_file(app.test_client(), png()).status_code == 200  # the model process survived
 
 
+@pytest.mark.slow  # a model process of its own
 def test_a_model_process_that_dies_is_started_again(make_app, monkeypatch, switches):
     import service.app
 
@@ -388,6 +334,7 @@ def test_a_model_process_that_dies_is_started_again(make_app, monkeypatch, switc
     assert first.exitcode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # a Python subprocess and its model process
 def test_the_model_process_outlives_no_http_process(model_path, tmp_path):
     """Killed with SIGKILL, the HTTP process leaves no model process behind."""
     script = f"""
@@ -408,6 +355,7 @@ time.sleep(60)
     wait_until(lambda: not _alive(model_pid), timeout=20)
 
 
+@pytest.mark.slow  # a Python subprocess and its model process
 def test_a_model_process_still_loading_outlives_no_http_process(model_path, switches):
     """Killed with SIGKILL while its model loads (no pipe read yet), the HTTP process leaves no
     model process behind either."""
@@ -424,8 +372,7 @@ if __name__ == "__main__":
     print(batcher._process.pid, flush=True)
     time.sleep(60)
 """
-    root = Path(__file__).resolve().parent.parent
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         model_pid = int(server.stdout.readline())
         wait_until(lambda: (switches / "loading").exists(), timeout=60)
@@ -472,6 +419,7 @@ def _alive(pid: int) -> bool:
 # --- 503: not ready; 429: queue full ------------------------------------------------------
 
 
+@pytest.mark.slow  # a model process of its own
 def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, switches):
     import service.app
 
@@ -492,6 +440,7 @@ def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, switches):
     assert post_file(client, png()).status_code == 200
 
 
+@pytest.mark.slow  # a model process of its own
 def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path):
     app = make_app(MODEL_PATH=str(tmp_path / "missing" / "model.pt"))
     batcher = app.extensions["captioner"].batcher
@@ -503,6 +452,7 @@ def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path)
     assert first.exitcode == 0 and batcher._process is first  # not started again
 
 
+@pytest.mark.slow  # a model process of its own
 def test_the_model_process_runs_on_the_cpus_it_is_given(make_app):
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -514,6 +464,7 @@ def test_the_model_process_runs_on_the_cpus_it_is_given(make_app):
     assert threads_cpus(os.getpid()) == {tuple(cpus)}  # the HTTP side is gunicorn's to place
 
 
+@pytest.mark.slow  # a model process of its own
 @pytest.mark.parametrize("heavy_cnn_ms, takes_them", [(0, True), (1e6, False)])
 def test_a_heavy_cnn_takes_the_http_sides_cpus_too(make_app, capfd, heavy_cnn_ms, takes_them):
     # The tiny model's CNN takes well under a millisecond an image: heavy above 0 ms, light below 1e6.
@@ -530,13 +481,14 @@ def test_a_heavy_cnn_takes_the_http_sides_cpus_too(make_app, capfd, heavy_cnn_ms
         assert told[0]["torch_threads"] == 2 and told[0]["cnn_ms_per_image"] >= 0
 
 
+@pytest.mark.slow  # a spawned Python process
 def test_the_model_process_starts_on_every_cpu_it_may_use_and_the_caller_keeps_its_own():
     # OpenMP counts the CPUs when torch loads, before the child pins itself: a heavy CNN's pool of
     # two threads, counted one CPU, slept at every barrier and ran 12% slower.
     import multiprocessing
 
     from service.model_process import Placement, _start_on
-    from tests.conftest import send_own_cpus
+    from tests.helpers import send_own_cpus
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 3:
@@ -555,6 +507,7 @@ def test_the_model_process_starts_on_every_cpu_it_may_use_and_the_caller_keeps_i
         os.sched_setaffinity(0, before)
 
 
+@pytest.mark.slow  # a model process of its own
 def test_model_cpus_not_on_this_machine_fail_the_load_without_retrying(make_app):
     app = make_app(MODEL_CPUS=[4096])
     batcher = app.extensions["captioner"].batcher
@@ -567,6 +520,7 @@ def test_model_cpus_not_on_this_machine_fail_the_load_without_retrying(make_app)
     assert first.exitcode == 0 and batcher._process is first
 
 
+@pytest.mark.slow  # a model process of its own
 def test_full_queue_is_429(make_app, monkeypatch, switches):
     import service.app
 
@@ -625,6 +579,7 @@ def test_a_batch_waits_from_when_its_oldest_job_was_sent_and_takes_the_oldest_fi
     assert batcher.time_left() == 0  # waited long enough: its batch is due
 
 
+@pytest.mark.slow  # a model process of its own
 def test_concurrent_requests_share_model_calls_and_keep_their_own_options(make_app):
     solo, app = make_app(MAX_BATCH_SIZE=1), make_app(MAX_BATCH_SIZE=16, MAX_WAIT_MS=300)
     ready(solo), ready(app)
@@ -743,6 +698,7 @@ def test_health_and_readiness(client):
     assert client.get("/readyz").get_json() == {"status": "ready"}
 
 
+@pytest.mark.slow  # a model process of its own
 def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app, app):
     # The module's app is the other app here: not a second model process to start.
     app, other = make_app(), app
@@ -823,11 +779,13 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
             make_app(HEAVY_CNN_MS=ms)
 
 
+@pytest.mark.slow  # a model process of its own, that fails to load
 def test_serve_reports_a_missing_model_at_once(tmp_path):
     with pytest.raises(CaptionerError, match="model file not found"):
         serve(tmp_path / "nothing.pt", port=1)
 
 
+@pytest.mark.slow  # a Python subprocess and its model process
 def test_a_worker_serving_a_model_imports_no_training_and_no_shapes_world_code(model_path):
     # Serving loads and runs a model: it must not pay for (or depend on) training, DDP set-up or
     # the shapes world's generator. A fresh interpreter, as a gunicorn worker is.
@@ -875,6 +833,7 @@ def chunked(data: bytes):
     return {"input_stream": io.BytesIO(data), "headers": {"Transfer-Encoding": "chunked"}}
 
 
+@pytest.mark.slow  # limited_app's model process
 def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(limited_app):
     client = limited_app.test_client()
     image = png(size=(24, 16))
@@ -885,6 +844,7 @@ def test_chunked_body_over_the_limit_is_413_not_cut_and_judged(limited_app):
     assert response.status_code == 200, response.get_data(as_text=True)
 
 
+@pytest.mark.slow  # limited_app's model process
 def test_too_many_form_parts_is_413_that_says_so(limited_app):
     fields = {f"f{i}": "x" for i in range(10)}
     response = limited_app.test_client().post("/v1/captions", data={"image": (io.BytesIO(png()), "a.png"), **fields})
@@ -899,6 +859,7 @@ def test_long_option_names_and_values_are_cut_in_messages(client):
         assert len(message) < 400
 
 
+@pytest.mark.slow  # a model process of its own
 def test_busy_is_429_with_retry_after_before_the_image_is_decoded(make_app, monkeypatch):
     import service.api
 
@@ -942,6 +903,7 @@ def test_body_that_does_not_arrive_in_time_is_408(client):
     error_of(response, 408, "request_timeout")
 
 
+@pytest.mark.slow  # a model process of its own
 def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app, monkeypatch, switches):
     """Jobs sent while the model is busy wait in the pipe; once it is full, their sends wait too.
     Stopping must still end the model process in time and fail every request."""
@@ -978,6 +940,7 @@ def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app,
         (switches / "pause").unlink()
 
 
+@pytest.mark.slow  # a model process of its own
 def test_requests_are_handed_to_a_busy_model_at_once_up_to_the_queue(make_app, monkeypatch, switches):
     """Pixels go through shared memory, not the pipe: while the model is stuck in a batch,
     ``MAX_QUEUE`` requests of a large model's size are handed over without waiting, the next is
@@ -1015,6 +978,7 @@ def _answers(conn, count: int) -> list[tuple]:
     return messages
 
 
+@pytest.mark.slow  # a spawned model process
 def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits_on_stop(model_path, switches):
     """Driven over its pipe: jobs sent while a batch runs are all taken at once when it ends (but
     no more than a batch), a job cancelled before then is skipped, and those still waiting on stop

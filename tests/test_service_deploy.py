@@ -2,63 +2,20 @@
 
 from __future__ import annotations
 
-import http.client
-import io
 import json
 import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from PIL import Image
 
-from .conftest import threads_cpus
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None, headers=None):
-    """(status, body bytes) of one loopback request."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def wait_ready(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "gunicorn exited before it was ready"
-        try:
-            if request(port, "GET", "/readyz")[0] == 200:
-                return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise AssertionError("gunicorn did not become ready in time")
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (started from any of its threads)."""
-    tasks = Path(f"/proc/{pid}/task")
-    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+from tests.helpers import ROOT, children, free_port, red_png, request, threads_cpus, wait_ready
 
 
 def test_each_worker_takes_the_lowest_free_slot_for_its_model_processes_cpus():
@@ -92,6 +49,7 @@ print(json.dumps({key: os.environ.get(f"CAPTIONER_{key}") for key in ("MODEL_CPU
 """
 
 
+@pytest.mark.slow  # a Python subprocess, per case
 @pytest.mark.parametrize(
     "workers, threads, expected",
     [
@@ -106,12 +64,6 @@ def test_a_heavy_cnn_may_take_the_http_side_cpus_with_one_worker_and_threads_lef
     run = subprocess.run([sys.executable, "-c", _POST_FORK, str(workers)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == expected
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (200, 40, 40)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.slow  # a gunicorn master and worker
@@ -147,7 +99,7 @@ def test_gunicorn_loads_the_model_after_fork_serves_and_stops_on_sigterm(trained
             assert threads_cpus(worker) == {tuple(cpus[:-1]) if pinned else tuple(cpus)}
 
             headers = {"Content-Type": "image/png"}
-            status, body = request(port, "POST", "/v1/captions?mode=beam&num_captions=2", png(), headers)
+            status, body = request(port, "POST", "/v1/captions?mode=beam&num_captions=2", red_png(), headers)
             assert status == 200, body
             answer = json.loads(body)
             assert answer["image"] == {"width": 24, "height": 16, "format": "PNG"}

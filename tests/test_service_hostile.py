@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_service_deploy import ROOT, free_port, png, request, wait_ready
+from tests.helpers import ROOT, free_port, red_png, request, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.alone]  # each starts gunicorn and loads a model; latencies measured
 SECONDS = float(os.environ.get("CAPTIONER_HOSTILE_SECONDS", "0"))  # 0: each test's own, short
@@ -158,7 +158,7 @@ def test_slow_clients_cannot_starve_normal_ones(serve):
             assert status == 200, body
             seconds.append(took)
             headers = {"Content-Type": "image/png"}
-            status, body, took = timed(server.port, "POST", "/v1/captions?max_length=5", png(), headers)
+            status, body, took = timed(server.port, "POST", "/v1/captions?max_length=5", red_png(), headers)
             assert status == 200, body
             seconds.append(took)
             time.sleep(0.3)
@@ -186,7 +186,7 @@ def test_gunicorns_own_errors_and_chunked_overflow_are_json(serve):
     assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer, answer
     # A valid PNG and then more than the limit, chunked: refused whole, not cut and captioned.
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    body = iter([png(), b"\0" * 30_000])
+    body = iter([red_png(), b"\0" * 30_000])
     connection.request("POST", "/v1/captions", body=body, headers={"Content-Type": "image/png"}, encode_chunked=True)
     try:
         response = connection.getresponse()
@@ -202,7 +202,7 @@ def heavy_client(port: int, until: float, results: list) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
             started = time.perf_counter()
-            connection.request("POST", query, png(), {"Content-Type": "image/png"})
+            connection.request("POST", query, red_png(), {"Content-Type": "image/png"})
             response = connection.getresponse()
             response.read()
             results.append((response.status, time.perf_counter() - started, response.getheader("Retry-After")))
@@ -261,7 +261,7 @@ def deep_png() -> bytes:
 def test_eight_deep_pngs_at_once_stay_within_a_gigabyte(default_server):
     server = default_server
     pid = server.worker_pid()
-    assert request(server.port, "POST", "/v1/captions", png(), {"Content-Type": "image/png"})[0] == 200
+    assert request(server.port, "POST", "/v1/captions", red_png(), {"Content-Type": "image/png"})[0] == 200
     data = deep_png()
     assert len(data) < 200_000
     time.sleep(1)

@@ -22,10 +22,8 @@ from captioner.errors import CaptionerError
 from service import create_app, stop_app
 from service.keys import REFUSALS_PER_WINDOW, ApiKeys, key_id, read_key_file
 
-from .test_service import error_of, metric, png, post_image, ready, wait_until
-from .test_service_deploy import free_port, request, wait_ready
+from tests.helpers import ROOT, error_of, free_port, metric, png, post_image, ready, request, wait_ready, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "alice-0123456789abcdef"
 OTHER_KEY = "bob-fedcba9876543210"
 METRICS_KEY = "scraper-00112233445566"
@@ -151,6 +149,7 @@ def test_a_wrong_key_is_401_and_is_never_echoed(locked):
     error_of(client_at(locked, "10.0.1.2").get("/v1/model", headers={"Authorization": f"Basic {KEY}"}), 401, "unauthorized")
 
 
+@pytest.mark.slow  # the only user of a second app
 def test_the_right_key_gets_the_same_caption_as_without_keys(locked, open_app, capsys):
     client = client_at(locked, "10.0.1.3")
     response = post_image(client, png(), "mode=beam&num_captions=2", headers=bearer(KEY))

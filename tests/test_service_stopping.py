@@ -14,22 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_service_deploy import free_port, png, request, wait_ready
+from tests.helpers import ROOT, children, free_port, red_png, request, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.alone]  # servers and interpreters of their own; how long a stop takes is timed
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid``, started from any of its threads (live ones)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended meanwhile
-            pass
-    return found
 
 
 def _gone(pid: int) -> bool:
@@ -72,7 +59,7 @@ def test_captioner_serve_stops_on_ctrl_c_and_sigterm_with_a_request_in_flight(tr
         answers = []
         query = "/v1/captions?mode=beam&beam_size=16&num_captions=10&max_length=100"
         in_flight = threading.Thread(
-            target=lambda: answers.append(request(port, "POST", query, png(), {"Content-Type": "image/png"}))
+            target=lambda: answers.append(request(port, "POST", query, red_png(), {"Content-Type": "image/png"}))
         )
         in_flight.start()
         time.sleep(0.05)
@@ -118,7 +105,7 @@ if __name__ == "__main__":  # the model process is spawned: it imports this file
 
 
 def test_a_script_that_made_an_app_exits_when_it_returns(trained_run):
-    script = _SCRIPT.format(model=str(trained_run / "model.pt"), image=png())
+    script = _SCRIPT.format(model=str(trained_run / "model.pt"), image=red_png())
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         model_pid, returned = process.stdout.readline().split()

@@ -14,7 +14,6 @@ from captioner.shapes import (
     SHAPES,
     SIZES,
     Scene,
-    ShapeObject,
     check_caption,
     describe_scene,
     grammar,
@@ -26,19 +25,7 @@ from captioner.shapes import (
     write_shapes_dataset,
 )
 
-
-def _obj(shape, colour, size, row, col):
-    return ShapeObject(shape, colour, size, row, col, (col + 0.5) / GRID, (row + 0.5) / GRID)
-
-
-# red circle top-left, blue square top-right, green star bottom-middle.
-SCENE = Scene(
-    (
-        _obj("circle", "red", "large", 0, 0),
-        _obj("square", "blue", "small", 0, 2),
-        _obj("star", "green", "large", 2, 1),
-    )
-)
+from tests.helpers import SCENE, scene_object
 
 
 def _scenes(count, seed=0, **kwargs):
@@ -89,7 +76,7 @@ def test_every_reference_caption_is_grammatical_and_true():
 
 
 def test_describe_scene_reaches_its_limit_on_a_one_object_scene():
-    scene = Scene((_obj("circle", "red", "large", 1, 1),))
+    scene = Scene((scene_object("circle", "red", "large", 1, 1),))
     assert len(set(describe_scene(scene, random.Random(0), n=8))) == 8
     with pytest.raises(CaptionerError, match="1 to 8"):
         describe_scene(scene, random.Random(0), n=9)
@@ -171,9 +158,9 @@ def test_wrong_relation():
 def test_relations_are_read_from_cells(caption, truthful):
     scene = Scene(
         (
-            _obj("circle", "red", "small", 0, 1),
-            _obj("square", "blue", "large", 2, 1),
-            _obj("star", "green", "large", 2, 2),
+            scene_object("circle", "red", "small", 0, 1),
+            scene_object("square", "blue", "large", 2, 1),
+            scene_object("star", "green", "large", 2, 2),
         )
     )
     assert check_caption(caption, scene).truthful == truthful
@@ -182,9 +169,9 @@ def test_relations_are_read_from_cells(caption, truthful):
 def test_re_mention_with_the():
     scene = Scene(
         (
-            _obj("circle", "red", "large", 1, 0),
-            _obj("square", "blue", "small", 1, 2),
-            _obj("star", "green", "large", 0, 2),
+            scene_object("circle", "red", "large", 1, 0),
+            scene_object("square", "blue", "small", 1, 2),
+            scene_object("star", "green", "large", 0, 2),
         )
     )
     good = "a red circle is left of a blue square and a green star is above the blue square"

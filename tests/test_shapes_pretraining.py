@@ -8,7 +8,7 @@ from PIL import Image
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import Encoder, EncoderConfig
-from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, ShapeObject, parse_holdout, pretraining
+from captioner.shapes import COLOURS, GRID, SHAPES, SIZES, Scene, parse_holdout, pretraining
 from captioner.shapes.pretraining import (
     ATTRIBUTES,
     CELL_CLASSES,
@@ -21,7 +21,7 @@ from captioner.shapes.pretraining import (
 from captioner.evaluation import evaluate_split
 from captioner.training import train
 
-from .conftest import tiny_config
+from tests.helpers import SCENE, tiny_config
 
 
 def test_cell_labels_read_the_scene_grid():
@@ -37,17 +37,7 @@ def test_cell_labels_read_the_scene_grid():
 
 def test_cell_labels_of_a_three_object_scene():
     # red large circle top-left, blue small square top-right, green large star bottom-middle
-    scene = Scene(
-        tuple(
-            ShapeObject(shape, colour, size, row, col, (col + 0.5) / GRID, (row + 0.5) / GRID)
-            for shape, colour, size, row, col in (
-                ("circle", "red", "large", 0, 0),
-                ("square", "blue", "small", 0, 2),
-                ("star", "green", "large", 2, 1),
-            )
-        )
-    )
-    labels = cell_labels(scene)
+    labels = cell_labels(SCENE)
     assert labels.dtype == torch.long and labels.shape == (GRID * GRID, 3)
     empty = [len(SHAPES), len(COLOURS), len(SIZES)]
     assert labels.tolist() == [

@@ -14,7 +14,7 @@ from captioner.models.decoder import AttentionDecoder
 from captioner.evaluation import encode_captions, evaluate_loss
 from captioner.training import train, train_one_epoch
 
-from .conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_run_writes_metrics_every_epoch_and_keeps_the_best(trained_run):
