@@ -31,6 +31,7 @@ from captioner.errors import CaptionerError
 from captioner.metrics import CiderD
 
 LOG_PROB_WEIGHT = 0.5  # chosen on half of Flickr8k's dev split, checked on the other half (docs/photos.md)
+CONCEPT_WEIGHT = 0.0
 
 
 class CaptionMemory:
@@ -80,7 +81,7 @@ class CaptionMemory:
 
     def rerank(
         self, features: torch.Tensor, cells: int, hypotheses: list[list[Hypothesis]], words: Sequence[str], end: int,
-        neighbours: int,
+        neighbours: int, concepts: torch.Tensor | None = None,
     ) -> list[list[Hypothesis]]:  # fmt: skip
         """Each image's hypotheses, best first by consensus with its ``neighbours`` nearest training images.
 
@@ -89,17 +90,23 @@ class CaptionMemory:
             hypotheses: per image, beam search's captions.
             words: the vocabulary's words by id.
             end: the ``<end>`` id.
+            concepts: (B, V) with concepts, each word's share of the classifier's probabilities
+                (``_Concepts.mass``): a caption that says what the classifier sees gains
+                ``CONCEPT_WEIGHT`` times the share of each such word, since the neighbours' captions
+                cannot say an object none of the training photographs was captioned with.
         """
         query = pooled(features, cells)
         if query.size(1) != self.features.size(1):
             raise CaptionerError("the caption memory's features do not match this encoder's")
         query = F.normalize(query.float(), dim=1).cpu()
         nearest = (query @ self.features.float().T).topk(neighbours, dim=1).indices.tolist()  # (B, K)
+        seen = concepts.float().cpu() if concepts is not None else None
         ranked = []
-        for images, hyps in zip(nearest, hypotheses):
+        for i, (images, hyps) in enumerate(zip(nearest, hypotheses)):
             def score(h: Hypothesis) -> float:
                 agreement = self.cider.mean_score(images, [words[t] for t in h.tokens if t != end])
-                return agreement + LOG_PROB_WEIGHT * h.log_prob / max(len(h.tokens), 1)
+                said = seen[i, sorted(set(h.tokens))].sum().item() if seen is not None else 0.0
+                return agreement + LOG_PROB_WEIGHT * h.log_prob / max(len(h.tokens), 1) + CONCEPT_WEIGHT * said
 
             ranked.append(sorted(hyps, key=score, reverse=True))
         return ranked

@@ -164,8 +164,9 @@ class Captioner(nn.Module):
         if not neighbours:
             return generate(self.decoder, features, options, self.ids, seeds)
         beams = beam_search(self.decoder, features, options, self.ids, keep=options.beam_size)
-        grid = features[:, : self.decoder.config.grid_dim]
-        ranked = self.memory.rerank(grid, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours)
+        grid, classes = features.split([self.decoder.config.grid_dim, len(self.decoder.config.concept_ids)], dim=1)
+        seen = self.decoder.concepts.mass(classes.float()) if self.decoder.concepts is not None else None
+        ranked = self.memory.rerank(grid, self.decoder.config.cells, beams, self.vocab.words, self.ids.end, neighbours, seen)
         return [hyps[: options.num_captions] for hyps in ranked]
 
     def rerank_neighbours(self, options: DecodeOptions) -> int:

@@ -435,11 +435,15 @@ class _Concepts(nn.Module):
         self.init = nn.Linear(embed_dim, init_size)  # the concepts' share of the initial state
         self.gate = nn.Linear(hidden + 1, 1)
 
+    def mass(self, classes: torch.Tensor) -> torch.Tensor:
+        """(B, 1000) class probabilities -> (B, V) each word's share of them (its classes' sum)."""
+        return classes.new_zeros(classes.size(0), self.vocab_size).index_add_(1, self.words_of, classes[:, self.classes])
+
     def words(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1000) class probabilities -> (B, V) log-probabilities of the words the concepts say
         (renormalised over the mapped classes), and (B, 1) the likeliest word's probability before
         renormalising (how sure the classifier is of any word: the copy gate reads it)."""
-        mass = classes.new_zeros(classes.size(0), self.vocab_size).index_add_(1, self.words_of, classes[:, self.classes])
+        mass = self.mass(classes)
         confidence = mass.amax(dim=1, keepdim=True)
         return (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-6)).clamp_min(1e-12).log(), confidence
 
