@@ -22,6 +22,7 @@ from captioner.options import (
     PlotOptions,
     ServeOptions,
     SynthOptions,
+    PRESETS,
     TrainConfig,
     add_dataclass_arguments,
     from_args,
@@ -227,11 +228,25 @@ COMMANDS = {
 }
 
 
+def given_options(argv: list[str], command: str) -> set[str]:
+    """The options of ``command`` that ``argv`` names, whatever their values (a preset leaves them be)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices[command]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     command, _, classes = COMMANDS[args.command]
     try:
-        command(*(from_args(cls, args) for cls in classes))  # bad values: CaptionerError, one line
+        configs = [from_args(cls, args) for cls in classes]  # bad values: CaptionerError, one line
+        if args.command == "train" and args.preset:  # an option given as its default value is still given
+            for name in given_options(argv, "train") & set(PRESETS[args.preset]):
+                setattr(configs[0], name, getattr(args, name))
+        command(*configs)
     except CaptionerError as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
         return 1

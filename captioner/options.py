@@ -207,6 +207,15 @@ PHOTO_ENCODER = ("efficientnet_lite0", 224, 7)
 # photograph (captioner/consensus.py): this many, chosen on Flickr8k's dev split (docs/photos.md).
 PHOTO_RERANK = 20
 TRAINED_VECTORS_DIM = 64  # word2vec trained on the captions; a vectors file brings its own size
+# Named recipes of training options (``--preset``): each sets its options where they are not given.
+# "photos": what scripts/photos.sh trains Flickr8k with, chosen on its dev split (docs/photos.md):
+# a wider decoder, more dropout, 6 epochs of cross-entropy in bfloat16, then one self-critical.
+PRESETS = {
+    "photos": dict(
+        hidden_size=512, embed_dim=128, dropout=0.5, min_count=5, precision="bfloat16", epochs=6, batch_size=64,
+        lr=2e-3, self_critical_epochs=1, self_critical_lr=5e-5, val_images=500,
+    ),
+}  # fmt: skip
 
 
 @dataclass
@@ -215,6 +224,13 @@ class TrainConfig:
 
     data: str = _data_file()
     out: str = option(help="run folder for model.pt, last.pt and metrics.jsonl")
+    preset: str | None = option(
+        None,
+        "a named recipe of the options below, for those not given: photos ("
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in PRESETS["photos"].items())
+        + "; what scripts/photos.sh trains with)",
+        choices=tuple(PRESETS),
+    )
     format: str = _data_format()
     images: str | None = _image_folder()
     skip_missing: bool = _skip_missing()
@@ -293,6 +309,9 @@ class TrainConfig:
     feature_cache: str | None = option(None, "feature cache folder (default ~/.cache/captioner/features)")
     num_workers: int = option(0, "image-decoding worker processes")
     val_images: int = option(1000, "validation images captioned each epoch for BLEU-4/CIDEr")
+    val_fraction: float = option(
+        0.05, "a data set without validation images (a CSV with no split column) holds out this share of its training images"
+    )
     rerank: int | None = option(
         None,
         "the model keeps its training images' captions, and beam search re-ranks its captions by their agreement "
@@ -303,7 +322,16 @@ class TrainConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
+        if self.preset is not None:  # the recipe's values, for the options left at their defaults
+            if self.preset not in PRESETS:
+                raise CaptionerError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
         # Refuse bad options before any work is done.
+        if not 0 < self.val_fraction < 1:
+            raise CaptionerError("val fraction must be between 0 and 1 (a share of the training images)")
         if self.encoder is not None and self.encoder not in BACKBONES:
             raise CaptionerError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.clip_norm <= 0:

@@ -365,5 +365,37 @@ def test_split_returns_records_or_names_the_splits_that_exist():
     with pytest.raises(CaptionerError) as info:
         dataset.split("holdout")
     assert str(info.value) == (
-        "data set 'flickr8k' has no 'holdout' images; its splits are: train (2), val (1), test (1), unassigned (1)"
+        "data set 'flickr8k' has no 'holdout' images; its splits are: train (2), val (1), test (1), unassigned (1) "
+        "(name each image's split in a 'split' column of a CSV, or in the data set file)"
     )
+
+
+def _csv_dataset(tmp_path: Path, names: list[str]) -> Dataset:
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "".join(f"{n},a caption of {n}\n" for n in names))
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    return load_dataset(tmp_path / "captions.csv")
+
+
+def test_a_data_set_without_validation_images_holds_a_seeded_stable_share_out(tmp_path):
+    names = [f"photo{i:03d}.jpg" for i in range(200)]
+    dataset = _csv_dataset(tmp_path, names)
+    with pytest.raises(CaptionerError, match="no 'val' images.*'split' column"):
+        dataset.split("val")
+    split, moved = dataset.with_validation(0.1, seed=0)
+    val = {r.image_id for r in split.split("val")}
+    assert moved == len(val) and 10 <= moved <= 30 and len(split.split("train")) == 200 - moved
+    assert split.with_validation(0.1, seed=0) == (split, 0)  # one with validation images is kept as it is
+    again, _ = dataset.with_validation(0.1, seed=0)
+    assert {r.image_id for r in again.split("val")} == val  # seeded: the same every time
+    assert {r.image_id for r in dataset.with_validation(0.1, seed=1)[0].split("val")} != val
+    # Stable: rows added, removed or reordered leave every other image on its side.
+    (tmp_path / "more").mkdir()
+    more = _csv_dataset(tmp_path / "more", names[::-1][:150] + ["new.jpg"])
+    kept = {r.image_id for r in more.with_validation(0.1, seed=0)[0].split("val")}
+    assert kept - {"new.jpg"} == val & set(names[::-1][:150])
+
+
+def test_a_data_set_of_one_training_image_cannot_hold_one_out(tmp_path):
+    with pytest.raises(CaptionerError, match="at least 2 are needed"):
+        _csv_dataset(tmp_path, ["only.jpg"]).with_validation(0.1, seed=0)

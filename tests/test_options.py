@@ -55,3 +55,18 @@ def test_field_types_unwrap_optional_and_list():
         "mode": str, "num_captions": int, "temperature": float, "top_k": int,
         "top_p": float, "beam_size": int, "max_length": int, "seed": int, "rerank": int, "explain": bool,
     }
+
+
+def test_the_photo_preset_sets_its_options_unless_they_are_given():
+    from captioner.cli import main  # noqa: F401  (the parser the preset rule reads)
+    from captioner.cli import given_options
+    from captioner.options import PRESETS
+
+    config = TrainConfig(data="d", out="o", preset="photos")
+    assert {name: getattr(config, name) for name in PRESETS["photos"]} == PRESETS["photos"]
+    argv = ["train", "--data", "d", "--out", "o", "--preset", "photos", "--epochs", "12", "--lr", "1e-3"]
+    assert given_options(argv, "train") == {"data", "out", "preset", "epochs", "lr"}
+    args = build_parser().parse_args(argv)
+    assert (args.epochs, args.lr) == (12, 1e-3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--preset", "nope"])

@@ -14,12 +14,13 @@ Formats (detected by content, or forced with ``format=``):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -96,8 +97,36 @@ class Dataset:
         if not chosen:
             counts = Counter(r.split for r in self.records)
             present = ", ".join(f"{split} ({count})" for split, count in counts.items())
-            raise CaptionerError(f"data set {self.name!r} has no {name!r} images; its splits are: {present}")
+            raise CaptionerError(
+                f"data set {self.name!r} has no {name!r} images; its splits are: {present} "
+                f"(name each image's split in a 'split' column of a CSV, or in the data set file)"
+            )
         return chosen
+
+    def with_validation(self, fraction: float, seed: int) -> tuple[Dataset, int]:
+        """A data set without validation images with about ``fraction`` of its training images
+        moved to "val" (at least one, leaving at least one), and how many moved; one with some:
+        itself, 0.
+
+        An image goes to "val" when a hash of the seed and its id falls below ``fraction``: the
+        choice depends on the image alone, not on its place in the file or on the other images,
+        so an image stays on its side when rows are added, removed or reordered.
+        """
+        if any(r.split == "val" for r in self.records):
+            return self, 0
+        train = [r for r in self.records if r.split == "train"]
+        if len(train) < 2:
+            raise CaptionerError(
+                f"data set {self.name!r} has {len(train)} training image(s): at least 2 are needed to hold one out for validation"
+            )
+        def draw(r: ImageRecord) -> float:  # uniform in [0, 1), fixed by the seed and the image
+            return int.from_bytes(hashlib.sha256(f"{seed}:{r.image_id}".encode()).digest()[:8]) / 2**64
+
+        ranked = sorted(train, key=draw)
+        count = min(max(1, sum(draw(r) < fraction for r in train)), len(train) - 1)
+        held = {id(r) for r in ranked[:count]}
+        records = tuple(replace(r, split="val") if id(r) in held else r for r in self.records)
+        return replace(self, records=records), len(held)
 
 
     def summary(self) -> dict:
