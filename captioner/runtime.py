@@ -1,18 +1,17 @@
-"""Where a command runs: the device, and under ``torchrun`` the process group it joins.
+"""Where a command runs: the device, and the CPUs its threads and processes take.
 
-``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in the environment;
-without them a command runs as a single process and the process helpers do nothing. Training,
-batch captioning, evaluation and the service all use this module, which imports nothing of them.
+Training, batch captioning, evaluation and the service all use this module, which imports nothing
+of them. Under ``torchrun``, the process group a command joins is ``captioner.distributed``'s.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+# cli.py and batch.py still import these from here; captioner.distributed is their home.
+from captioner.distributed import Process, init_process, process_device, shutdown  # noqa: F401
 from captioner.errors import CaptionerError
 
 
@@ -32,78 +31,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-@dataclass(frozen=True)
-class Process:
-    """Where this process stands: rank ``rank`` of ``world_size``, ``local_rank`` on its machine."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init_process(device: torch.device) -> Process:
-    """Joins the process group when started by torchrun: nccl for CUDA, gloo on CPU.
-
-    Args:
-        device: the device this process computes on.
-
-    Returns:
-        This process's place; a lone process (no torchrun) is rank 0 of 1.
-    """
-    if not launched_by_torchrun():
-        return Process()
-    process = Process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if process.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return process
-
-
-def process_device(name: str) -> str:
-    """Under torchrun, ``auto`` or ``cuda`` means this process's own GPU, ``cuda:LOCAL_RANK``.
-
-    nccl needs one GPU per process and fails with an obscure error when two share one, so an
-    explicit ``cuda:N`` with several processes on this machine, or more processes than GPUs, is a
-    CaptionerError here.
-    """
-    if not launched_by_torchrun():
-        return name
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if name.startswith("cuda:") and local_processes > 1:
-        raise CaptionerError(
-            f"--device {name} under torchrun would put all {local_processes} processes on this machine "
-            "on the same GPU: pass --device cuda or auto, and each process takes cuda:LOCAL_RANK"
-        )
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        if local_processes > torch.cuda.device_count():
-            raise CaptionerError(
-                f"{local_processes} processes on this machine but {torch.cuda.device_count()} GPU(s): "
-                "start at most one process per GPU (--nproc-per-node), or pass --device cpu"
-            )
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return name
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def usable_cpus() -> float:

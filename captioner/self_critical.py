@@ -36,31 +36,35 @@ def sample_length(captions, pad: int, share: float = 0.95) -> int:
 
 
 def self_critical_epoch(
-    decoder, features, cider: CiderD, words, optimizer, scaler, *, ids: SpecialIds, batch_size, max_length,
-    clip_norm, device, generator, progress, amp=None, shard=(0, 1),
-):  # fmt: skip
-    """One pass over the training images, ``batch_size // SAMPLES`` images a step.
+    decoder, features: torch.Tensor, cider: CiderD, words, run, *, ids: SpecialIds, max_length: int,
+    generator: torch.Generator,
+) -> dict:  # fmt: skip
+    """One pass over the training images, ``run.config.batch_size // SAMPLES`` images a step.
 
     Args:
         decoder: the decoder, or its DistributedDataParallel wrapper (whose forward syncs gradients).
         features: (N, F) training features; row i is image i of ``cider``'s references.
         words: the vocabulary's words by id, to turn sampled ids into words for the reward.
-        amp, shard: as in ``training.train_one_epoch``.
+        run: the training run (``training.Run``): its optimizer, scaler, device, AMP dtype, process
+            and the config's batch size, clip norm and progress, as ``training.train_one_epoch`` reads them.
+        max_length: the words a sample may have (``sample_length``).
+        generator: the epoch's order of images and the seeds of their samples.
 
     Returns:
         ``{"train_reward"}`` (the samples' mean CIDEr-D) and the gradient columns of a
         cross-entropy epoch (``grad_norm``, ``grad_norm_max``, ``clip_rate``).
     """
-    rank, world_size = shard
+    config, device, optimizer, scaler = run.config, run.device, run.optimizer, run.scaler
+    world_size = run.process.world_size
     module = getattr(decoder, "module", decoder)
-    per_step = max(1, batch_size // SAMPLES)
+    per_step = max(1, config.batch_size // SAMPLES)
     batches = list(torch.randperm(len(features), generator=generator).split(per_step))
-    batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
+    batches = batches[: len(batches) - len(batches) % world_size][run.process.rank :: world_size]
     sampling = DecodeOptions(mode="sample", num_captions=SAMPLES, max_length=max_length)
     decoder.eval()  # no dropout: the gradient is that of the policy that sampled
     params = [p for p in decoder.parameters() if p.requires_grad]
     reward_sum, samples, norms, clipped = 0.0, 0, [], 0
-    for batch in tqdm(batches, desc="self-critical", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="self-critical", unit="batch", disable=not config.progress, leave=False):
         feats = features[batch].to(device)
         seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
         hypotheses = generate(module, feats, sampling, ids, seeds)  # per image, SAMPLES captions
@@ -73,7 +77,7 @@ def self_critical_epoch(
         for r, row in enumerate(rows):
             tokens[r, : len(row)] = torch.tensor(row)
         tokens = tokens.to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
             logits = decoder(feats, tokens[:, :-1], repeats=SAMPLES)
         targets = tokens[:, 1:]
         # Under the distribution the samples were drawn from (no <unk>): with <unk> in the
@@ -85,10 +89,10 @@ def self_critical_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_norm))
         if math.isfinite(norm):
             norms.append(norm)
-            clipped += norm > clip_norm
+            clipped += norm > config.clip_norm
         scaler.step(optimizer)
         scaler.update()
         reward_sum, samples = reward_sum + reward.sum().item(), samples + reward.numel()

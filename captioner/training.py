@@ -12,7 +12,8 @@ per epoch.
 Started by ``torchrun`` the same job trains with DistributedDataParallel: every process takes its
 share of each epoch's batches, so the effective batch is ``batch_size`` times the number of
 processes (the learning rate is used as given, not scaled). Rank 0 alone pretrains the CNN, fills
-the feature cache first, evaluates, and writes the run folder.
+the feature cache first, evaluates, and writes the run folder; how the processes wait for and hear
+from one another is ``captioner.distributed``'s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,12 +31,16 @@ from tqdm import tqdm
 
 from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.consensus import CaptionMemory
-from captioner.data.datasets import Dataset, load_dataset
+from captioner.data.datasets import Dataset, ImageRecord, load_dataset
 from captioner.data.mentions import TEXT_ONLY, parse_groups, text_only
 from captioner.data.vocab import Vocabulary, tokenize
+from captioner.distributed import (
+    Process, broadcast, check_agreement, gather_rng_states, host_group, init_process, own_rng_state, process_device,
+    rank_zero_first, shutdown,
+)  # fmt: skip
 from captioner.embeddings import word_embedding
 from captioner.errors import CaptionerError
-from captioner.evaluation import caption_loss, encode_captions, score
+from captioner.evaluation import CaptionTensors, caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
 from captioner.io import remove_temporaries, strict_json
 from captioner.metrics import CiderD
@@ -45,15 +49,10 @@ from captioner.models.concepts import ConceptMap
 from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
 from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
-from captioner.runtime import Process, init_process, process_device, resolve_device, shutdown
+from captioner.runtime import resolve_device
 from captioner.self_critical import sample_length, self_critical_epoch
 from captioner.shapes import GRID
 from captioner.shapes.pretraining import CELL_CLASSES, COLOUR_CLASSES, pretrain_encoder
-
-# Rank 0 prepares (CNN pretraining, feature extraction) while the others wait: hours on a large data
-# set, far past a collective's default timeout (10 minutes with nccl), so the waits between
-# processes outside the training steps go through a gloo group of their own with a long one.
-HOST_TIMEOUT = timedelta(hours=24)
 
 
 def train(config: TrainConfig) -> dict:
@@ -84,6 +83,31 @@ def train(config: TrainConfig) -> dict:
         shutdown()
 
 
+@dataclass(frozen=True)
+class Run:
+    """What the epochs of one run share, made once before the first (``_start``).
+
+    torchvision's reference hands ``train_one_epoch`` the optimizer, the scaler, the device and
+    ``args`` one by one; here they travel together, read by name.
+    """
+
+    config: TrainConfig
+    out: Path  # the run folder: model.pt, last.pt, metrics.jsonl
+    device: torch.device
+    process: Process  # rank 0 of 1 without torchrun
+    host: dist.ProcessGroup | None  # the gloo group for waits between processes (None: one process)
+    dataset: Dataset  # with the training images of held-out words moved out of the paired data
+    train_records: list[ImageRecord]
+    val_records: list[ImageRecord]  # the first --val-images of the val split
+    train_features: torch.Tensor  # (N, F) cached encoder features of train_records
+    val_features: torch.Tensor  # (V, F) of val_records
+    train_captions: CaptionTensors  # every training caption, encoded by the model's vocabulary
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler  # cosine, over the cross-entropy epochs
+    scaler: torch.amp.GradScaler  # loss scaling, on for float16 only
+    amp: torch.dtype | None  # the dtype of the steps under autocast (``autocast_dtype``); None: float32
+
+
 @dataclass
 class Progress:
     """Where a run stands: the next epoch, the best so far and every epoch's metrics."""
@@ -94,31 +118,8 @@ class Progress:
 
 
 def _main(config: TrainConfig, out: Path, device: torch.device, process: Process) -> dict:
-    """The job: data, model and features, optimizer, then the epoch loop."""
-    amp = autocast_dtype(config.precision, device)  # first: a precision this device lacks is refused before any work
-    dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
-    if config.holdout_words:
-        dataset = hold_out_words(dataset, parse_groups(config.holdout_words), config.progress)
-    val_records = dataset.split("val")[: config.val_images or None]
-    host = _join(config, dataset, process)
-    resumed = read_checkpoint(out / "last.pt") if config.resume else None
-    if process.is_main:
-        remove_temporaries(out)  # of writes a kill interrupted: the run folder has one writer, this one
-        if resumed:
-            _repair_best(resumed, out)
-    model, train_features, val_features = _rank_zero_first(
-        process, host, lambda: _prepare(config, dataset, val_records, out, device, resumed)
-    )
-    _check_agreement(model, process, host)
-    train_captions = encode_captions(dataset.split("train"), model.vocab, config.max_caption_length)
-    optimizer, schedule, scaler = _optimizer(model, config, amp)
-    progress = _restore(resumed, optimizer, schedule, scaler) if resumed else Progress()
-    if resumed:
-        torch.set_rng_state(_rng_state(resumed, process))
-    else:  # dropout does not depend on what the feature cache held; each rank draws its own masks
-        torch.manual_seed(config.seed + process.rank)
-    if process.is_main:  # the log rewritten from the saved history: an epoch that was not saved is dropped
-        (out / "metrics.jsonl").write_text("".join(strict_json(h) + "\n" for h in progress.history))
+    """The job: the run (data, model and features, optimizer), then the epoch loop."""
+    run, model, progress = _start(config, out, device, process)
     decoder = model.decoder  # checkpoints save this plain module; DDP only wraps it for the training steps
     if process.distributed:
         decoder = DistributedDataParallel(model.decoder, device_ids=[device.index] if device.type == "cuda" else None)
@@ -127,36 +128,84 @@ def _main(config: TrainConfig, out: Path, device: torch.device, process: Process
         started = time.monotonic()
         self_critical = epoch > config.epochs
         if self_critical:  # after the cosine schedule, a small constant rate
-            for group in optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = config.self_critical_lr
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "world_size": process.world_size}
+        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "world_size": process.world_size}
         row["effective_batch_size"] = config.batch_size * process.world_size
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        shared = dict(
-            batch_size=config.batch_size, clip_norm=config.clip_norm, device=device, amp=amp, generator=generator,
-            progress=config.progress, shard=(process.rank, process.world_size),
-        )  # fmt: skip
         if self_critical:
-            if cider is None:  # the reward's references: the training captions, which a caption memory holds already
-                cider = model.memory.cider if model.memory else CiderD(
-                    [[tokenize(c) for c in r.captions] for r in dataset.split("train")]
-                )
+            if cider is None:
+                cider = _reward(model, run.train_records)
             row |= self_critical_epoch(
-                decoder, train_features, cider, model.vocab.words, optimizer, scaler, ids=model.ids,
-                max_length=sample_length(train_captions, model.vocab.pad), **shared,
+                decoder, run.train_features, cider, model.vocab.words, run, ids=model.ids,
+                max_length=sample_length(run.train_captions, model.vocab.pad), generator=generator,
             )  # fmt: skip
         else:
-            row |= train_one_epoch(decoder, train_features, train_captions, optimizer, scaler, pad=model.vocab.pad, **shared)
-            schedule.step()
+            row |= train_one_epoch(
+                decoder, run.train_features, run.train_captions, run, pad=model.vocab.pad, generator=generator
+            )
+            run.schedule.step()
         _stop_if_not_finite(row)  # every rank: under DDP the training loss is the same on all
-        rngs = _gather_rng_states(process, host)
+        rngs = gather_rng_states(process, run.host)
         if process.is_main:
-            row |= validate(model, val_features, val_records, config.max_caption_length)
+            row |= validate(model, run.val_features, run.val_records, config.max_caption_length)
             row["seconds"] = round(time.monotonic() - started, 2)
             _stop_if_not_finite(row)
-            _save_epoch(model, row, progress, config, out, (optimizer, schedule, scaler), rngs)
-        progress.best = _broadcast(progress.best, process, host)
+            _save_epoch(run, model, row, progress, rngs)
+        progress.best = broadcast(progress.best, process, run.host)
     return progress.best
+
+
+def _start(config: TrainConfig, out: Path, device: torch.device, process: Process) -> tuple[Run, Captioner, Progress]:
+    """The run, its model (restored from ``last.pt``, or built) and where it stands; the random state
+    set to go on with, and ``metrics.jsonl`` rewritten from the saved history."""
+    amp = autocast_dtype(config.precision, device)  # first: a precision this device lacks is refused before any work
+    dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
+    if config.holdout_words:
+        dataset = hold_out_words(dataset, parse_groups(config.holdout_words), config.progress)
+    val_records = dataset.split("val")[: config.val_images or None]
+    _check_shares(config, dataset, process)
+    host = host_group(process)
+    resumed = read_checkpoint(out / "last.pt") if config.resume else None
+    if process.is_main:
+        remove_temporaries(out)  # of writes a kill interrupted: the run folder has one writer, this one
+        if resumed:
+            _repair_best(resumed, out)
+    model, train_features, val_features = rank_zero_first(
+        process, host, lambda: _prepare(config, dataset, val_records, out, device, resumed)
+    )
+    # DDP gives every rank rank 0's decoder, the frozen embedding included (it is a parameter), but the
+    # vocabulary and the features must agree already; they do when every process read the same data
+    # set and the same encoder-pretrained.pt.
+    check_agreement(
+        (model.vocab.words, weights_fingerprint(model.encoder)), process, host,
+        "the processes built different vocabularies or encoders: every machine needs the "
+        "same --data, and --out in a folder they all share",
+    )  # fmt: skip
+    train_records = dataset.split("train")
+    train_captions = encode_captions(train_records, model.vocab, config.max_caption_length)
+    optimizer, schedule, scaler = _optimizer(model, config, amp)
+    run = Run(
+        config=config, out=out, device=device, process=process, host=host, dataset=dataset,
+        train_records=train_records, val_records=val_records, train_features=train_features,
+        val_features=val_features, train_captions=train_captions, optimizer=optimizer, schedule=schedule,
+        scaler=scaler, amp=amp,
+    )  # fmt: skip
+    progress = _restore(run, resumed) if resumed else Progress()
+    if resumed:  # dropout masks continue as if never stopped; under torchrun each rank's own
+        training = resumed["training"]
+        torch.set_rng_state(own_rng_state(training.get("rng_ranks") or [training["rng"]], process))
+    else:  # dropout does not depend on what the feature cache held; each rank draws its own masks
+        torch.manual_seed(config.seed + process.rank)
+    if process.is_main:  # the log rewritten from the saved history: an epoch that was not saved is dropped
+        (out / "metrics.jsonl").write_text("".join(strict_json(h) + "\n" for h in progress.history))
+    return run, model, progress
+
+
+def _reward(model: Captioner, records: list[ImageRecord]) -> CiderD:
+    """The self-critical epochs' reward: CIDEr-D against the training captions, which a caption
+    memory holds already."""
+    return model.memory.cider if model.memory else CiderD([[tokenize(c) for c in r.captions] for r in records])
 
 
 def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -176,18 +225,21 @@ def _length_buckets(ids: torch.Tensor, pad: int, batch_size: int, generator: tor
 
 
 def train_one_epoch(
-    decoder, features, captions, optimizer, scaler, *, pad, batch_size, clip_norm, device, generator, progress,
-    amp=None, shard=(0, 1),
-):  # fmt: skip
-    """One pass over ``captions`` in a seeded random order.
+    decoder, features: torch.Tensor, captions: CaptionTensors, run: Run, *, pad: int, generator: torch.Generator
+) -> dict:
+    """One pass over ``captions`` in a seeded random order, ``run.config.batch_size`` captions a step.
 
     Args:
-        scaler: a ``torch.amp.GradScaler``, enabled for float16; disabled it changes nothing.
-        amp: the dtype of the steps under autocast (``autocast_dtype``); None: float32.
-        shard: ``(rank, world_size)`` under DistributedDataParallel. Every rank draws the same
-            batches from ``generator`` and takes every world_size-th one, after the last
-            ``len % world_size`` are dropped: all ranks must take the same number of steps, or
-            DDP's gradient all-reduce waits forever. ``(0, 1)`` is a single process.
+        decoder: the decoder, or its DistributedDataParallel wrapper (whose backward syncs gradients).
+        features: (N, F) the features of the images that ``captions.image_index`` counts.
+        run: the run: its optimizer and scaler (a ``torch.amp.GradScaler``, enabled for float16;
+            disabled it changes nothing) take the steps, with the config's ``clip_norm``, on its
+            device, under autocast to its ``amp`` dtype (None: float32). Under
+            DistributedDataParallel every rank draws the same batches from ``generator`` and takes
+            every world_size-th one (``run.process``), after the last ``len % world_size`` are
+            dropped: all ranks must take the same number of steps, or DDP's gradient all-reduce
+            waits forever.
+        pad: the ``<pad>`` id.
 
     Returns:
         ``{"train_loss", "train_perplexity", "grad_norm", "grad_norm_max", "clip_rate"}``; the loss
@@ -195,16 +247,17 @@ def train_one_epoch(
         has averaged the gradients) are measured before clipping, so exploding gradients show in the
         log, and ``clip_rate`` is the share of steps whose norm was over ``clip_norm`` (clipped).
     """
-    rank, world_size = shard
-    batches = _length_buckets(captions.ids, pad, batch_size, generator)
-    batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
+    config, device, optimizer, scaler = run.config, run.device, run.optimizer, run.scaler
+    world_size = run.process.world_size
+    batches = _length_buckets(captions.ids, pad, config.batch_size, generator)
+    batches = batches[: len(batches) - len(batches) % world_size][run.process.rank :: world_size]
     decoder.train()
     total_loss, total_words, norms, clipped = 0.0, 0, [], 0
     params = [p for p in decoder.parameters() if p.requires_grad]
-    for batch in tqdm(batches, desc="training", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="training", unit="batch", disable=not config.progress, leave=False):
         ids = captions.ids[batch]
         ids = ids[:, : int((ids != pad).sum(1).max())].to(device)  # trim common padding
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
             loss, words = caption_loss(decoder, features[captions.image_index[batch]].to(device), ids, pad)
         value = loss.item()
         if not math.isfinite(value) and world_size == 1:
@@ -213,10 +266,10 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss / words).backward()
         scaler.unscale_(optimizer)  # clip and log the true norm, not the scaled one
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_norm))
         if math.isfinite(norm):  # a float16 overflow: the scaler skips this step and lowers its scale
             norms.append(norm)
-            clipped += norm > clip_norm
+            clipped += norm > config.clip_norm
         scaler.step(optimizer)
         scaler.update()
         total_loss += value
@@ -235,7 +288,6 @@ def train_one_epoch(
     }
 
 
-
 @torch.inference_mode()
 def validate(model: Captioner, features: torch.Tensor, records, max_length: int) -> dict:
     """The validation columns of an epoch's row: teacher-forced loss and perplexity, and BLEU-4,
@@ -249,36 +301,21 @@ def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _join(config: TrainConfig, dataset: Dataset, process: Process):
-    """Checks that every process gets batches; returns the gloo group for waits between them (or None)."""
+def _check_shares(config: TrainConfig, dataset: Dataset, process: Process) -> None:
+    """Checks that every process gets batches; under torchrun, says how they share them."""
     num_batches = math.ceil(sum(len(r.captions) for r in dataset.split("train")) / config.batch_size)
     if num_batches < process.world_size:
         raise CaptionerError(
             f"{num_batches} batch(es) of {config.batch_size} training captions cannot be shared by "
             f"{process.world_size} processes: lower --batch-size or start fewer processes"
         )
-    if not process.distributed:
-        return None
-    if process.is_main:
+    if process.distributed and process.is_main:
         _log(
             f"DistributedDataParallel: {process.world_size} processes ({dist.get_backend()}), batch size "
             f"{config.batch_size} per process, {config.batch_size * process.world_size} in all; "
             f"lr {config.lr} as given (not scaled with the number of processes); "
             f"{num_batches // process.world_size} steps per epoch, {num_batches % process.world_size} batch(es) left out"
         )
-    return dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
-
-
-def _rank_zero_first(process: Process, host, prepare):
-    """``prepare()`` on rank 0, then on the others: rank 0 writes out/encoder-pretrained.pt and the
-    feature cache, which the others then read instead of racing it to write them."""
-    if process.is_main:
-        result = prepare()
-    if process.distributed:
-        dist.barrier(group=host)
-    if not process.is_main:
-        result = prepare()
-    return result
 
 
 def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, device: torch.device, resumed):
@@ -440,24 +477,6 @@ def _pretrained_on_shapes(encoder: Encoder, config: TrainConfig, dataset: Datase
     return encoder
 
 
-def _check_agreement(model: Captioner, process: Process, host) -> None:
-    """Under torchrun: every rank built the same vocabulary and encoder.
-
-    DDP gives every rank rank 0's decoder, the frozen embedding included (it is a parameter), but the
-    vocabulary and the features must agree already; they do when every process read the same data
-    set and the same encoder-pretrained.pt.
-    """
-    if not process.distributed:
-        return
-    everyone = [None] * process.world_size
-    dist.all_gather_object(everyone, (model.vocab.words, weights_fingerprint(model.encoder)), group=host)
-    if any(theirs != everyone[0] for theirs in everyone):
-        raise CaptionerError(
-            "the processes built different vocabularies or encoders: every machine needs the "
-            "same --data, and --out in a folder they all share"
-        )
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype of the training steps under autocast for ``--precision`` (None: float32 throughout).
 
@@ -481,57 +500,33 @@ def _optimizer(model: Captioner, config: TrainConfig, amp: torch.dtype | None):
     return optimizer, schedule, scaler
 
 
-def _restore(resumed: dict, optimizer, schedule, scaler) -> Progress:
-    """The optimizer, schedule and scaler of ``last.pt``, and where its run stood."""
+def _restore(run: Run, resumed: dict) -> Progress:
+    """The run's optimizer, schedule and scaler as ``last.pt`` left them, and where its run stood."""
     training = resumed["training"]
-    optimizer.load_state_dict(training["optimizer"])
-    schedule.load_state_dict(training["schedule"])
+    run.optimizer.load_state_dict(training["optimizer"])
+    run.schedule.load_state_dict(training["schedule"])
     if training.get("scaler"):
-        scaler.load_state_dict(training["scaler"])
+        run.scaler.load_state_dict(training["scaler"])
     return Progress(training["epoch"] + 1, training["best"], training["history"])
 
 
-def _rng_state(resumed: dict, process: Process) -> torch.Tensor:
-    """The random state to go on with: dropout masks continue as if never stopped; under torchrun
-    each rank's own, as long as the number of processes is the same."""
-    rngs = resumed["training"].get("rng_ranks") or [resumed["training"]["rng"]]
-    return rngs[process.rank] if process.rank < len(rngs) else rngs[0]
-
-
-def _gather_rng_states(process: Process, host) -> list | None:
-    """Every rank's random state, on rank 0 (None on the others, and for a single process)."""
-    if not process.distributed:
-        return None
-    rngs = [None] * process.world_size if process.is_main else None
-    dist.gather_object(torch.get_rng_state(), rngs, dst=0, group=host)
-    return rngs
-
-
-def _broadcast(best: dict | None, process: Process, host) -> dict | None:
-    """Rank 0's best epoch on every rank (the others wait here while rank 0 evaluates and saves)."""
-    if not process.distributed:
-        return best
-    shared = [best]
-    dist.broadcast_object_list(shared, src=0, group=host)
-    return shared[0]
-
-
-def _save_epoch(model: Captioner, row: dict, progress: Progress, config: TrainConfig, out: Path, optimization, rngs) -> None:
-    """Records the epoch: ``last.pt`` to resume from, ``model.pt`` if it is the best, a log line."""
+def _save_epoch(run: Run, model: Captioner, row: dict, progress: Progress, rngs: list | None) -> None:
+    """Records the epoch: ``last.pt`` to resume from, ``model.pt`` if it is the best, a log line.
+    ``rngs``: every rank's random state under torchrun (``gather_rng_states``), else None."""
     progress.history.append(row)
     # Not truthfulness: a model that leaves the third object out says fewer false things.
     is_best = progress.best is None or row["val_cider"] > progress.best["val_cider"]
     progress.best = row if is_best else progress.best
+    config, out = run.config, run.out
     settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}
-    optimizer, schedule, scaler = optimization
     training = {
         "epoch": row["epoch"],
         "best": progress.best,
         "history": progress.history,
         "config": settings,
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "rng": torch.get_rng_state(),
     }
     if rngs:

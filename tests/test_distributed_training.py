@@ -12,7 +12,9 @@ import torch
 import captioner.training as training
 from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
-from captioner.runtime import Process, process_device
+from captioner.distributed import (
+    Process, broadcast, check_agreement, gather_rng_states, host_group, own_rng_state, process_device, rank_zero_first,
+)  # fmt: skip
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 
@@ -128,3 +130,20 @@ def test_an_explicit_gpu_is_kept_for_one_process_per_machine(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name)
     assert process_device("cuda:1") == "cuda:1"  # no torchrun
+
+
+def test_a_lone_process_waits_for_no_one_and_keeps_its_own_values():
+    lone = Process()
+    assert host_group(lone) is None
+    calls = []
+    assert rank_zero_first(lone, None, lambda: calls.append(1) or "prepared") == "prepared" and calls == [1]
+    check_agreement(("words",), lone, None, "never said")
+    assert gather_rng_states(lone, None) is None
+    assert broadcast({"epoch": 3}, lone, None) == {"epoch": 3}
+
+
+def test_each_rank_goes_on_with_its_own_saved_random_state_or_rank_0s():
+    states = [torch.tensor([0]), torch.tensor([1])]  # saved by a run of two processes
+    assert own_rng_state(states, Process(rank=1, world_size=2)) is states[1]
+    assert own_rng_state(states, Process(rank=3, world_size=4)) is states[0]  # resumed with more processes
+    assert own_rng_state(states[:1], Process()) is states[0]  # a single-process run's one state

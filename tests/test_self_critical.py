@@ -1,10 +1,12 @@
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
 from captioner.decoding import SpecialIds, generate
+from captioner.distributed import Process
 from captioner.evaluation import CaptionTensors, caption_loss
 from captioner.options import DecodeOptions
 from captioner.models.decoder import DecoderConfig, AttentionDecoder
@@ -58,12 +60,13 @@ def test_self_critical_epochs_move_the_decoder_to_the_caption_the_reward_prefers
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=5e-3)  # no momentum from before
     generator = torch.Generator().manual_seed(0)
     unk_row = decoder.out.weight[3].detach().clone(), decoder.out.bias[3].detach().clone()
+    run = SimpleNamespace(  # all self_critical_epoch reads of a training.Run: one CPU process, float32
+        config=SimpleNamespace(batch_size=20, clip_norm=5.0, progress=False), device=torch.device("cpu"),
+        process=Process(), optimizer=optimizer, scaler=torch.amp.GradScaler("cuda", enabled=False), amp=None,
+    )  # fmt: skip
     rewards = []
     for _ in range(10):
-        row = self_critical_epoch(
-            decoder, features, cider, WORDS, optimizer, torch.amp.GradScaler("cuda", enabled=False), ids=IDS,
-            batch_size=20, max_length=10, clip_norm=5.0, device=torch.device("cpu"), generator=generator, progress=False,
-        )  # fmt: skip
+        row = self_critical_epoch(decoder, features, cider, WORDS, run, ids=IDS, max_length=10, generator=generator)
         rewards.append(row["train_reward"])
     said = generate(decoder, kinds, DecodeOptions(), IDS)
     # <unk>, never sampled, is outside the policy: its output row had no gradient. (In the

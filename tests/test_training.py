@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +9,13 @@ import torch
 import captioner.training as training
 from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
+from captioner.distributed import Process
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import AttentionDecoder
 from captioner.evaluation import encode_captions, evaluate_loss
-from captioner.training import train, train_one_epoch
+from captioner.options import TrainConfig
+from captioner.training import Run, train, train_one_epoch
 
 from tests.helpers import tiny_config
 
@@ -53,6 +56,19 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
 NO_AMP = torch.amp.GradScaler("cuda", enabled=False)  # what training uses on a CPU
 
 
+def lone_run(dataset, records, features, captions, optimizer, **options) -> Run:
+    """A run of one process on the CPU in float32 whose epochs step ``optimizer`` on ``records`` of
+    ``dataset`` (their ``features`` and encoded ``captions``; no validation images), with ``options``
+    (batch_size, clip_norm) in its config."""
+    return Run(
+        config=TrainConfig(data=str(dataset.source), out="unused", progress=False, **options), out=Path("unused"),
+        device=torch.device("cpu"), process=Process(), host=None, dataset=dataset, train_records=records,
+        val_records=[], train_features=features, val_features=features[:0], train_captions=captions,
+        optimizer=optimizer, schedule=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0), scaler=NO_AMP,
+        amp=None,
+    )  # fmt: skip
+
+
 def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):
     model = Captioner.load(trained_run / "model.pt")
     embedding = model.decoder.embed.weight.clone()
@@ -64,11 +80,10 @@ def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, sha
 
     train_records = shapes.split("train")
     features = cached_features(model.encoder, [r.path for r in train_records], cache_dir=feature_cache, device=torch.device("cpu"))
+    captions = encode_captions(train_records, model.vocab, 30)
     optimizer = torch.optim.Adam(params, lr=1e-2)
-    train_one_epoch(
-        model.decoder, features, encode_captions(train_records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
-        batch_size=16, clip_norm=5.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
-    )
+    run = lone_run(shapes, train_records, features, captions, optimizer, batch_size=16, clip_norm=5.0)
+    train_one_epoch(model.decoder, features, captions, run, pad=model.vocab.pad, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.decoder.embed.weight, embedding)
     assert all(torch.equal(v, encoder[k]) for k, v in model.encoder.state_dict().items())
     assert not torch.equal(model.decoder.out.weight, out_weight)  # the rest did train
@@ -83,17 +98,18 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped(trained_run, shapes
     params = [p for p in model.decoder.parameters() if p.requires_grad]
     before = torch.cat([p.detach().flatten().clone() for p in params])
     optimizer = torch.optim.SGD(params, lr=1.0)  # the step is minus the (clipped) gradient
+    captions = encode_captions(records, model.vocab, 30)
+    run = lone_run(shapes, records, features, captions, optimizer, batch_size=1000, clip_norm=1e-3)
     stats = train_one_epoch(
-        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
-        batch_size=1000, clip_norm=1e-3, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
+        model.decoder, features, captions, run, pad=model.vocab.pad, generator=torch.Generator().manual_seed(0)
     )
     step = torch.cat([p.detach().flatten() for p in params]) - before
     assert stats["grad_norm"] > 1e-3
     assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
     assert stats["clip_rate"] == 1.0  # the one step was clipped
+    run = lone_run(shapes, records, features, captions, optimizer, batch_size=4, clip_norm=1e9)
     stats = train_one_epoch(
-        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer, NO_AMP, pad=model.vocab.pad,
-        batch_size=4, clip_norm=1e9, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
+        model.decoder, features, captions, run, pad=model.vocab.pad, generator=torch.Generator().manual_seed(0)
     )
     assert stats["clip_rate"] == 0.0
 
