@@ -20,8 +20,8 @@ from service.model_process import ModelProcess, NotReady, QueueFull
 api = Blueprint("api", __name__)
 
 
-def _batcher() -> ModelProcess:
-    return current_app.extensions["captioner"].batcher
+def _model_process() -> ModelProcess:
+    return current_app.extensions["captioner"].model_process
 
 
 def _ms(seconds: float) -> float:
@@ -29,11 +29,11 @@ def _ms(seconds: float) -> float:
 
 
 def _not_ready() -> ServiceError:
-    batcher = _batcher()
-    if batcher.load_error is not None:
+    model_process = _model_process()
+    if model_process.load_error is not None:
         return ServiceError(503, "not_ready", "the model failed to load; the server log has the details")
-    if batcher.not_ready_reason is not None:
-        return ServiceError(503, "not_ready", batcher.not_ready_reason)
+    if model_process.not_ready_reason is not None:
+        return ServiceError(503, "not_ready", model_process.not_ready_reason)
     return ServiceError(503, "not_ready", "the model is not loaded yet; try again shortly")
 
 
@@ -41,21 +41,21 @@ def _not_ready() -> ServiceError:
 def captions():
     """Caption one uploaded image with the requested decoding options."""
     started = time.perf_counter()
-    batcher = _batcher()
-    if not batcher.ready:
+    model_process = _model_process()
+    if not model_process.ready:
         raise _not_ready()
     try:
         # Admission comes first: a request turned away costs no read, no decode.
         with current_app.extensions["captioner"].admission.admitted():
-            return _caption(batcher, started)
+            return _caption(model_process, started)
     except Busy as exc:
         raise ServiceError(429, "busy", f"the server is busy ({exc}); retry shortly", exc.retry_after) from None
 
 
-def _caption(batcher: ModelProcess, started: float):
+def _caption(model_process: ModelProcess, started: float):
     hold_body_to_limit(request, current_app.config["MAX_CONTENT_LENGTH"])
     options = read_options(request)
-    served = batcher.served
+    served = model_process.served
     rerank = served.card["decoding"]["rerank"]
     try:  # a model-dependent option: refused here, as read_options refuses the others
         neighbours_for(options.mode, options.rerank, (rerank["neighbours"], rerank["images"]) if rerank else None)
@@ -73,7 +73,7 @@ def _caption(batcher: ModelProcess, started: float):
         pixels = served.transform.resize(decoded.image)  # (3, S, S) uint8
     read_ms = _ms(time.perf_counter() - started)
     try:
-        future = batcher.submit(pixels, options)
+        future = model_process.submit(pixels, options)
     except QueueFull as exc:
         raise ServiceError(429, "queue_full", f"the server is busy ({exc}); retry shortly", 1) from None
     except NotReady:
@@ -101,11 +101,11 @@ def _caption(batcher: ModelProcess, started: float):
 
 @api.get("/v1/model")
 def model():
-    batcher = _batcher()
-    if not batcher.ready:
+    model_process = _model_process()
+    if not model_process.ready:
         raise _not_ready()
     config = current_app.config
-    return jsonify({**batcher.served.card, "limits": limits_card(config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"])})
+    return jsonify({**model_process.served.card, "limits": limits_card(config["MAX_CONTENT_LENGTH"], config["MAX_PIXELS"])})
 
 
 @api.get("/healthz")
@@ -117,7 +117,7 @@ def healthz():
 @api.get("/readyz")
 def readyz():
     """Ready: 200 once the model is loaded, 503 before (and after a failed load)."""
-    if not _batcher().ready:
+    if not _model_process().ready:
         error = _not_ready()
         return error_response(error.status, error.code, error.message)
     return jsonify({"status": "ready"})

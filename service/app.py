@@ -100,10 +100,17 @@ class RoundedJSON(DefaultJSONProvider):
 class Runtime:
     """What an app's requests share, kept in ``app.extensions["captioner"]``."""
 
-    batcher: ModelProcess
+    model_process: ModelProcess
     metrics: ServiceMetrics
     admission: Admission
     keys: ApiKeys | None = None  # None: API keys are off
+
+    @property
+    def batcher(self) -> ModelProcess:
+        """The old name of ``model_process``, for callers outside service/ not yet moved to it
+        (scripts/page_screenshots.py; tests/test_browser.py, test_consensus.py, test_cuda.py and
+        test_int8.py): remove it with them."""
+        return self.model_process
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -134,7 +141,7 @@ def create_app(config: dict | None = None) -> Flask:
     metrics_keys = ApiKeys((check_key(metrics_key, "service setting METRICS_KEY"),)) if metrics_key is not None else None
 
     metrics = ServiceMetrics()
-    batcher = ModelProcess(
+    model_process = ModelProcess(
         partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"], app.config["CNN"]),
         max_batch_size=app.config["MAX_BATCH_SIZE"],
         max_wait_ms=app.config["MAX_WAIT_MS"],
@@ -148,22 +155,22 @@ def create_app(config: dict | None = None) -> Flask:
         log_level=app.config["LOG_LEVEL"],
         on_batch=metrics.batch_size.observe,
     )
-    metrics.track_batcher(batcher.queue_depth, lambda: batcher.ready)
+    metrics.track_model_process(model_process.queue_depth, lambda: model_process.ready)
     admission = Admission(int(app.config["MAX_IN_FLIGHT"]), int(app.config["MAX_DECODES"]))
-    app.extensions["captioner"] = Runtime(batcher, metrics, admission, keys)
+    app.extensions["captioner"] = Runtime(model_process, metrics, admission, keys)
 
     register_error_handlers(app)
     app.register_blueprint(api)
     _add_request_hooks(app, metrics, service_logger(app.config["LOG_LEVEL"]))
     _add_key_check(app, {**dict.fromkeys(_API_KEY_ENDPOINTS, keys), _METRICS_ENDPOINT: metrics_keys}, metrics)
-    batcher.start()
+    model_process.start()
     return app
 
 
 def stop_app(app: Flask) -> None:
     """End the app's model process: the batch in progress finishes, requests still waiting get
     503. For a test fixture or a notebook that is done with an app; at exit it happens anyway."""
-    app.extensions["captioner"].batcher.stop()
+    app.extensions["captioner"].model_process.stop()
 
 
 def _check_config(config) -> None:
@@ -291,19 +298,19 @@ def serve(
         config["API_KEYS_FILE"] = str(api_keys_file)
     app = create_app(config)
     runtime = app.extensions["captioner"]
-    batcher = runtime.batcher
+    model_process = runtime.model_process
     # SIGTERM stops the server as Ctrl-C does: werkzeug's loop ends, the model process is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if runtime.keys is not None:
         signal.signal(signal.SIGHUP, lambda signum, frame: runtime.keys.reload_soon())
     try:
-        while not batcher.wait_ready(0.1):
-            if batcher.load_error is not None:
-                if isinstance(batcher.load_error, CaptionerError):
-                    raise batcher.load_error
-                raise CaptionerError(f"the model cannot be loaded ({type(batcher.load_error).__name__})")
-        # threaded: the batcher can only group requests that arrive at the same time.
+        while not model_process.wait_ready(0.1):
+            if model_process.load_error is not None:
+                if isinstance(model_process.load_error, CaptionerError):
+                    raise model_process.load_error
+                raise CaptionerError(f"the model cannot be loaded ({type(model_process.load_error).__name__})")
+        # threaded: the micro-batcher can only group requests that arrive at the same time.
         app.run(host=host, port=port, threaded=True)
     finally:
-        batcher.stop()
+        model_process.stop()
 

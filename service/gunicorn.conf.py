@@ -7,7 +7,7 @@ requests at once. The model runs in a process of its own beside each worker
 (service.model_process), so the two do not share a GIL. The worker is gthread that reads request
 heads in its event loop under a deadline (service.worker), so slow clients cannot hold the request
 threads. Environment:
-CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one batcher sees all traffic
+CAPTIONER_BIND (default 127.0.0.1:8000), CAPTIONER_WORKERS (default 1: one model process sees all traffic
 and /metrics covers it all), CAPTIONER_THREADS (request threads per worker, default 32),
 CAPTIONER_TORCH_THREADS (torch threads of each model process; default: the CPUs this process may
 use, by affinity and cgroup quota, less one, divided by the workers:
@@ -31,7 +31,7 @@ wsgi_app = "service.wsgi:app"
 bind = os.environ.get("CAPTIONER_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
 worker_class = "service.worker.CaptionerWorker"
-# Threads mostly wait on the batcher, so many of them cost little and feed bigger batches.
+# Threads mostly wait on the model process, so many of them cost little and feed bigger batches.
 threads = int(os.environ.get("CAPTIONER_THREADS", "32"))
 preload_app = False  # import the app, and so start the model process, in each worker after the fork
 timeout = 120  # a worker silent this long is restarted; allows for loading a large model
@@ -133,4 +133,4 @@ def worker_exit(server, worker):
     """Let the batch in progress finish and fail waiting requests cleanly."""
     runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("captioner")
     if runtime is not None:
-        runtime.batcher.stop()
+        runtime.model_process.stop()

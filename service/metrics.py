@@ -59,7 +59,7 @@ class ServiceMetrics:
         )
         self.ready = Gauge("captioner_model_ready", "1 once the model is loaded", registry=self.registry)
 
-    def track_batcher(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
+    def track_model_process(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
         """Read queue depth and readiness when scraped, so they are never stale."""
         self.queue_depth.set_function(depth)
         self.ready.set_function(lambda: float(ready()))

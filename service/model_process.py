@@ -8,7 +8,7 @@ splits its frontend from its model workers, request threads here prepare pixels 
 a pipe; the model process gathers them into batches (service/batcher.py) undisturbed, in one
 thread, and sends the captions back.
 
-``ModelProcess`` is the HTTP side, with the batcher's interface (``submit`` returns a Future). It
+``ModelProcess`` is the HTTP side's handle on the model process (``submit`` returns a Future). It
 starts the model process, and starts it again if it dies: requests then in the model fail with
 503 ``not_ready``, and readiness is 503 until the model is loaded again. A model that fails to
 load is not retried; a process that dies before its model is ready (it cannot be spawned, is
@@ -23,22 +23,23 @@ SIGTERM and then wait for it forever, so every ModelProcess still running when t
 exits is stopped first (``_stop_all_at_exit``), and a script, a notebook or a test that made an
 app exits when its code returns.
 
-Messages are pickled tuples on one duplex pipe:
-    HTTP -> model: ("slab", slab), once, before any job; ("job", id, slot, options, sent),
-                   ("cancel", id), ("stop",)
-    model -> HTTP: ("ready", ServedModel), ("load_failed", message, is_captioner_error),
-                   ("batch", size, answers): a model call's size and its answers, sent as soon
-                   as the call ends, in one message,
-                   ("answers", answers): those of jobs still waiting on stop;
-                   an answer is ("done", id, CaptionResult) or ("failed", id, shutting_down)
+The two talk in the messages of service/messages.py, one frozen dataclass each, pickled on one
+duplex pipe:
+    HTTP -> model: Slab, once, before any job; Job (its id, slot, options and when it was sent),
+                   Cancel (a job), Stop
+    model -> HTTP: Ready (the ServedModel) or LoadFailed, once; BatchAnswers: a model call's size
+                   and its answers, sent as soon as the call ends, in one message; StopAnswers:
+                   those of the jobs still waiting on stop. An answer is Done (a CaptionResult)
+                   or Failed (shutting down, or the model call raised).
 The model process reads the pipe only between batches, so jobs sent during a batch wait in the
 socket's buffer until it ends, and a send waits once that is full. So pixels do not travel in
 the pipe: jobs of 150 KB, a 224-pixel model's, filled it after one, and batches fell to 2. Each
 model process gets a slab of shared memory from the HTTP process, one slot of (3, S, S) uint8
 pixels (resized, not yet normalised) for each request the model may hold (``max_queue``; pages
 are only taken as slots are used), and a job names its slot; the slot is free again once the job
-is answered or cancelled. (A message takes 1.3 KB of the buffer however small: it still fills at
-about 160 waiting jobs.)
+is answered or cancelled. The HTTP side owns the slab and keeps the books of its slots
+(``PendingJobs``); the model process only reads the slot a job names. (A message takes 1.3 KB of
+the buffer however small: it still fills at about 160 waiting jobs.)
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ from captioner.options import DecodeOptions
 from captioner.runtime import pin_process
 from service.batcher import CaptionJob, CaptionResult, MicroBatcher, caption_batch
 from service.logs import service_logger
+from service.messages import (
+    Answer,
+    BatchAnswers,
+    Cancel,
+    Done,
+    Failed,
+    FromModel,
+    Job,
+    LoadFailed,
+    Ready,
+    Slab,
+    Stop,
+    StopAnswers,
+    ToModel,
+)
 from service.model import ServedModel
 
 log = logging.getLogger("captioner.service")
@@ -114,6 +130,61 @@ class Placement:
     heavy_cnn_ms: float = 10.0
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A job handed to the model process and not yet answered."""
+
+    future: Future
+    slot: int  # where its pixels are in the slab
+
+
+class PendingJobs:
+    """The slab of shared memory for one model process's pixels, and the books of its slots: the
+    jobs handed to the model and not yet answered, each in a slot of its own (see the module).
+
+    ModelProcess makes one for each model process once it is ready, and holds its lock around
+    every call.
+
+    Args:
+        slots: ``max_queue``: one for each request the model may hold.
+        side: the model's image size, S.
+    """
+
+    def __init__(self, slots: int, side: int):
+        # Shared memory from the start, as torch's DataLoader collates into it: its pages are
+        # taken only as slots are written (share_memory_() would copy, touching all of them).
+        storage = torch.UntypedStorage._new_shared(slots * 3 * side * side)
+        self.slab = torch.empty(0, dtype=torch.uint8).set_(storage).view(slots, 3, side, side)  # (slots, 3, S, S)
+        self._free = list(range(slots))[::-1]  # slot 0 first
+        self._jobs: dict[int, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def full(self) -> bool:
+        return not self._free
+
+    def add(self, job_id: int, future: Future) -> int:
+        """The free slot that the job's pixels go to (raises IndexError when ``full()``)."""
+        slot = self._free.pop()
+        self._jobs[job_id] = _Pending(future, slot)
+        return slot
+
+    def pop(self, job_id: int) -> Future | None:
+        """The job's future, the job forgotten and its slot free again; None if it was not pending."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return None
+        self._free.append(job.slot)
+        return job.future
+
+    def pop_all(self) -> list[Future]:
+        """Every pending job's future, all of them forgotten and every slot free again."""
+        jobs, self._jobs = self._jobs, {}
+        self._free.extend(job.slot for job in jobs.values())
+        return [job.future for job in jobs.values()]
+
+
 class ModelProcess:
     """The HTTP process's handle on the model process (see the module).
 
@@ -142,13 +213,11 @@ class ModelProcess:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
-        self._placement = placement
+        self.placement = placement
         self._log_level = log_level
         self._on_batch = on_batch
-        self._pending: dict[int, tuple[Future, int]] = {}  # handed to the model, not yet answered: future, slot
-        self._slab: torch.Tensor | None = None  # (max_queue, 3, S, S) uint8 in shared memory
-        self._free_slots: list[int] = []
-        self._lock = threading.Lock()  # guards _pending, _slab and _free_slots
+        self._jobs: PendingJobs | None = None  # the current model process's; None until one is ready
+        self._lock = threading.Lock()  # guards _jobs (and what is in it), and _conn and _process as one starts
         # Apart from _lock: a send can block on a full pipe, and the listener must still take
         # answers. Guards _conn's closing too.
         self._sending = threading.Lock()
@@ -175,7 +244,32 @@ class ModelProcess:
         return self._ready.wait(timeout)
 
     def queue_depth(self) -> int:
-        return len(self._pending)
+        jobs = self._jobs
+        return 0 if jobs is None else len(jobs)
+
+    @property
+    def pid(self) -> int | None:
+        """The current model process's id; None until one is started."""
+        process = self._process
+        return None if process is None else process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The current model process's exit status (negative: the signal that ended it); None
+        while it runs, or before one is started."""
+        process = self._process
+        return None if process is None else process.exitcode
+
+    def is_alive(self) -> bool:
+        """Whether this handle runs a model process or will start one again: False before
+        ``start()``, after the model failed to load, and once ``stop()`` has returned (the model
+        process reaped and its pipe closed)."""
+        return self._thread.is_alive()
+
+    @property
+    def sending(self) -> bool:
+        """Whether a message to the model process is on its way (a send waits while the pipe is full)."""
+        return self._sending.locked()
 
     def submit(self, pixels: torch.Tensor, options: DecodeOptions) -> Future:
         """Hand one resized (3, S, S) uint8 image to the model; the future's result is a ``CaptionResult``.
@@ -188,12 +282,13 @@ class ModelProcess:
         with self._lock:
             if not self.ready:
                 raise NotReady("the model is not loaded")
-            if not self._free_slots:  # one for each request the model holds
+            jobs = self._jobs
+            if jobs.full():  # a slot for each request the model holds
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            job_id, slot, slab = next(self._ids), self._free_slots.pop(), self._slab
-            self._pending[job_id] = (future, slot)
-        slab[slot].copy_(pixels)
-        if not self._send(("job", job_id, slot, options, time.monotonic())):
+            job_id = next(self._ids)
+            slot = jobs.add(job_id, future)
+        jobs.slab[slot].copy_(pixels)
+        if not self._send(Job(job_id=job_id, slot=slot, options=options, sent=time.monotonic())):
             self._release(job_id)
             raise NotReady("the model process stopped")
         future.add_done_callback(partial(self._forget_if_cancelled, job_id))
@@ -216,7 +311,7 @@ class ModelProcess:
         # The model process reads the pipe between batches only, and a send waits once the
         # socket's buffer is full (about 160 jobs waiting): from a thread of its own, so that a
         # model stuck in a batch is still killed in time (the send then fails).
-        threading.Thread(target=self._send, args=(("stop",),), name="captioner-stop", daemon=True).start()
+        threading.Thread(target=self._send, args=(Stop(),), name="captioner-stop", daemon=True).start()
         if self._thread.is_alive():
             self._thread.join(timeout)
         process = self._process
@@ -226,7 +321,7 @@ class ModelProcess:
             self._thread.join(timeout)
         self._fail_pending(NotReady("the service is shutting down"))
 
-    def _send(self, message) -> bool:
+    def _send(self, message: ToModel) -> bool:
         """Whether ``message`` went out; not when the process is gone (which _supervise sees)."""
         with self._sending:
             conn = self._conn
@@ -241,23 +336,19 @@ class ModelProcess:
     def _release(self, job_id: int) -> Future | None:
         """A job's future, the job forgotten and its slot free again; None if it was not pending."""
         with self._lock:
-            future, slot = self._pending.pop(job_id, (None, None))
-            if future is not None:
-                self._free_slots.append(slot)
-        return future
+            return None if self._jobs is None else self._jobs.pop(job_id)
 
     def _forget_if_cancelled(self, job_id: int, future: Future) -> None:
         """A request that gave up (timed out): the model process skips it if it has not begun it.
         (Its slot may be reused at once: a batch that has begun holds a copy of the pixels it
         took, and a cancelled job's answer goes to no one.)"""
         if future.cancelled() and self._release(job_id) is not None:
-            self._send(("cancel", job_id))
+            self._send(Cancel(job_id=job_id))
 
     def _fail_pending(self, error: Exception) -> None:
         with self._lock:
-            jobs, self._pending = list(self._pending.values()), {}
-            self._free_slots.extend(slot for _, slot in jobs)
-        for future, _ in jobs:
+            futures = [] if self._jobs is None else self._jobs.pop_all()
+        for future in futures:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
 
@@ -270,7 +361,7 @@ class ModelProcess:
             conn, child_conn = context.Pipe()
             process = context.Process(
                 target=serve_model,
-                args=(child_conn, self._load_model, self._batcher_settings, self._placement, self._log_level, os.getpid()),
+                args=(child_conn, self._load_model, self._batcher_settings, self.placement, self._log_level, os.getpid()),
                 name="captioner-model",
                 daemon=True,
             )
@@ -279,7 +370,7 @@ class ModelProcess:
                 if self._stopping.is_set():
                     break
                 try:
-                    _start_on(process, self._placement)
+                    start_on(process, self.placement)
                     failure, error_text = None, None
                 except Exception as error:  # no process, fds or memory left; a main module that refuses
                     failure, error_text = f"not started: {type(error).__name__}", str(error)
@@ -317,50 +408,48 @@ class ModelProcess:
             self._stopping.wait(delay)
             delay = min(2 * delay, RESTART_DELAY_S[1])
 
-    def _deliver(self, kind: str, job_id: int, payload) -> None:
-        future = self._release(job_id)
+    def _deliver(self, answer: Answer) -> None:
+        future = self._release(answer.job_id)
         if future is None or not future.set_running_or_notify_cancel():
             return  # the request gave up waiting
-        if kind == "done":
-            future.set_result(payload)
-        elif payload:
-            future.set_exception(NotReady("the service is shutting down"))
-        else:
-            future.set_exception(ModelCallFailed("the model failed on this batch"))
+        match answer:
+            case Done():
+                future.set_result(answer.result)
+            case Failed(shutting_down=True):
+                future.set_exception(NotReady("the service is shutting down"))
+            case Failed():
+                future.set_exception(ModelCallFailed("the model failed on this batch"))
 
     def _give_slab(self, side: int) -> None:
         """A new slab of slots, all free, for the model process just loaded (see the module)."""
-        # Shared memory from the start, as torch's DataLoader collates into it: its pages are
-        # taken only as slots are written (share_memory_() would copy, touching all of them).
-        storage = torch.UntypedStorage._new_shared(self.max_queue * 3 * side * side)
-        slab = torch.empty(0, dtype=torch.uint8).set_(storage).view(self.max_queue, 3, side, side)
+        jobs = PendingJobs(self.max_queue, side)
         with self._lock:
-            self._slab, self._free_slots = slab, list(range(self.max_queue))[::-1]  # slot 0 first
-        self._send(("slab", slab))
+            self._jobs = jobs  # the last model process's were all failed when it stopped
+        self._send(Slab(pixels=jobs.slab))
 
     def _listen(self, conn) -> None:
         """Deliver the model process's messages until its pipe closes."""
         while True:
             try:
-                message = conn.recv()
+                message: FromModel = conn.recv()
             except (EOFError, OSError):
                 return
-            kind = message[0]
-            if kind == "batch":
-                self._on_batch(message[1])  # first: a request answered has its batch counted
-                for answer in message[2]:
-                    self._deliver(*answer)
-            elif kind == "answers":
-                for answer in message[1]:
-                    self._deliver(*answer)
-            elif kind == "ready":
-                self._give_slab(message[1].transform.config.image_size)
-                self.served = message[1]
-                self.not_ready_reason = None
-                self._ready.set()
-            elif kind == "load_failed":
-                _, text, is_captioner_error = message
-                self.load_error = CaptionerError(text) if is_captioner_error else ModelCallFailed(text)
+            match message:
+                case BatchAnswers():
+                    self._on_batch(message.size)  # first: a request answered has its batch counted
+                    for answer in message.answers:
+                        self._deliver(answer)
+                case StopAnswers():
+                    for answer in message.answers:
+                        self._deliver(answer)
+                case Ready():
+                    self._give_slab(message.served.transform.config.image_size)
+                    self.served = message.served
+                    self.not_ready_reason = None
+                    self._ready.set()
+                case LoadFailed():
+                    text = message.text
+                    self.load_error = CaptionerError(text) if message.is_captioner_error else ModelCallFailed(text)
 
 
 def serve_model(
@@ -375,7 +464,7 @@ def serve_model(
     _die_with(parent)
     service_logger(log_level)
 
-    def send(message) -> None:
+    def send(message: FromModel) -> None:
         try:
             conn.send(message)
         except OSError:
@@ -396,13 +485,13 @@ def serve_model(
                 log.info("a heavy CNN: the model process takes the HTTP side's CPUs too", extra={"fields": fields})
     except Exception as error:
         log.exception("the model failed to load")
-        send(("load_failed", str(error), isinstance(error, CaptionerError)))
+        send(LoadFailed(text=str(error), is_captioner_error=isinstance(error, CaptionerError)))
         conn.close()
         return
     batcher = MicroBatcher(**batcher_settings)
     log.info("model ready", extra={"fields": {"max_batch_size": batcher.max_batch_size}})
-    send(("ready", ServedModel.of(model)))
-    slab = None  # the HTTP process's pixels, one slot a job: its first message
+    send(Ready(served=ServedModel.of(model)))
+    slab = None  # the HTTP process's pixels, one slot a job (Slab.pixels): its first message
     while True:
         # Read while no job waits, or while the oldest may still wait for others to join it, and
         # whatever is already there (poll(0)) before a batch runs: the jobs that came during the
@@ -410,24 +499,25 @@ def serve_model(
         try:
             time_left = batcher.time_left()
             due = time_left is not None and not conn.poll(0 if batcher.full() else time_left)
-            message = None if due else conn.recv()
+            message: ToModel | None = None if due else conn.recv()
         except (EOFError, OSError):
             break  # the HTTP process is gone
-        if message is None:
-            jobs = batcher.take()
-            results = caption_batch(model, jobs)
-            send(("batch", len(jobs), [_answer(job, result) for job, result in zip(jobs, results, strict=True)]))
-        elif message[0] == "job":
-            _, job_id, slot, options, sent = message
-            batcher.add(CaptionJob(job_id, slab[slot], options, sent))
-        elif message[0] == "slab":
-            slab = message[1]
-        elif message[0] == "cancel":
-            batcher.cancel(message[1])
-        elif message[0] == "stop":
-            break
+        match message:
+            case None:  # the next batch is due
+                jobs = batcher.take()
+                results = caption_batch(model, jobs)
+                answers = tuple(_answer(job, result) for job, result in zip(jobs, results, strict=True))
+                send(BatchAnswers(size=len(jobs), answers=answers))
+            case Job():
+                batcher.add(CaptionJob(message.job_id, slab[message.slot], message.options, message.sent))
+            case Slab():
+                slab = message.pixels
+            case Cancel():
+                batcher.cancel(message.job_id)
+            case Stop():
+                break
     if left := batcher.take(everything=True):
-        send(("answers", [("failed", job.job_id, True) for job in left]))
+        send(StopAnswers(answers=tuple(Failed(job_id=job.job_id, shutting_down=True) for job in left)))
     conn.close()
 
 
@@ -443,7 +533,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _start_on(process: multiprocessing.Process, placement: Placement) -> None:
+def start_on(process: multiprocessing.Process, placement: Placement) -> None:
     """Starts the model process on every CPU it may use, from the calling thread (whose CPUs a
     child inherits) widened for the while; the child pins itself to its own CPUs first thing.
 
@@ -485,5 +575,7 @@ def _cnn_ms_per_image(model, images: int = 2) -> float:
     return (time.perf_counter() - started) * 1000 / images
 
 
-def _answer(job: CaptionJob, result: CaptionResult | None) -> tuple:
-    return ("done", job.job_id, result) if result is not None else ("failed", job.job_id, False)
+def _answer(job: CaptionJob, result: CaptionResult | None) -> Answer:
+    if result is None:
+        return Failed(job_id=job.job_id, shutting_down=False)
+    return Done(job_id=job.job_id, result=result)

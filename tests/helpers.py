@@ -155,14 +155,26 @@ def blank_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunks
 
 
+# --- the service's model process ----------------------------------------------------------
+
+
+def switches_folder(tmp_path: Path, monkeypatch) -> Path:
+    """A folder for the switches of tests.service_models, named to the model processes started
+    next (in CAPTIONER_TEST_SWITCHES, which they inherit)."""
+    folder = tmp_path / "switches"
+    folder.mkdir()
+    monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
+    return folder
+
+
 # --- the service in process (Flask's test client) -----------------------------------------
 
 
 def ready(app):
-    """The app's batcher, once its model is loaded."""
-    batcher = app.extensions["captioner"].batcher
-    assert batcher.wait_ready(60), batcher.load_error
-    return batcher
+    """The app's model process (its ModelProcess handle), once its model is loaded."""
+    model_process = app.extensions["captioner"].model_process
+    assert model_process.wait_ready(60), model_process.load_error
+    return model_process
 
 
 def post_image(client, data: bytes, query: str = "", content_type="image/png", **kwargs):

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,11 +24,9 @@ from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from service import create_app, serve, stop_app
 from service.batcher import CaptionJob, MicroBatcher, decode_group
-from service.model_process import NotReady, QueueFull
 from captioner.checkpoint import file_digest
 from tests import service_models
 from tests.helpers import (
-    ROOT,
     blank_png,
     encode,
     error_of,
@@ -38,7 +35,7 @@ from tests.helpers import (
     png,
     post_image,
     ready,
-    threads_cpus,
+    switches_folder,
     wait_until,
 )
 
@@ -65,7 +62,7 @@ def model_path(trained_run):
 
 @pytest.fixture
 def make_app(model_path):
-    """Factory of apps on the tiny model; their batchers are stopped after the test."""
+    """Factory of apps on the tiny model; their model processes are stopped after the test."""
     apps = []
 
     def make(**overrides):
@@ -291,10 +288,7 @@ def test_unknown_path_and_wrong_method_are_json(client):
 @pytest.fixture
 def switches(tmp_path, monkeypatch):
     """The folder of tests.service_models' switches, named to the model processes started next."""
-    folder = tmp_path / "switches"
-    folder.mkdir()
-    monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
-    return folder
+    return switches_folder(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow  # a model process of its own
@@ -313,74 +307,28 @@ def test_model_failure_is_500_json_without_details(make_app, monkeypatch, switch
 
 
 @pytest.mark.slow  # a model process of its own
-def test_a_model_process_that_dies_is_started_again(make_app, monkeypatch, switches):
+def test_a_model_process_that_dies_is_started_again(make_app, monkeypatch, switches, capfd):
     import service.app
 
     monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
     app = make_app()
-    batcher = ready(app)
+    model_process = ready(app)
     client = app.test_client()
     assert post_file(client, png()).status_code == 200
-    first = batcher._process
+    first = model_process.pid
     (switches / "pause").touch()
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post_file, app.test_client(), png(1))
         wait_until(lambda: (switches / "paused").exists())
-        os.kill(first.pid, signal.SIGKILL)  # mid-batch
+        os.kill(first, signal.SIGKILL)  # mid-batch
         assert "retry" in error_of(waiting.result(), 503, "not_ready")
     (switches / "pause").unlink()
-    wait_until(lambda: batcher.ready and batcher._process is not first, timeout=60)
+    wait_until(lambda: model_process.ready and model_process.pid != first, timeout=60)
     assert post_file(client, png()).status_code == 200
-    assert first.exitcode == -signal.SIGKILL
-
-
-@pytest.mark.slow  # a Python subprocess and its model process
-def test_the_model_process_outlives_no_http_process(model_path, tmp_path):
-    """Killed with SIGKILL, the HTTP process leaves no model process behind."""
-    script = f"""
-import time
-from service import create_app
-app = create_app({{"MODEL_PATH": {str(model_path)!r}}})
-assert app.extensions["captioner"].batcher.wait_ready(60)
-print(app.extensions["captioner"].batcher._process.pid, flush=True)
-time.sleep(60)
-"""
-    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        model_pid = int(server.stdout.readline())
-    finally:
-        server.kill()
-        server.wait()
-        server.stdout.close()
-    wait_until(lambda: not _alive(model_pid), timeout=20)
-
-
-@pytest.mark.slow  # a Python subprocess and its model process
-def test_a_model_process_still_loading_outlives_no_http_process(model_path, switches):
-    """Killed with SIGKILL while its model loads (no pipe read yet), the HTTP process leaves no
-    model process behind either."""
-    script = f"""
-import time
-import service.app
-from tests import service_models
-service.app.load_model = service_models.load_when_allowed
-if __name__ == "__main__":
-    app = service.app.create_app({{"MODEL_PATH": {str(model_path)!r}}})
-    batcher = app.extensions["captioner"].batcher
-    while batcher._process is None or batcher._process.pid is None:  # made, then started
-        time.sleep(0.01)
-    print(batcher._process.pid, flush=True)
-    time.sleep(60)
-"""
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        model_pid = int(server.stdout.readline())
-        wait_until(lambda: (switches / "loading").exists(), timeout=60)
-    finally:
-        server.kill()
-        server.wait()
-        server.stdout.close()
-    wait_until(lambda: not _alive(model_pid), timeout=10)  # it would wait 30 s for "load", then fail
+    # The first one's exit status, as its supervisor logged it.
+    logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    stopped = [entry for entry in logged if entry["message"] == "the model process stopped unexpectedly; starting it again"]
+    assert [entry["exitcode"] for entry in stopped] == [-signal.SIGKILL]
 
 
 @pytest.mark.slow  # waits for four starts, 3.5 s apart at least
@@ -390,7 +338,7 @@ def test_a_model_process_that_dies_at_every_start_is_started_again_ever_more_slo
 
     monkeypatch.setattr(service.app, "load_model", service_models.load_killed)
     app = make_app()
-    batcher = app.extensions["captioner"].batcher
+    model_process = app.extensions["captioner"].model_process
     starts = switches / "starts"
     wait_until(lambda: starts.exists() and len(starts.read_text().split()) >= 4, timeout=60)
     message = error_of(app.test_client().get("/readyz"), 503, "not_ready")
@@ -405,15 +353,7 @@ def test_a_model_process_that_dies_at_every_start_is_started_again_ever_more_slo
     assert [entry["delay_s"] for entry in restarts][:3] == [first, 2 * first, 4 * first]
     assert {entry["exitcode"] for entry in restarts} == {-signal.SIGKILL}
     assert [entry["starts"] for entry in restarts] == list(range(1, len(restarts) + 1))
-    assert batcher.load_error is None and not batcher.ready
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    assert model_process.load_error is None and not model_process.ready
 
 
 # --- 503: not ready; 429: queue full ------------------------------------------------------
@@ -443,81 +383,26 @@ def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, switches):
 @pytest.mark.slow  # a model process of its own
 def test_model_that_fails_to_load_stays_503_without_its_path(make_app, tmp_path):
     app = make_app(MODEL_PATH=str(tmp_path / "missing" / "model.pt"))
-    batcher = app.extensions["captioner"].batcher
-    wait_until(lambda: batcher.load_error is not None, timeout=60)
+    model_process = app.extensions["captioner"].model_process
+    wait_until(lambda: model_process.load_error is not None, timeout=60)
     assert "failed to load" in error_of(app.test_client().get("/readyz"), 503, "not_ready")
-    first = batcher._process
-    wait_until(lambda: first.exitcode is not None)
+    first = model_process.pid
+    wait_until(lambda: model_process.exitcode is not None)
     time.sleep(0.5)
-    assert first.exitcode == 0 and batcher._process is first  # not started again
-
-
-@pytest.mark.slow  # a model process of its own
-def test_the_model_process_runs_on_the_cpus_it_is_given(make_app):
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("needs two CPUs to tell a pinned process from a free one")
-    app = make_app(MODEL_CPUS=[cpus[-1]], TORCH_THREADS=2)
-    batcher = ready(app)
-    assert post_file(app.test_client(), png()).status_code == 200  # so torch's pool has started too
-    assert threads_cpus(batcher._process.pid) == {(cpus[-1],)}
-    assert threads_cpus(os.getpid()) == {tuple(cpus)}  # the HTTP side is gunicorn's to place
-
-
-@pytest.mark.slow  # a model process of its own
-@pytest.mark.parametrize("heavy_cnn_ms, takes_them", [(0, True), (1e6, False)])
-def test_a_heavy_cnn_takes_the_http_sides_cpus_too(make_app, capfd, heavy_cnn_ms, takes_them):
-    # The tiny model's CNN takes well under a millisecond an image: heavy above 0 ms, light below 1e6.
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("needs two CPUs to tell a pinned process from a free one")
-    app = make_app(MODEL_CPUS=[cpus[-1]], HEAVY_CNN_CPUS=[cpus[0]], HEAVY_CNN_MS=heavy_cnn_ms, TORCH_THREADS=1)
-    batcher = ready(app)
-    assert post_file(app.test_client(), png()).status_code == 200  # so torch's pool has started too
-    assert threads_cpus(batcher._process.pid) == {(cpus[0], cpus[-1]) if takes_them else (cpus[-1],)}
-    told = [json.loads(line) for line in capfd.readouterr().err.splitlines() if "a heavy CNN" in line]
-    assert len(told) == takes_them
-    if takes_them:
-        assert told[0]["torch_threads"] == 2 and told[0]["cnn_ms_per_image"] >= 0
-
-
-@pytest.mark.slow  # a spawned Python process
-def test_the_model_process_starts_on_every_cpu_it_may_use_and_the_caller_keeps_its_own():
-    # OpenMP counts the CPUs when torch loads, before the child pins itself: a heavy CNN's pool of
-    # two threads, counted one CPU, slept at every barrier and ran 12% slower.
-    import multiprocessing
-
-    from service.model_process import Placement, _start_on
-    from tests.helpers import send_own_cpus
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 3:
-        cpus = cpus * 3  # one CPU: nothing to widen, yet the child must still start
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[0]})  # this thread, as the HTTP side's
-    try:
-        context = multiprocessing.get_context("spawn")
-        conn, child_conn = context.Pipe()
-        process = context.Process(target=send_own_cpus, args=(child_conn,), daemon=True)
-        _start_on(process, Placement(cpus=[cpus[-1]], heavy_cnn_cpus=[cpus[1]]))
-        assert os.sched_getaffinity(0) == {cpus[0]}
-        assert conn.poll(60) and conn.recv() == sorted({cpus[0], cpus[1], cpus[-1]})
-        process.join(10)
-    finally:
-        os.sched_setaffinity(0, before)
+    assert model_process.exitcode == 0 and model_process.pid == first  # not started again
 
 
 @pytest.mark.slow  # a model process of its own
 def test_model_cpus_not_on_this_machine_fail_the_load_without_retrying(make_app):
     app = make_app(MODEL_CPUS=[4096])
-    batcher = app.extensions["captioner"].batcher
-    wait_until(lambda: batcher.load_error is not None, timeout=60)
-    assert "MODEL_CPUS" in str(batcher.load_error) and "4096" in str(batcher.load_error)
+    model_process = app.extensions["captioner"].model_process
+    wait_until(lambda: model_process.load_error is not None, timeout=60)
+    assert "MODEL_CPUS" in str(model_process.load_error) and "4096" in str(model_process.load_error)
     assert "failed to load" in error_of(app.test_client().get("/readyz"), 503, "not_ready")
-    first = batcher._process
-    wait_until(lambda: first.exitcode is not None)
+    first = model_process.pid
+    wait_until(lambda: model_process.exitcode is not None)
     time.sleep(0.5)
-    assert first.exitcode == 0 and batcher._process is first
+    assert model_process.exitcode == 0 and model_process.pid == first
 
 
 @pytest.mark.slow  # a model process of its own
@@ -527,14 +412,14 @@ def test_full_queue_is_429(make_app, monkeypatch, switches):
     monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
     # The queue: requests handed to the model, in a batch or waiting for one.
     app = make_app(MAX_QUEUE=2, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
-    batcher = ready(app)
+    model_process = ready(app)
     (switches / "pause").touch()
     with ThreadPoolExecutor(2) as pool:
         try:
             running = pool.submit(post_file, app.test_client(), png(1))
             wait_until(lambda: (switches / "paused").exists())  # the model is busy with the first
             waiting = pool.submit(post_file, app.test_client(), png(2))
-            wait_until(lambda: batcher.queue_depth() == 2)  # the second fills the queue
+            wait_until(lambda: model_process.queue_depth() == 2)  # the second fills the queue
             assert metric(app, "captioner_queue_depth") == 2
             assert "busy" in error_of(post_file(app.test_client(), png(3)), 429, "queue_full")
         finally:
@@ -757,18 +642,18 @@ def test_config_layers_defaults_environment_overrides(make_app, monkeypatch):
     monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "3")
     monkeypatch.setenv("CAPTIONER_MAX_WAIT_MS", "7")
     app = make_app(MAX_WAIT_MS=9)
-    assert app.config["MAX_BATCH_SIZE"] == 3 and app.extensions["captioner"].batcher.max_batch_size == 3
+    assert app.config["MAX_BATCH_SIZE"] == 3 and app.extensions["captioner"].model_process.max_batch_size == 3
     assert app.config["MAX_WAIT_MS"] == 9 and app.config["MAX_QUEUE"] == 256
     with pytest.raises(CaptionerError, match="MAX_BATCH_SIZE"):
         make_app(MAX_BATCH_SIZE=0)
     monkeypatch.setenv("CAPTIONER_TORCH_THREADS", "2")
-    assert make_app().extensions["captioner"].batcher._placement.torch_threads == 2  # the model process's
+    assert make_app().extensions["captioner"].model_process.placement.torch_threads == 2  # the model process's
     for threads in (0, 1.5, "two"):
         with pytest.raises(CaptionerError, match="TORCH_THREADS must be a positive whole number"):
             make_app(TORCH_THREADS=threads)
     monkeypatch.setenv("CAPTIONER_MODEL_CPUS", "[0]")
     monkeypatch.setenv("CAPTIONER_HEAVY_CNN_CPUS", "[1]")
-    placement = make_app().extensions["captioner"].batcher._placement
+    placement = make_app().extensions["captioner"].model_process.placement
     assert (placement.cpus, placement.heavy_cnn_cpus, placement.heavy_cnn_ms) == ([0], [1], 10)
     for key in ("MODEL_CPUS", "HEAVY_CNN_CPUS"):
         for cpus in ("0", [], [-1], [True], [1.5]):
@@ -798,7 +683,7 @@ while client.get("/readyz").status_code != 200:
     time.sleep(0.05)
 response = client.post("/v1/captions", data={png()!r}, content_type="image/png")
 assert response.status_code == 200, response.get_json()
-app.extensions["captioner"].batcher.stop()
+app.extensions["captioner"].model_process.stop()
 print(" ".join(sorted(sys.modules)))
 """
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
@@ -901,139 +786,3 @@ def test_body_that_does_not_arrive_in_time_is_408(client):
     stalled = {"wsgi.input": Stalled(), "CONTENT_LENGTH": "5000"}
     response = client.post("/v1/captions", content_type="image/png", environ_overrides=stalled)
     error_of(response, 408, "request_timeout")
-
-
-@pytest.mark.slow  # a model process of its own
-def test_stop_ends_a_model_process_stuck_in_a_batch_behind_a_full_pipe(make_app, monkeypatch, switches):
-    """Jobs sent while the model is busy wait in the pipe; once it is full, their sends wait too.
-    Stopping must still end the model process in time and fail every request."""
-    import service.app
-
-    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
-    app = make_app(MAX_QUEUE=400, MAX_BATCH_SIZE=1, MAX_WAIT_MS=0)
-    batcher = ready(app)
-    side = batcher.served.transform.config.image_size
-    pixels = torch.zeros((3, side, side), dtype=torch.uint8)
-    (switches / "pause").touch()
-    try:
-        running = batcher.submit(pixels, DecodeOptions())
-        wait_until(lambda: (switches / "paused").exists())  # the model is stuck in a batch
-        with ThreadPoolExecutor(8) as pool:
-            submits = [pool.submit(batcher.submit, pixels, DecodeOptions()) for _ in range(399)]
-            wait_until(batcher._sending.locked)
-            time.sleep(0.5)
-            assert batcher._sending.locked() and not all(s.done() for s in submits)  # a send waits on the full pipe
-            stopping = threading.Thread(target=batcher.stop, kwargs={"timeout": 2})
-            stopping.start()
-            stopping.join(15)
-            assert not stopping.is_alive(), "stop() waited on the full pipe"
-            # Killed is not yet gone: stop() returns once the process is reaped and its pipe closed.
-            assert not batcher._thread.is_alive(), "stop() returned before the model process was reaped"
-            assert batcher._process.exitcode is not None
-        with pytest.raises(NotReady):
-            running.result(timeout=5)
-        for submit in submits:
-            with pytest.raises(NotReady):
-                future = submit.result(timeout=5)  # refused at submit, or failed afterwards
-                future.result(timeout=5)
-    finally:
-        (switches / "pause").unlink()
-
-
-@pytest.mark.slow  # a model process of its own
-def test_requests_are_handed_to_a_busy_model_at_once_up_to_the_queue(make_app, monkeypatch, switches):
-    """Pixels go through shared memory, not the pipe: while the model is stuck in a batch,
-    ``MAX_QUEUE`` requests of a large model's size are handed over without waiting, the next is
-    refused, and all are answered once it is free."""
-    import service.app
-
-    monkeypatch.setattr(service.app, "load_model", service_models.load_faulty)
-    app = make_app(MAX_QUEUE=100, MAX_BATCH_SIZE=100, MAX_WAIT_MS=0)  # 300 KB of pixels: more than a socket holds
-    batcher = ready(app)
-    side = batcher.served.transform.config.image_size
-    (switches / "pause").touch()
-    try:
-        running = batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions())
-        wait_until(lambda: (switches / "paused").exists())  # the model is stuck in a batch
-        started = time.monotonic()
-        waiting = [batcher.submit(torch.full((3, side, side), i, dtype=torch.uint8), DecodeOptions()) for i in range(99)]
-        assert time.monotonic() - started < 5  # no send waited on the model
-        with pytest.raises(QueueFull):
-            batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions())
-    finally:
-        (switches / "pause").unlink()
-    assert running.result(timeout=60).batch_size == 1
-    assert [f.result(timeout=60).batch_size for f in waiting] == [99] * 99  # read at once, one batch
-    assert batcher.queue_depth() == 0
-    assert batcher.submit(torch.zeros((3, side, side), dtype=torch.uint8), DecodeOptions()).result(timeout=60)
-
-
-def _answers(conn, count: int) -> list[tuple]:
-    """The next ``count`` messages from a model process: ("batch", size, answers) as (size, answers)."""
-    messages = []
-    for _ in range(count):
-        assert conn.poll(30), "the model process did not answer"
-        kind, *rest = conn.recv()
-        messages.append((rest[0], rest[1]) if kind == "batch" else (kind, rest[0]))
-    return messages
-
-
-@pytest.mark.slow  # a spawned model process
-def test_the_model_process_batches_what_came_during_a_batch_and_fails_what_waits_on_stop(model_path, switches):
-    """Driven over its pipe: jobs sent while a batch runs are all taken at once when it ends (but
-    no more than a batch), a job cancelled before then is skipped, and those still waiting on stop
-    are failed as shutting down, never lost."""
-    import multiprocessing
-    from functools import partial
-
-    from service.model_process import Placement, serve_model
-
-    context = multiprocessing.get_context("spawn")
-    conn, child_conn = context.Pipe()
-    loader = partial(service_models.load_faulty, str(model_path), "cpu", None, "eager")
-    settings = {"max_batch_size": 4, "max_wait_ms": 0}
-    process = context.Process(target=serve_model, args=(child_conn, loader, settings, Placement(), "INFO", os.getpid()), daemon=True)
-    process.start()
-    child_conn.close()
-
-    slab = torch.UntypedStorage._new_shared(16 * 3 * 32 * 32)
-    slab = torch.empty(0, dtype=torch.uint8).set_(slab).view(16, 3, 32, 32)
-
-    def job(job_id):
-        slab[job_id].fill_(job_id)
-        conn.send(("job", job_id, job_id, DecodeOptions(), time.monotonic()))  # slot job_id
-
-    try:
-        assert conn.poll(60) and conn.recv()[0] == "ready"
-        conn.send(("slab", slab))
-        (switches / "pause").touch()
-        job(1)
-        wait_until(lambda: (switches / "paused").exists())  # job 1 in the model
-        for job_id in range(2, 8):
-            job(job_id)
-        conn.send(("cancel", 3))
-        (switches / "paused").unlink()
-        (switches / "pause").unlink()
-        first, second, third = _answers(conn, 3)
-        assert [(size, [(kind, i) for kind, i, _ in answers]) for size, answers in (first, second, third)] == [
-            (1, [("done", 1)]),
-            (4, [("done", 2), ("done", 4), ("done", 5), ("done", 6)]),  # at once, 3 skipped
-            (1, [("done", 7)]),  # beyond the batch: the next one
-        ]
-        assert all(result.batch_size == size for size, answers in (first, second) for _, _, result in answers)
-
-        (switches / "pause").touch()
-        job(8)
-        wait_until(lambda: (switches / "paused").exists())
-        job(9), job(10)
-        conn.send(("stop",))
-        (switches / "pause").unlink()
-        (size, answers), failed = _answers(conn, 2)
-        assert size == 1 and [(kind, i) for kind, i, _ in answers] == [("done", 8)]
-        assert failed == ("answers", [("failed", 9, True), ("failed", 10, True)])
-        process.join(20)
-        assert process.exitcode == 0
-    finally:
-        if process.is_alive():
-            process.kill()
-        conn.close()

@@ -97,7 +97,7 @@ def main():
         time.sleep(0.05)
     response = client.post("/v1/captions", data={image!r}, content_type="image/png")
     assert response.status_code == 200, response.get_json()
-    print(app.extensions["captioner"].batcher._process.pid, time.monotonic(), flush=True)
+    print(app.extensions["captioner"].model_process.pid, time.monotonic(), flush=True)
 
 if __name__ == "__main__":  # the model process is spawned: it imports this file again
     main()
