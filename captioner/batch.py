@@ -32,7 +32,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
 from captioner.records import RecordFormat, ResumableOutput
-from captioner.runtime import Process
+from captioner.distributed import Process
 
 
 # Images whose captions the decoder writes at once, several CNN batches together where those are

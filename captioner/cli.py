@@ -88,7 +88,8 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
     from captioner.batch import caption_paths, run_batch_job
     from captioner.models.captioner import Captioner
     from captioner.records import RecordFormat, collect_inputs
-    from captioner.runtime import decoding_workers, init_process, process_device, resolve_device, shutdown, torch_threads
+    from captioner.distributed import init_process, process_device, shutdown
+    from captioner.runtime import decoding_workers, resolve_device, torch_threads
 
     paths = collect_inputs(job.inputs)
     device = resolve_device(process_device(job.device))

@@ -10,8 +10,6 @@ import os
 
 import torch
 
-# cli.py and batch.py still import these from here; captioner.distributed is their home.
-from captioner.distributed import Process, init_process, process_device, shutdown  # noqa: F401
 from captioner.errors import CaptionerError
 
 

@@ -96,7 +96,7 @@ class Run:
     device: torch.device
     process: Process  # rank 0 of 1 without torchrun
     host: dist.ProcessGroup | None  # the gloo group for waits between processes (None: one process)
-    dataset: Dataset  # with the training images of held-out words moved out of the paired data
+    dataset: Dataset | None  # with the training images of held-out words moved out of the paired data
     train_records: list[ImageRecord]
     val_records: list[ImageRecord]  # the first --val-images of the val split
     train_features: torch.Tensor  # (N, F) cached encoder features of train_records
@@ -106,6 +106,21 @@ class Run:
     schedule: torch.optim.lr_scheduler.LRScheduler  # cosine, over the cross-entropy epochs
     scaler: torch.amp.GradScaler  # loss scaling, on for float16 only
     amp: torch.dtype | None  # the dtype of the steps under autocast (``autocast_dtype``); None: float32
+
+    @classmethod
+    def alone(
+        cls, config: TrainConfig, optimizer: torch.optim.Optimizer, features: torch.Tensor, captions: CaptionTensors,
+        amp: torch.dtype | None = None,
+    ) -> Run:  # fmt: skip
+        """A run of one process on the CPU whose epochs step ``optimizer`` on ``features`` and encoded
+        ``captions``, with no data set and no validation images: for steps taken outside ``train``
+        (tests, benchmarks). ``config`` gives the batch size, the clipping and the progress bars."""
+        return cls(
+            config=config, out=Path(config.out), device=torch.device("cpu"), process=Process(), host=None,
+            dataset=None, train_records=[], val_records=[], train_features=features, val_features=features[:0],
+            train_captions=captions, optimizer=optimizer, schedule=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0),
+            scaler=torch.amp.GradScaler("cuda", enabled=False), amp=amp,
+        )  # fmt: skip
 
 
 @dataclass
@@ -161,6 +176,13 @@ def _start(config: TrainConfig, out: Path, device: torch.device, process: Proces
     set to go on with, and ``metrics.jsonl`` rewritten from the saved history."""
     amp = autocast_dtype(config.precision, device)  # first: a precision this device lacks is refused before any work
     dataset = load_dataset(config.data, format=config.format, images=config.images, skip_missing=config.skip_missing)
+    dataset, held = dataset.with_validation(config.val_fraction, config.seed)
+    if held and config.progress and process.is_main:
+        _log(
+            f"{dataset.name} has no validation images: {held} of its {held + len(dataset.split('train'))} training images "
+            f"are held out for validation (--val-fraction {config.val_fraction}, chosen by --seed; to choose them "
+            "yourself, give each image's split in a 'split' column)"
+        )
     if config.holdout_words:
         dataset = hold_out_words(dataset, parse_groups(config.holdout_words), config.progress)
     val_records = dataset.split("val")[: config.val_images or None]

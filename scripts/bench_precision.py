@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.evaluation import CaptionTensors  # noqa: E402
 from captioner.models.decoder import DecoderConfig, AttentionDecoder  # noqa: E402
-from captioner.training import train_one_epoch  # noqa: E402
+from captioner.options import TrainConfig  # noqa: E402
+from captioner.training import Run, train_one_epoch  # noqa: E402
 
 PAD, START, END = 0, 1, 2
 
@@ -70,14 +71,12 @@ def main(argv=None) -> int:
     count = args.batches * args.batch_size
     features = torch.rand(count // 5 + 1, config.feature_dim)
     data = CaptionTensors(ids=captions(count, args.vocab_size, generator), image_index=torch.arange(count) // 5)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def epoch(amp) -> float:
         started = time.perf_counter()
-        train_one_epoch(
-            decoder, features, data, optimizer, scaler, pad=PAD, batch_size=args.batch_size, clip_norm=5.0,
-            device=torch.device("cpu"), generator=torch.Generator().manual_seed(1), progress=False, amp=amp,
-        )  # fmt: skip
+        config = TrainConfig(data="unused", out="unused", batch_size=args.batch_size, clip_norm=5.0, progress=False)
+        run = Run.alone(config, optimizer, features, data, amp=amp)
+        train_one_epoch(decoder, features, data, run, pad=PAD, generator=torch.Generator().manual_seed(1))
         return (time.perf_counter() - started) / args.batches
 
     epoch(None), epoch(torch.bfloat16)  # warm-up: oneDNN builds its kernels for each precision once

@@ -6,7 +6,8 @@ from captioner.errors import CaptionerError
 from captioner.evaluation import encode_captions
 from captioner.features import compute_features
 from captioner.models.captioner import Captioner
-from captioner.training import build_model, train_one_epoch
+from captioner.options import TrainConfig
+from captioner.training import Run, build_model, train_one_epoch
 
 from tests.helpers import tiny_config
 
@@ -19,11 +20,9 @@ def test_an_in_memory_model_saved_and_reloaded_captions_identically(shapes, tmp_
     records = shapes.split("train")
     features = torch.cat(list(compute_features(model.encoder, [r.path for r in records], device=torch.device("cpu"))))
     optimizer = torch.optim.Adam([p for p in model.decoder.parameters() if p.requires_grad], lr=1e-2)
-    train_one_epoch(
-        model.decoder, features, encode_captions(records, model.vocab, 30), optimizer,
-        torch.amp.GradScaler("cuda", enabled=False), pad=model.vocab.pad, batch_size=16, clip_norm=5.0,
-        device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False,
-    )  # fmt: skip
+    captions = encode_captions(records, model.vocab, 30)
+    run = Run.alone(TrainConfig(data="unused", out="unused", batch_size=16, clip_norm=5.0, progress=False), optimizer, features, captions)
+    train_one_epoch(model.decoder, features, captions, run, pad=model.vocab.pad, generator=torch.Generator().manual_seed(0))
     model.eval()
     path = tmp_path / "model.pt"
     save_checkpoint(model.to_checkpoint(metrics={"epoch": 1}), path)

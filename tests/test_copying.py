@@ -15,7 +15,8 @@ from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import GRID, Scene, check_caption, describe_scene, sample_scene
 from captioner.shapes.pretraining import CELL_CLASSES, cell_labels
-from captioner.training import copy_ids, train_one_epoch
+from captioner.options import TrainConfig
+from captioner.training import Run, copy_ids, train_one_epoch
 
 HELD_OUT = frozenset({("green", "triangle")})
 
@@ -41,12 +42,9 @@ def train_decoder(copying: bool, scenes, captions, vocab, epochs=12) -> Attentio
     records = [SimpleNamespace(captions=c) for c in captions]  # all encode_captions reads
     tensors = encode_captions(records, vocab, 30)
     optimizer = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=1e-2)
+    run = Run.alone(TrainConfig(data="unused", out="unused", batch_size=32, clip_norm=5.0, progress=False), optimizer, features, tensors)
     for epoch in range(epochs):
-        train_one_epoch(
-            decoder, features, tensors, optimizer, torch.amp.GradScaler("cuda", enabled=False), pad=vocab.pad,
-            batch_size=32, clip_norm=5.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(epoch),
-            progress=False,
-        )  # fmt: skip
+        train_one_epoch(decoder, features, tensors, run, pad=vocab.pad, generator=torch.Generator().manual_seed(epoch))
     return decoder.eval()
 
 

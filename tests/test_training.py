@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import math
 import shutil
 from pathlib import Path
@@ -9,7 +10,6 @@ import torch
 import captioner.training as training
 from captioner.checkpoint import read_checkpoint
 from captioner.data.datasets import load_dataset
-from captioner.distributed import Process
 from captioner.errors import CaptionerError
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import AttentionDecoder
@@ -53,20 +53,12 @@ def test_trained_model_has_lower_validation_perplexity_than_untrained(trained_ru
     best_epoch = read_checkpoint(trained_run / "model.pt")["metrics"]["epoch"]
     assert trained_ppl == pytest.approx(rows[best_epoch - 1]["val_perplexity"], rel=1e-5)
 
-NO_AMP = torch.amp.GradScaler("cuda", enabled=False)  # what training uses on a CPU
-
-
 def lone_run(dataset, records, features, captions, optimizer, **options) -> Run:
     """A run of one process on the CPU in float32 whose epochs step ``optimizer`` on ``records`` of
     ``dataset`` (their ``features`` and encoded ``captions``; no validation images), with ``options``
     (batch_size, clip_norm) in its config."""
-    return Run(
-        config=TrainConfig(data=str(dataset.source), out="unused", progress=False, **options), out=Path("unused"),
-        device=torch.device("cpu"), process=Process(), host=None, dataset=dataset, train_records=records,
-        val_records=[], train_features=features, val_features=features[:0], train_captions=captions,
-        optimizer=optimizer, schedule=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0), scaler=NO_AMP,
-        amp=None,
-    )  # fmt: skip
+    config = TrainConfig(data=str(dataset.source), out="unused", progress=False, **options)
+    return replace(Run.alone(config, optimizer, features, captions), dataset=dataset, train_records=records)
 
 
 def test_frozen_embedding_and_encoder_do_not_change_in_training(trained_run, shapes, feature_cache):
@@ -195,3 +187,16 @@ def test_mixed_precision_training_on_cuda_learns_and_loads_on_cpu(tmp_path, shap
     captions = model.caption([r.path for r in test])
     assert [len(c) for c in captions] == [1] * len(test) and all(c["text"] for [c] in captions), captions
     assert best["val_perplexity"] > 1
+
+
+def test_a_csv_without_a_split_column_trains_and_says_how_it_held_images_out(shapes, tmp_path, capsys):
+    rows = [(r.path, c) for r in shapes.split("train") for c in r.captions[:2]]
+    csv = tmp_path / "captions.csv"
+    csv.write_text("image,caption\n" + "".join(f"{path},{caption}\n" for path, caption in rows))
+    config = tiny_config(csv, tmp_path / "run", tmp_path / "cache", epochs=1, progress=True, val_fraction=0.2)
+    train(config)
+    said = capsys.readouterr().err
+    images = Captioner.load(tmp_path / "run" / "model.pt").data["images"]
+    assert images["val"] >= 1 and images["train"] + images["val"] == len(shapes.split("train"))
+    assert f"{images['val']} of its {len(shapes.split('train'))} training images are held out for validation" in said
+    assert "'split' column" in said
