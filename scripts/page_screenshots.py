@@ -76,9 +76,9 @@ def main(args: argparse.Namespace) -> None:
     from service import create_app
 
     app = create_app({"MODEL_PATH": args.model})
-    batcher = app.extensions["captioner"].batcher
-    if not batcher.wait_ready(120):
-        raise SystemExit(f"the model did not load: {batcher.load_error}")
+    model_process = app.extensions["captioner"].model_process
+    if not model_process.wait_ready(120):
+        raise SystemExit(f"the model did not load: {model_process.load_error}")
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = Path(args.out)
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> None:
         finally:
             driver.quit()
             server.shutdown()
-            batcher.stop()
+            model_process.stop()
 
 
 if __name__ == "__main__":

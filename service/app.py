@@ -105,13 +105,6 @@ class Runtime:
     admission: Admission
     keys: ApiKeys | None = None  # None: API keys are off
 
-    @property
-    def batcher(self) -> ModelProcess:
-        """The old name of ``model_process``, for callers outside service/ not yet moved to it
-        (scripts/page_screenshots.py; tests/test_browser.py, test_consensus.py, test_cuda.py and
-        test_int8.py): remove it with them."""
-        return self.model_process
-
 
 def create_app(config: dict | None = None) -> Flask:
     """Build the captioning service; the model loads in a process of its own (service.model_process).

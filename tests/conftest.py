@@ -66,3 +66,13 @@ def _alone_if_marked(request, tmp_path_factory):
             yield
         finally:
             fcntl.flock(suite, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def switches(tmp_path, monkeypatch) -> Path:
+    """A folder for the switches of tests.service_models, named to the model processes started
+    next (in CAPTIONER_TEST_SWITCHES, which they inherit)."""
+    folder = tmp_path / "switches"
+    folder.mkdir()
+    monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
+    return folder

@@ -158,15 +158,6 @@ def blank_png(width: int, height: int) -> bytes:
 # --- the service's model process ----------------------------------------------------------
 
 
-def switches_folder(tmp_path: Path, monkeypatch) -> Path:
-    """A folder for the switches of tests.service_models, named to the model processes started
-    next (in CAPTIONER_TEST_SWITCHES, which they inherit)."""
-    folder = tmp_path / "switches"
-    folder.mkdir()
-    monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
-    return folder
-
-
 # --- the service in process (Flask's test client) -----------------------------------------
 
 

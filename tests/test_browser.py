@@ -26,8 +26,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 def _serve(app):
     """The app on Flask's threaded server at a free loopback port, until the generator is closed."""
-    batcher = app.extensions["captioner"].batcher
-    assert batcher.wait_ready(60), batcher.load_error
+    model_process = app.extensions["captioner"].model_process
+    assert model_process.wait_ready(60), model_process.load_error
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

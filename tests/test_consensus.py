@@ -138,7 +138,7 @@ def test_the_service_names_the_memory_and_refuses_what_the_model_cannot_do(reran
     for run, card in ((reranking_run, {"neighbours": 5, "images": 48}), (trained_run, None)):
         app = create_app({"MODEL_PATH": str(run / "model.pt"), "TESTING": True})
         try:
-            assert app.extensions["captioner"].batcher.wait_ready(60)
+            assert app.extensions["captioner"].model_process.wait_ready(60)
             client = app.test_client()
             assert client.get("/v1/model").get_json()["decoding"]["rerank"] == card
             answer = client.post("/v1/captions?mode=beam&rerank=3", data=png.getvalue(), content_type="image/png")

@@ -62,9 +62,9 @@ def test_int8_on_cuda_is_refused_before_calibration_is_asked_for(trained_run):
 def test_the_service_model_process_runs_on_cuda(trained_run, shapes):
     model_path = trained_run / "model.pt"
     app = create_app({"MODEL_PATH": str(model_path), "DEVICE": "cuda", "LOG_LEVEL": "WARNING"})
-    batcher = app.extensions["captioner"].batcher
+    model_process = app.extensions["captioner"].model_process
     try:
-        assert batcher.wait_ready(120), batcher.load_error
+        assert model_process.wait_ready(120), model_process.load_error
         client = app.test_client()
         assert client.get("/v1/model").get_json()["device"] == "cuda:0"
         uploads = [Path(r.path).read_bytes() for r in shapes.split("test")]
@@ -81,4 +81,4 @@ def test_the_service_model_process_runs_on_cuda(trained_run, shapes):
         assert [a.status_code for a in answers] == [200] * len(uploads)
         assert all(a.get_json()["captions"][0]["text"] for a in answers)
     finally:
-        batcher.stop()
+        model_process.stop()

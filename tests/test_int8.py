@@ -126,4 +126,4 @@ def test_the_service_serves_an_int8_cnn(tmp_path, trained_run):
         response = client.post("/v1/captions", data=image.getvalue(), content_type="image/png")
         assert response.status_code == 200 and response.get_json()["captions"][0]["text"]
     finally:
-        app.extensions["captioner"].batcher.stop()
+        app.extensions["captioner"].model_process.stop()

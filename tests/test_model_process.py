@@ -22,7 +22,7 @@ from service.messages import BatchAnswers, Cancel, Done, Failed, Job, Ready, Sla
 from service.model import load_model
 from service.model_process import ModelProcess, NotReady, Placement, QueueFull, serve_model, start_on
 from tests import service_models
-from tests.helpers import ROOT, send_own_cpus, switches_folder, threads_cpus, wait_until
+from tests.helpers import ROOT, send_own_cpus, threads_cpus, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,6 @@ def model_path(trained_run):
     return trained_run / "model.pt"
 
 
-@pytest.fixture
-def switches(tmp_path, monkeypatch):
-    """The folder of tests.service_models' switches, named to the model processes started next."""
-    return switches_folder(tmp_path, monkeypatch)
 
 
 @pytest.fixture

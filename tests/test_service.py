@@ -35,7 +35,6 @@ from tests.helpers import (
     png,
     post_image,
     ready,
-    switches_folder,
     wait_until,
 )
 
@@ -285,10 +284,6 @@ def test_unknown_path_and_wrong_method_are_json(client):
     assert "POST" in response.headers["Allow"]
 
 
-@pytest.fixture
-def switches(tmp_path, monkeypatch):
-    """The folder of tests.service_models' switches, named to the model processes started next."""
-    return switches_folder(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow  # a model process of its own
