@@ -61,6 +61,13 @@ class CaptionMemory:
         """From (N, C * cells) channel-major encoder features, as the decoder reads them."""
         return cls(pooled(features, cells), captions, neighbours)
 
+    def extended(self, features: torch.Tensor, cells: int, captions: Sequence[Sequence[Sequence[str]]]) -> CaptionMemory:
+        """This memory with more training images (their (N, C * cells) features and captions) after its own."""
+        more = F.normalize(pooled(features, cells).float(), dim=1).half()
+        if more.size(1) != self.features.size(1):
+            raise CaptionerError("the new images' features are not those of the caption memory's encoder")
+        return CaptionMemory(torch.cat([self.features, more]), self.captions + [list(map(list, c)) for c in captions], self.neighbours)
+
     @property
     def summary(self) -> tuple[int, int]:
         """(default neighbours, images kept), what ``neighbours_for`` reads."""

@@ -154,6 +154,35 @@ def build_embedding(vocab: Vocabulary, vectors: KeyedVectors, token_counts: Coun
     return WordEmbedding(torch.from_numpy(matrix), info)
 
 
+def grow_embedding(old: torch.Tensor, vocab: Vocabulary, sentences: Sequence[Sequence[str]], seed: int, epochs: int = 10) -> WordEmbedding:
+    """The embedding of a grown vocabulary: the (V_old, E) ``old`` rows as they are, and vectors for
+    the words after them trained by word2vec on ``sentences`` with the old words' vectors held
+    fixed (gensim's ``vectors_lockf``), so that a new word lands among the old ones it is used like.
+    """
+    grown = len(vocab) - len(old)
+    if grown < 0:
+        raise CaptionerError("a grown vocabulary cannot have fewer words than the one it grew from")
+    if grown == 0:
+        return WordEmbedding(old.clone(), {"new_words": 0})
+    model = Word2Vec(vector_size=old.size(1), window=5, min_count=1, sg=1, workers=1, seed=seed, hashfxn=_stable_hash)
+    model.build_vocab([list(s) for s in sentences])
+    lock = np.ones(len(model.wv), dtype=np.float32)
+    for word, i in model.wv.key_to_index.items():
+        if vocab.index.get(word, len(vocab)) < len(old):  # an old word: its vector, held fixed
+            model.wv.vectors[i] = old[vocab.index[word]].numpy()
+            lock[i] = 0.0
+    model.wv.vectors_lockf = lock
+    model.train([list(s) for s in sentences], total_examples=len(sentences), epochs=epochs)
+    matrix = old.new_zeros(len(vocab), old.size(1))
+    matrix[: len(old)] = old
+    scale = float(old[len(SPECIALS) :].std())
+    for i in range(len(old), len(vocab)):
+        word = vocab.words[i]
+        vector = model.wv[word] if word in model.wv.key_to_index else _fallback_vector(word, old.size(1), scale)
+        matrix[i] = torch.tensor(np.asarray(vector, dtype=np.float32))
+    return WordEmbedding(matrix, {"new_words": grown, "new_words_trained_on": len(sentences)})
+
+
 def word_embedding(
     vocab: Vocabulary,
     sentences: Sequence[Sequence[str]],

@@ -34,6 +34,7 @@ CELLS = ("lstm", "gru", "rnn")  # the decoder's recurrent cell
 MAX_CAPTIONS = 10
 MAX_BEAM_SIZE = 16
 MAX_LENGTH = 100
+SCORED_WORDS = 50  # captioner score reads a caption's first this many words (Flickr8k's longest has 38)
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **argparse_extras) -> Any:
@@ -234,6 +235,11 @@ class TrainConfig:
     format: str = _data_format()
     images: str | None = _image_folder()
     skip_missing: bool = _skip_missing()
+    init: str | None = option(
+        None,
+        "start from this trained model (model.pt): its encoder, decoder and caption memory carry over, its vocabulary "
+        "grows with the new captions' words, and the new training images join its memory",
+    )
     # None picks by data: for the shapes world a small CNN pretrained on its scenes whose last
     # map is pooled to the scene grid; for photos ResNet-50 with ImageNet weights, globally pooled.
     encoder: str | None = option(
@@ -449,6 +455,56 @@ class CalibrateOptions:
     count: int = option(256, "images to calibrate on (then as many others to check the int8 features against fp32)")
     output: str | None = option(None, "write the calibrated model here (default: add the calibration to MODEL)")
     batch_size: int = option(32, "images per model call")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """``captioner score``: how well given captions describe their images (``Captioner.score``)."""
+
+    model: str = _model_file()
+    pairs: str = option(
+        help='the captions and their images: a CSV with image and caption columns, or JSON lines {"image", "caption"}',
+        positional=True,
+    )
+    images: str | None = option(None, "folder of the images PAIRS names (default: PAIRS' own folder)")
+    output: str | None = option(None, "write here instead of standard output; a rerun resumes an unfinished file")
+    format: str = option("jsonl", "JSON lines (every word's probability too) or CSV", choices=("jsonl", "csv"))
+    batch_size: int = option(32, "pairs per model call (each image encoded once)")
+    max_words: int = option(SCORED_WORDS, "a caption is scored on its first this many words; the record says when it was cut")
+    device: str = _device()
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise CaptionerError("batch_size must be at least 1")
+        if not 1 <= self.max_words <= MAX_LENGTH:
+            raise CaptionerError(f"max_words must be between 1 and {MAX_LENGTH}")
+
+
+@dataclass(frozen=True)
+class TrustOptions:
+    """``captioner calibrate-trust``: the caption score and the unfamiliar threshold, fitted on a dev split."""
+
+    model: str = _model_file()
+    data: str = _data_file()
+    format: str = _data_format()
+    images: str | None = _image_folder()
+    skip_missing: bool = _skip_missing()
+    split: str = option("val", "the dev split to fit on (never test: its captions are for the final score alone)")
+    output: str | None = option(None, "write the calibrated model here (default: add the calibration to MODEL)")
+    report: str | None = option(None, "also write the numbers (each signal's AUC, the reliability bins, the threshold) as JSON")
+    flagged: float = option(0.02, "the share of the split's photographs that the unfamiliar threshold flags")
+    seed: int = option(0, "seed of the pairs and of the split into a fitting and a measuring half")
+    batch_size: int = option(64, "images per CNN call")
+    feature_cache: str | None = option(None, "feature cache folder (default ~/.cache/captioner/features)")
+    device: str = _device()
+
+    def __post_init__(self):
+        if self.split == "test":
+            raise CaptionerError("calibrate on the dev split (val): the test split is held back for the final score")
+        if not 0 < self.flagged < 0.5:
+            raise CaptionerError("flagged must be a share between 0 and 0.5")
+        if self.batch_size < 1:
+            raise CaptionerError("batch_size must be at least 1")
 
 
 @dataclass(frozen=True)

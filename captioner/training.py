@@ -38,7 +38,7 @@ from captioner.distributed import (
     Process, broadcast, check_agreement, gather_rng_states, host_group, init_process, own_rng_state, process_device,
     rank_zero_first, shutdown,
 )  # fmt: skip
-from captioner.embeddings import word_embedding
+from captioner.embeddings import grow_embedding, word_embedding
 from captioner.errors import CaptionerError
 from captioner.evaluation import CaptionTensors, caption_loss, encode_captions, score
 from captioner.features import cached_features, default_cache_dir
@@ -346,6 +346,8 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
         model = Captioner.from_checkpoint(resumed, source="last.pt")
         if config.progress:
             _log(f"resuming {out} after epoch {resumed['training']['epoch']}")
+    elif config.init:
+        model = grown_model(config, dataset)
     else:
         model = build_model(config, dataset, out, device)
     model.to(device)
@@ -354,8 +356,50 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
     train_features = cached_features(model.encoder, [r.path for r in dataset.split("train")], **args)
     val_features = cached_features(model.encoder, [r.path for r in val_records], **args)
     grid = train_features[:, : model.decoder.config.grid_dim]  # the memory compares photographs by their grids
-    model.memory = caption_memory(config, dataset, grid, model.decoder.config.cells)
+    if config.init and not resumed and model.memory is not None:  # the new training images join the old ones
+        captions = [[tokenize(c) for c in r.captions] for r in dataset.split("train")]
+        model.memory = model.memory.extended(grid, model.decoder.config.cells, captions)
+    elif not resumed or not config.init:
+        model.memory = caption_memory(config, dataset, grid, model.decoder.config.cells)
     return model, train_features, val_features
+
+
+def grown_model(config: TrainConfig, dataset: Dataset) -> Captioner:
+    """The trained model ``config.init``, ready to learn this data set's captions: its encoder,
+    decoder and caption memory kept, its vocabulary grown by the words of the new captions
+    (their word2vec vectors trained on them beside the old, fixed vectors; frozen, as all are),
+    and with concepts, classes it could not map given the new words that name them. Its sizes are
+    its own: the options that size a new decoder do not apply.
+
+    Raises:
+        CaptionerError: the data set needs another encoder than the model's.
+    """
+    model = Captioner.load(config.init)
+    name, image_size, grid = SHAPES_WORLD_ENCODER if dataset.meta.get("shapes_world") else PHOTO_ENCODER
+    own = model.encoder.config
+    wanted = (config.encoder or name, config.image_size or own.image_size, config.pool_grid or own.pool_grid)
+    if wanted != (own.name, own.image_size, own.pool_grid):
+        raise CaptionerError(
+            f"{Path(config.init).name} has the encoder {own.name} at {own.image_size} px pooled to {own.pool_grid} x "
+            f"{own.pool_grid}, not the {wanted[0]} at {wanted[1]} px pooled to {wanted[2]} x {wanted[2]} this data "
+            "set and these options need: start from a model of the same encoder, or train a new one"
+        )
+    captions = [c for r in dataset.records if r.split in ("train", TEXT_ONLY) for c in r.captions]
+    vocab = model.vocab.grown(captions, config.min_count)
+    embedding = grow_embedding(model.decoder.embed.weight.detach().cpu(), vocab, [tokenize(c) for c in captions], config.seed)
+    concepts = model.decoder.config.concept_ids
+    if concepts:  # old classes keep their words; unmapped ones may find a new word
+        now = ConceptMap.build(vocab.words).ids(vocab.index)
+        concepts = tuple(old if old >= 0 else new for old, new in zip(concepts, now))
+    decoder = model.decoder.grown(embedding.matrix, concepts)
+    if config.progress:
+        new = vocab.words[len(model.vocab) :]
+        _log(f"starting from {Path(config.init).name}: {len(new)} new words ({', '.join(new[:8])}{', ...' if len(new) > 8 else ''})")
+    started = {"model": Path(config.init).name, "version": model.version, "data": model.data}
+    return Captioner(
+        model.encoder, decoder, vocab, embedding={**model.embedding, "grown": embedding.info},
+        data={**dataset.summary(), "started_from": started}, memory=model.memory,
+    )  # fmt: skip
 
 
 def hold_out_words(dataset: Dataset, groups: tuple[tuple[str, ...], ...], progress: bool) -> Dataset:

@@ -65,6 +65,12 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.words)
 
+    def grown(self, captions: Iterable[str], min_count: int = 1) -> Vocabulary:
+        """This vocabulary and, after its words, those of ``captions`` seen at least ``min_count``
+        times that it lacks (most frequent first): every old word keeps its id."""
+        new = Vocabulary.build(captions, min_count).words[len(SPECIALS) :]
+        return Vocabulary(self.words + [w for w in new if w not in self.index])
+
     def encode(self, text: str) -> list[int]:
         """``<start> w1 ... wn <end>`` as ids; unknown words map to ``<unk>``."""
         ids = [self.index.get(t, self.unk) for t in tokenize(text)]

@@ -26,7 +26,7 @@ green and triangle.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -36,6 +36,8 @@ from torch.nn import functional as F
 from captioner.errors import CaptionerError
 from captioner.models.recurrent import recurrent_layer, run_layer, unroll
 from captioner.options import CELLS
+
+NEW_WORD_MARGIN = 2.0  # a grown vocabulary's new word starts e^2 times less likely than the old word it copies
 
 class DecoderState(NamedTuple):
     """The recurrent state between words. Every tensor has the batch in dimension 1, so that
@@ -187,6 +189,34 @@ class AttentionDecoder(nn.Module):
         init_size = 2 * (1 + config.num_layers) * hidden
         self.concepts = _Concepts(config.concept_ids, config.vocab_size, config.embed_dim, hidden, init_size) if config.concept_ids else None
         self.out = nn.Linear(hidden, config.vocab_size + len(config.copy_ids))  # + a slot per copied group
+
+    def grown(self, embedding: torch.Tensor, concept_ids: tuple[int, ...] = ()) -> AttentionDecoder:
+        """This decoder for a vocabulary grown at its end (``Vocabulary.grown``): the (V', E)
+        ``embedding`` (the old rows first) and, with concepts, each class's word in it.
+
+        Every old weight is kept. A new word's output row starts as that of the old word nearest it
+        in the embedding, ``NEW_WORD_MARGIN`` less likely (DCC's transfer of a known word's
+        weights to a new one, Hendricks et al. 2016): no new word outranks the old word it copies,
+        so the old model's greedy captions are unchanged until training moves it.
+        """
+        old, config = self.config.vocab_size, self.config
+        grown = replace(config, vocab_size=embedding.size(0), concept_ids=concept_ids or config.concept_ids)
+        decoder = AttentionDecoder(grown, embedding, pad_id=self.embed.padding_idx)
+        state = {k: v for k, v in self.state_dict().items() if k not in ("embed.weight", "out.weight", "out.bias")}
+        unexpected = decoder.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise CaptionerError(f"a grown decoder lacks {unexpected[0]}")
+        words = F.normalize(embedding[old:].float(), dim=1) @ F.normalize(embedding[:old].float(), dim=1).T  # (new, old)
+        nearest = words.argmax(dim=1)
+        with torch.no_grad():
+            slots = slice(old, old + len(config.copy_ids))  # the copy's slots come after the words
+            for name in ("weight", "bias"):
+                before, after = getattr(self.out, name), getattr(decoder.out, name)
+                after[:old] = before[:old]
+                after[embedding.size(0) :] = before[slots]
+                after[old : embedding.size(0)] = before[nearest]
+            decoder.out.bias[old : embedding.size(0)] -= NEW_WORD_MARGIN
+        return decoder
 
     def start(self, features: torch.Tensor) -> tuple[Memory, DecoderState]:
         """(B, F) image features -> what is read of them at every word, and the initial state.
