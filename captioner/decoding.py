@@ -118,7 +118,7 @@ def _decode_rows(decoder, features, options, ids, generators):
     leaves the batch: the steps after it cost only the captions still being written.
     """
     n_rows, device, length = features.size(0), features.device, options.max_length
-    memory, state = decoder.start_stepwise(features)
+    memory, state = decoder.start_stepwise(features, options.concept_boost)
     tokens = torch.full((n_rows,), ids.start, dtype=torch.long, device=device)
     words = torch.full((n_rows, length), ids.pad, dtype=torch.long, device=device)
     log_prob = torch.zeros(n_rows, device=device)
@@ -183,7 +183,7 @@ def beam_search(decoder, features: torch.Tensor, options: DecodeOptions, ids: Sp
         For each image, its ``keep`` best hypotheses, best first.
     """
     batch, k, device = features.size(0), options.beam_size, features.device
-    memory, state = decoder.start_stepwise(features)
+    memory, state = decoder.start_stepwise(features, options.concept_boost)
     # Row r of the beams always belongs to image r // k, so the memory is only ever reordered
     # when a finished image leaves the batch.
     memory = memory.rows(torch.arange(batch, device=device).repeat_interleave(k))  # B*k rows

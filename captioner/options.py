@@ -141,6 +141,11 @@ class DecodeOptions:
     # A decoding option, not a service flag: it changes what decoding returns (and what it
     # computes), and so reaches the command line, Python and the service from this one field.
     explain: bool = option(False, "with each caption, every word's probability and the attention over the image's cells")
+    concept_boost: float = option(
+        0.0,
+        "a model with concepts: added to its copy gate's logit, so that it says what the CNN's classifier sees "
+        "more readily (0: as trained)",
+    )
 
     def __post_init__(self):
         def bad(message):
@@ -164,6 +169,8 @@ class DecodeOptions:
             bad(f"max_length must be between 1 and {MAX_LENGTH}")
         if self.rerank is not None and self.rerank < 0:
             bad("rerank must be 0 (off) or a positive number of training images")
+        if not (math.isfinite(self.concept_boost) and -10 <= self.concept_boost <= 10):
+            bad("concept_boost must be a number between -10 and 10")
         check_applicable(self.mode, [f.name for f in fields(self) if getattr(self, f.name) != f.default])
 
     def to_dict(self) -> dict:

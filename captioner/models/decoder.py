@@ -65,9 +65,11 @@ class Memory(NamedTuple):
     keys: torch.Tensor  # (B, N, H) what attention reads from each cell
     cells: torch.Tensor  # (B, N, C) what the copy reads (``_Copy.cell_words``), or the cells' features
     # With concepts: (B, V) the log-probability of each word that the classifier's concepts say
-    # (``_Concepts``), and (B, 1) the probability of the likeliest one; else (B, 0) each.
+    # (``_Concepts``), (B, 1) the probability of the likeliest one, and (B, 1) what generation adds
+    # to the copy gate's logit (``DecodeOptions.concept_boost``; 0 in training); else (B, 0) each.
     concept_words: torch.Tensor
     concept_confidence: torch.Tensor
+    concept_boost: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> Memory:
         """The memory of the images ``index`` selects, in that order."""
@@ -86,20 +88,21 @@ class StepMemory(NamedTuple):
     # and its share of the language LSTM's gates (biases included), one product instead of two.
     query_weight: torch.Tensor
     query_bias: torch.Tensor
-    concept_words: torch.Tensor  # (B, V) and (B, 1), as in ``Memory``
+    concept_words: torch.Tensor  # (B, V), (B, 1) and (B, 1), as in ``Memory``
     concept_confidence: torch.Tensor
+    concept_boost: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> StepMemory:
         """The memory of the images ``index`` selects (a mask or indices), in that order."""
         if index.dtype == torch.bool:
             index = index.nonzero().squeeze(1)
         # index_select: a third to a half of the time of advanced indexing for these gathers.
-        per_image = ("keys", "context_gates", "cells", "concept_words", "concept_confidence")
+        per_image = ("keys", "context_gates", "cells", "concept_words", "concept_confidence", "concept_boost")
         return self._replace(**{name: getattr(self, name).index_select(0, index) for name in per_image})
 
     def read(self) -> Memory:
         """The per-image part, as ``AttentionDecoder.run`` reads it."""
-        return Memory(self.keys, self.cells, self.concept_words, self.concept_confidence)
+        return Memory(self.keys, self.cells, self.concept_words, self.concept_confidence, self.concept_boost)
 
 
 @dataclass(frozen=True)
@@ -218,12 +221,12 @@ class AttentionDecoder(nn.Module):
             decoder.out.bias[old : embedding.size(0)] -= NEW_WORD_MARGIN
         return decoder
 
-    def start(self, features: torch.Tensor) -> tuple[Memory, DecoderState]:
+    def start(self, features: torch.Tensor, concept_boost: float = 0.0) -> tuple[Memory, DecoderState]:
         """(B, F) image features -> what is read of them at every word, and the initial state.
 
         The memory holds, per cell, what attention reads (H) and, for a copying decoder, the
         probability of each class name the cell holds (C: ``_Copy.cell_words``), else its
-        features; with concepts, the words they say.
+        features; with concepts, the words they say, and ``concept_boost`` for the copy gate.
         """
         batch, cells = features.size(0), self.config.cells
         grid, classes = features.split([self.config.grid_dim, len(self.config.concept_ids)], dim=1)
@@ -231,9 +234,10 @@ class AttentionDecoder(nn.Module):
         x = self.dropout(self.feature_norm(cell_features))
         layers, hidden = 1 + self.config.num_layers, self.config.hidden_size
         init = self.init_state(x.mean(dim=1))  # (B, 2 * (1+L) * H)
-        concept_words = concept_confidence = features.new_zeros(batch, 0)
+        concept_words = concept_confidence = boost = features.new_zeros(batch, 0)
         if self.concepts is not None:
             concept_words, concept_confidence = self.concepts.words(classes.float())
+            boost = concept_confidence.new_full((batch, 1), concept_boost)
             init = init + self.concepts.init(self.concepts.summary(concept_words, self.embed.weight).to(init.dtype))
         init = torch.tanh(init).view(batch, 2, layers, hidden)  # (B, 2, 1+L, H)
         h, c = init.permute(1, 2, 0, 3).contiguous()  # each (1+L, B, H)
@@ -241,14 +245,14 @@ class AttentionDecoder(nn.Module):
         context, coverage = keys.new_zeros(1, batch, hidden), keys.new_zeros(1, batch, cells)
         if self.copy is not None:  # computed once per image, not at every step
             cell_features = self.copy.cell_words(cell_features.float())  # (B, N, L)
-        memory = Memory(keys, cell_features.to(keys.dtype), concept_words, concept_confidence)
+        memory = Memory(keys, cell_features.to(keys.dtype), concept_words, concept_confidence, boost)
         return memory, DecoderState(h[:1], c[:1], h[1:], c[1:], context, coverage)
 
-    def start_stepwise(self, features: torch.Tensor) -> tuple[StepMemory, DecoderState]:
+    def start_stepwise(self, features: torch.Tensor, concept_boost: float = 0.0) -> tuple[StepMemory, DecoderState]:
         """``start`` for generation, one ``step`` at a time: the memory as a ``StepMemory``."""
-        memory, state = self.start(features)
+        memory, state = self.start(features, concept_boost)
         keys, cell_features = memory.keys, memory.cells
-        concepts = (memory.concept_words, memory.concept_confidence)
+        concepts = (memory.concept_words, memory.concept_confidence, memory.concept_boost)
         if self.config.cell != "lstm":  # a GRU or RNN (the lecture's comparison) steps through run: no gates kept
             nothing = keys.new_zeros(0)
             return StepMemory(keys, keys[..., :0], cell_features, nothing, nothing, nothing, *concepts), state
@@ -286,7 +290,8 @@ class AttentionDecoder(nn.Module):
         if self.copy is not None:
             logits = self.copy(logits, weights, memory.cells)
         elif self.concepts is not None:
-            logits = self.concepts(logits, x, memory.concept_words.unsqueeze(1), memory.concept_confidence.unsqueeze(1))
+            concepts = (memory.concept_words, memory.concept_confidence, memory.concept_boost)
+            logits = self.concepts(logits, x, *(c.unsqueeze(1) for c in concepts))
         return logits, DecoderState(word_h, word_c, h, c, context[None], coverage[None])
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, repeats: int = 1) -> torch.Tensor:
@@ -333,7 +338,7 @@ class AttentionDecoder(nn.Module):
         if self.copy is not None:
             logits = self.copy(logits, weights, memory.cells)
         elif self.concepts is not None:
-            logits = self.concepts(logits, x, memory.concept_words, memory.concept_confidence)
+            logits = self.concepts(logits, x, memory.concept_words, memory.concept_confidence, memory.concept_boost)
         return logits, DecoderState(query.unsqueeze(0), word_c.unsqueeze(0), h, c, context.unsqueeze(0), coverage.unsqueeze(0))
 
 
@@ -481,9 +486,12 @@ class _Concepts(nn.Module):
         """(B, V) word log-probabilities -> (B, E) their expected word2vec vector."""
         return words.exp() @ embedding.float()
 
-    def forward(self, logits: torch.Tensor, x: torch.Tensor, words: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, x: torch.Tensor, words: torch.Tensor, confidence: torch.Tensor, boost: torch.Tensor
+    ) -> torch.Tensor:
         """(..., V) output logits and (..., H) language outputs, with the image's (B, [1,] V) word
-        log-probabilities and (B, [1,] 1) confidence -> (..., V) log-probabilities of the next word."""
+        log-probabilities, (B, [1,] 1) confidence and (B, [1,] 1) boost of the gate's logit ->
+        (..., V) log-probabilities of the next word."""
         log_p = logits.float().log_softmax(dim=-1)
-        gate = self.gate(torch.cat([x.float(), confidence.float().expand(*x.shape[:-1], 1)], dim=-1))  # (..., 1)
+        gate = self.gate(torch.cat([x.float(), confidence.float().expand(*x.shape[:-1], 1)], dim=-1)) + boost.float()  # (..., 1)
         return torch.logaddexp(F.logsigmoid(-gate) + log_p, F.logsigmoid(gate) + words.float())
