@@ -8,6 +8,12 @@ that has arrived; a request not complete within ``CAPTIONER_READ_TIMEOUT_S`` sec
 of its first byte is dropped. A larger body is read by the request thread against the same
 deadline, so a slow one holds a thread for at most that long.
 
+An answer given before the body was read (429 busy, 401, 503, a bad option) keeps its word: a
+body within the app's MAX_CONTENT_LENGTH is read and thrown away after the answer, against the
+request's read deadline, and the connection stays open as the answer said; a body declared larger
+is answered "Connection: close". (gunicorn reads at most 64 KiB of such a body and then closes a
+connection it had announced kept alive: a client sending half a megabyte met a reset.)
+
 On SIGTERM, requests in flight finish and are answered "Connection: close"; kept-alive
 connections stay open while any request is in flight and at least 2 s after, so a
 client's next request is answered (with "Connection: close") instead of meeting a closed socket.
@@ -46,6 +52,8 @@ HEAD_LIMIT = 64 * 1024  # beyond this without a blank line, gunicorn's parser re
 STOP_LINGER_S = 2.0  # while stopping, how long a kept-alive connection outlives the last request
 BODY_PREBUFFER = 256 * 1024  # bodies up to this are read in the loop with the head
 GATHER_LIMIT = 256 * 1024  # an answer's writes gathered beyond this are sent on
+DRAIN_STEP = 64 * 1024  # bytes of an unread body read and thrown away at a time
+DEFAULT_BODY_LIMIT = 16 * 1024 * 1024  # the app's MAX_CONTENT_LENGTH, for an app without one
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r\n", re.IGNORECASE)
 
 
@@ -205,6 +213,38 @@ def _write_json_error(sock, status_int, reason, mesg):
     gunicorn.util.write_nonblock(sock, head.encode("latin1") + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
+def _declared_length(environ) -> int | None:
+    try:
+        return int(environ.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return None
+
+
+class KeepsItsWord:
+    """The WSGI app, called so that an answer to a request whose declared body is larger than
+    ``body_limit`` says "Connection: close": such a body is not read to reach the next request.
+    Anything else the app has (``extensions``, ``config``) is the app's."""
+
+    def __init__(self, app, body_limit: int):
+        self.app, self.body_limit = app, body_limit
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    def __call__(self, environ, start_response):
+        length = _declared_length(environ)
+        if length is None or length <= self.body_limit:
+            return self.app(environ, start_response)
+        response = getattr(start_response, "__self__", None)  # gunicorn's Response
+
+        def start_closing(status, headers, exc_info=None):
+            if response is not None:
+                response.force_close()
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start_closing)
+
+
 class CaptionerWorker(ThreadWorker):
     """gthread with request heads read in the event loop under a deadline (see the module)."""
 
@@ -215,6 +255,12 @@ class CaptionerWorker(ThreadWorker):
         # is this worker's alone, so the swap touches nothing else.
         gunicorn.util.write_error = _write_json_error
         super().init_process()
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        config = getattr(self.wsgi, "config", None) or {}
+        self.body_limit = int(config.get("MAX_CONTENT_LENGTH") or DEFAULT_BODY_LIMIT)
+        self.wsgi = KeepsItsWord(self.wsgi, self.body_limit)
 
     def init_signals(self):
         super().init_signals()
@@ -301,6 +347,28 @@ class CaptionerWorker(ThreadWorker):
             return super().handle_request(req, conn)
         finally:
             conn.sock.flush()
+
+    def _keepalive_after(self, conn, keepalive):
+        """Whether the connection can serve another request: what the app left of the body is
+        read and thrown away first, up to ``body_limit`` bytes and until the request's read
+        deadline (gunicorn reads 64 KiB at most, and closes a connection it announced kept alive)."""
+        if not keepalive:
+            return False
+        body = getattr(conn.parser.mesg, "body", None)
+        if body is None:
+            return True
+        if getattr(body, "failed", False) is True:
+            return False  # where the next request starts is unknown
+        drained = 0
+        try:
+            while drained <= self.body_limit:
+                data = body.read(DRAIN_STEP)
+                if not data:
+                    return True
+                drained += len(data)
+        except Exception:  # the deadline passed (TimeoutError), the client went away, a bad chunk
+            return False
+        return False
 
     def finish_request(self, conn, fs):
         self.in_threads -= 1

@@ -235,6 +235,65 @@ def test_overload_is_answered_429_with_retry_after_and_health_stays_prompt(defau
     assert p99 < 5.0 and max(health) < 3.0
 
 
+def big_png(seed: int = 0) -> bytes:
+    """A PNG of random pixels, about half a megabyte: more than gunicorn reads to reach the next
+    request (64 KiB) and than the worker reads with a request's head (256 KiB)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def kept_alive_client(port: int, body: bytes, requests: int | None, until: float, outcomes: list) -> None:
+    """Posts ``body`` on one kept-alive connection, ``requests`` times or until ``until``; records
+    each answer as (status, Retry-After), each failure by its exception's name. http.client opens
+    a new connection only after an answer that said "Connection: close"."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    sent = 0
+    try:
+        while (requests is None or sent < requests) and time.monotonic() < until:
+            sent += 1
+            try:
+                connection.request("POST", "/v1/captions", body, {"Content-Type": "image/png"})
+                response = connection.getresponse()
+                response.read()
+                outcomes.append((response.status, response.getheader("Retry-After")))
+                if response.status == 429 and requests is None:
+                    time.sleep(0.2)
+            except OSError as error:  # a reset, a broken pipe, RemoteDisconnected
+                outcomes.append(type(error).__name__)
+                connection.close()
+    finally:
+        connection.close()
+
+
+def test_a_429_to_a_large_body_on_a_kept_alive_connection_keeps_its_word(default_server):
+    """Overloaded by 64 clients posting half a megabyte, the service answers 429 before reading a
+    body: then it reads the body and throws it away, and the connection serves the next request as
+    the answer said. Before, it closed the connection after 64 KiB: the client's next request (or
+    the rest of its body) met a reset."""
+    server = default_server  # the production defaults: 32 threads, 16 requests admitted
+    body = big_png()
+    assert len(body) > 400_000
+    load, probes = [], []
+    until = time.monotonic() + (SECONDS or 8)
+    with ThreadPoolExecutor(64 + 8) as pool:
+        clients = [pool.submit(kept_alive_client, server.port, body, None, until, load) for _ in range(64)]
+        time.sleep(1.0)  # the load is on
+        # 8 kept-alive connections, three requests each: each request answered.
+        checks = [pool.submit(kept_alive_client, server.port, body, 3, until + 60, probes) for _ in range(8)]
+        for future in clients + checks:
+            future.result()
+    statuses = [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in load]
+    print(f"load: {statuses.count(200)} x 200, {statuses.count(429)} x 429; probes: {probes}")
+    assert len(probes) == 24 and all(isinstance(outcome, tuple) for outcome in probes), probes
+    answers = load + probes
+    assert {outcome for outcome in answers if not isinstance(outcome, tuple)} == set()  # no reset, ever
+    assert {status for status, _ in answers} <= {200, 429}
+    assert all(retry and int(retry) >= 1 for status, retry in answers if status == 429)
+    assert statuses.count(429) > 0 and statuses.count(200) > 0  # it was overloaded, and served
+
+
 def rss_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
