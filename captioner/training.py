@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from captioner.checkpoint import read_checkpoint, save_checkpoint
 from captioner.consensus import CaptionMemory
 from captioner.data.datasets import Dataset, ImageRecord, load_dataset
 from captioner.data.mentions import TEXT_ONLY, parse_groups, text_only
-from captioner.data.vocab import Vocabulary, tokenize
+from captioner.data.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.distributed import (
     Process, broadcast, check_agreement, gather_rng_states, host_group, init_process, own_rng_state, process_device,
     rank_zero_first, shutdown,
@@ -389,7 +390,7 @@ def grown_model(config: TrainConfig, dataset: Dataset) -> Captioner:
     embedding = grow_embedding(model.decoder.embed.weight.detach().cpu(), vocab, [tokenize(c) for c in captions], config.seed)
     concepts = model.decoder.config.concept_ids
     if concepts:  # old classes keep their words; unmapped ones may find a new word
-        now = ConceptMap.build(vocab.words).ids(vocab.index)
+        now = concept_ids(vocab, captions, progress=False)
         concepts = tuple(old if old >= 0 else new for old, new in zip(concepts, now))
     decoder = model.decoder.grown(embedding.matrix, concepts)
     if config.progress:
@@ -453,7 +454,7 @@ def build_model(config: TrainConfig, dataset: Dataset, out: Path, device: torch.
         dropout=config.dropout,
         cell=config.cell,
         copy_ids=copy_ids(encoder.config.cell_classes, vocab) if config.copy_labels else (),
-        concept_ids=concept_ids(vocab, config.progress) if encoder.config.concepts else (),
+        concept_ids=concept_ids(vocab, captions, config.progress) if encoder.config.concepts else (),
     )
     decoder = AttentionDecoder(decoder_config, embedding.matrix, pad_id=vocab.pad)
     return Captioner(encoder, decoder, vocab, embedding=info, data=dataset.summary())
@@ -466,9 +467,11 @@ def copy_ids(cell_classes: tuple[tuple[str, ...], ...], vocab: Vocabulary) -> tu
     return ids if any(i >= 0 for group in ids for i in group) else ()
 
 
-def concept_ids(vocab: Vocabulary, progress: bool) -> tuple[int, ...]:
-    """Each ImageNet class's word in ``vocab`` (-1: unmapped), said in one line."""
-    concepts = ConceptMap.build(vocab.words)
+def concept_ids(vocab: Vocabulary, captions: list[str], progress: bool) -> tuple[int, ...]:
+    """Each ImageNet class's word in ``vocab`` (-1: unmapped; by how often ``captions`` say each
+    word, ``ConceptMap.build``), said in one line."""
+    said = Counter(t for c in captions for t in tokenize(c))
+    concepts = ConceptMap.build({w: said[w] for w in vocab.words[len(SPECIALS) :]})
     summary = concepts.summary()
     if progress:
         _log(

@@ -8,16 +8,16 @@ to one caption word, so that the decoder can read the concepts and say their wor
 Yao et al.'s LSTM-C copies them into the caption).
 
 The map is built, not typed: from the lemmas and WordNet definitions that timm ships for every
-class (``timm.data.ImageNetInfo``) and the model's vocabulary, by ``class_word``'s rules in order:
+class (``timm.data.ImageNetInfo``) and the model's vocabulary (``class_word``): a short table of
+reviewed exceptions (``EXCEPTIONS``: the 118 dog breeds, whose names and definitions rarely say
+"dog", and the domestic cats), else of the words that could name the class (``candidates``: a
+lemma that is a caption word, "swing"; the head noun of its definition, "sorrel: a horse of a
+brownish orange ..." -> "horse", "a breed of tiny short-haired dog" -> "dog", "a fast motorboat"
+-> "boat"; the last word of a lemma of several words, "park bench" -> "bench"): the class's own
+name when the captions say it often, else the candidate they say most (a "canoe" is "small and
+light boat", and people say "boat").
 
-1. a short table of reviewed exceptions (``EXCEPTIONS``): the 118 dog breeds, whose names and
-   definitions rarely say "dog", and the domestic cats;
-2. one of the class's lemmas that is a word of the captions ("swing", "basketball", "canoe");
-3. the head noun of its definition ("sorrel: a horse of a brownish orange ..." -> "horse"; "a breed
-   of tiny short-haired dog" -> "dog"), or a compound ending in a caption word ("a fast motorboat" -> "boat");
-4. the last word of a lemma of several words ("park bench" -> "bench", "sports car" -> "car").
-
-A class none of them places is unmapped (``ConceptMap.unmapped`` lists them); its probability
+A class with no candidate is unmapped (``ConceptMap.unmapped`` lists them); its probability
 reaches no word.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from captioner.errors import CaptionerError
@@ -34,6 +34,12 @@ NUM_CLASSES = 1000
 # Reviewed by hand: ImageNet's class index ranges whose names and definitions do not say the word
 # people use (a "Chihuahua", a "Bernese mountain dog", a "tabby").
 EXCEPTIONS = {range(151, 269): "dog", range(281, 286): "cat"}
+# A class's own name is its word when the captions say it this often: a well-attested specific word
+# ("basketball", 271 times in Flickr8k's training captions) names its class; a rarer one ("canoe",
+# 52) gives way to the word people use for it ("boat", 202). Chosen on training-caption counts alone.
+NAMED = 100
+# Words that a lemma or definition ends in but never name a thing ("bicycle-built-for-two", "landrover").
+_NOT_NAMES = {"two", "three", "one", "over", "side", "top", "back", "front", "under", "out", "off", "up", "down", "end"}
 # Words after which a definition's head noun has been said ("a horse of ...", "a bicycle with ...").
 _HEAD_ENDS = {
     "of", "that", "which", "with", "for", "in", "on", "to", "from", "having", "usually", "by", "as", "at",
@@ -73,23 +79,29 @@ def imagenet_classes() -> tuple[tuple[tuple[str, ...], str], ...]:
 def definition_head(definition: str) -> str | None:
     """The head noun of a WordNet definition: "a horse of a brownish orange" -> "horse"; "any of
     several large eared seals" -> "seals"; "a breed of tiny short-haired dog" -> "dog"."""
+    words = head_words(definition)
+    return words[-1] if words else None
+
+
+def head_words(definition: str) -> list[str]:
+    """The words of a definition's first noun phrase that may be its head, the head last: "a car
+    suitable for ..." -> car, suitable (an adjective this rule cannot tell from a noun)."""
     chunk = re.split(r"[;:,()]", definition.lower(), maxsplit=1)[0]
     words = _WORD.findall(chunk)
     head: list[str] = []
     for i, word in enumerate(words):
         if word == "of" and (not head or head[-1] in _OF_HEADS):
-            return definition_head(" ".join(words[i + 1 :]))
+            return head_words(" ".join(words[i + 1 :]))
         if "-" in word:  # a compound adjective ("short-haired", "flat-bottomed") is never the head
             continue
         if word in _HEAD_ENDS or (word.endswith(("ed", "ing")) and set(head) - _MODIFIERS):
             break
         if word not in ("a", "an", "the", "or", "and") and not word.endswith("ly"):  # nor an article or adverb
             head.append(word)
-    nouns = [w for w in head if w not in _MODIFIERS]
-    return nouns[-1] if nouns else None
+    return [w for w in head if w not in _MODIFIERS]
 
 
-def _compound_tail(word: str, vocabulary: set[str]) -> str | None:
+def _compound_tail(word: str, vocabulary: Container[str]) -> str | None:
     """A compound of two words, the second a caption word of 4 or more letters: "speedboat" -> "boat"."""
     for start in range(3, len(word) - 3):
         if word[start:] in vocabulary:
@@ -97,27 +109,36 @@ def _compound_tail(word: str, vocabulary: set[str]) -> str | None:
     return None
 
 
-def class_word(index: int, lemmas: Sequence[str], definition: str, vocabulary: set[str]) -> str | None:
-    """The caption word of one class by the module's rules, or None."""
-    for indices, word in EXCEPTIONS.items():
-        if index in indices:
-            return word if word in vocabulary else None
-    for lemma in lemmas:
-        if lemma.lower() in vocabulary:
-            return lemma.lower()
-    head = definition_head(definition)
-    if head:
-        if head in vocabulary:
-            return head
-        if tail := _compound_tail(head, vocabulary):
-            return tail
+def candidates(lemmas: Sequence[str], definition: str, vocabulary: Container[str]) -> list[str]:
+    """The caption words that could name a class: its lemmas that are caption words, its
+    definition's head noun (or the caption word a compound head ends in), the last word of its
+    lemmas of several words (or the caption word a one-word lemma ends in)."""
+    found = [lemma.lower() for lemma in lemmas if lemma.lower() in vocabulary]
+    if heads := head_words(definition):  # the last that is a caption word, else a compound's tail
+        known = [w for w in heads if w in vocabulary]
+        found.append(known[-1] if known else _compound_tail(heads[-1], vocabulary))
     for lemma in lemmas:
         words = lemma.lower().replace("-", " ").split()
-        if len(words) > 1 and words[-1] in vocabulary:
-            return words[-1]
-        if len(words) == 1 and (tail := _compound_tail(words[0], vocabulary)):
-            return tail
-    return None
+        found.append(words[-1] if len(words) > 1 and words[-1] in vocabulary else _compound_tail(words[-1], vocabulary))
+    return [w for w in found if w]
+
+
+def class_word(index: int, lemmas: Sequence[str], definition: str, counts: Mapping[str, int]) -> str | None:
+    """The caption word of one class, or None: the reviewed exception; else a lemma of the class
+    that the captions say at least ``NAMED`` times ("basketball", "swing", "helmet"); else of its
+    ``candidates`` the one the captions say most ("canoe" and "speedboat" are boats, a "cab" a car).
+
+    Args:
+        counts: how often the captions say each word of the vocabulary.
+    """
+    for indices, word in EXCEPTIONS.items():
+        if index in indices:
+            return word if word in counts else None
+    found = [w for w in candidates(lemmas, definition, counts) if w not in _NOT_NAMES]
+    named = [lemma.lower() for lemma in lemmas if counts.get(lemma.lower(), 0) >= NAMED]
+    if named:
+        return named[0]
+    return max(found, key=counts.__getitem__) if found else None
 
 
 @dataclass(frozen=True)
@@ -127,9 +148,9 @@ class ConceptMap:
     words: tuple[str | None, ...]
 
     @classmethod
-    def build(cls, vocabulary: Sequence[str]) -> ConceptMap:
-        known = set(vocabulary)
-        return cls(tuple(class_word(i, lemmas, d, known) for i, (lemmas, d) in enumerate(imagenet_classes())))
+    def build(cls, counts: Mapping[str, int]) -> ConceptMap:
+        """The map for a vocabulary: each of its words with how often the captions say it."""
+        return cls(tuple(class_word(i, lemmas, d, counts) for i, (lemmas, d) in enumerate(imagenet_classes())))
 
     @property
     def unmapped(self) -> list[str]:
