@@ -31,7 +31,8 @@ from captioner.io import atomic_write, remove_temporaries
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import ImageTransform
 from captioner.options import DecodeOptions
-from captioner.records import RecordFormat, ResumableOutput
+from captioner.records import Pair, RecordFormat, ResumableOutput, ScoreFormat
+from captioner.trust import MAX_WORDS
 from captioner.distributed import Process
 
 
@@ -256,3 +257,55 @@ def _join_parts(final: ResumableOutput, parts: list[Path]) -> None:
                 shutil.copyfileobj(f, out, 1 << 20)
     for part in parts:
         part.unlink()
+
+
+def score_pairs(model: Captioner, pairs: Sequence[Pair], *, batch_size: int = 32, max_words: int = MAX_WORDS) -> Iterator[dict]:
+    """Scores each pair's caption against its image (``Captioner.score``), yielding one record per
+    pair in order; the CNN encodes a batch's images once each, ahead of the scoring (``encoded_ahead``).
+
+    Yields:
+        ``{"image", "caption", "score", ...}`` (``Captioner.score_features``) or ``{"image",
+        "caption", "error": {"code", "message"}}`` for an image that cannot be decoded.
+    """
+
+    def batches():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            loaded = {image: load_image(model.transform, image) for image in dict.fromkeys(p.image for p in chunk)}
+            good = [image for image, (pixels, _) in loaded.items() if pixels is not None]
+            pixels = torch.stack([loaded[image][0] for image in good]) if good else None
+            yield (chunk, loaded, {image: row for row, image in enumerate(good)}), pixels
+
+    for (chunk, loaded, row_of), features in encoded_ahead(model, batches()):
+        scorable = [p for p in chunk if p.image in row_of]
+        texts, rows = [p.caption for p in scorable], [row_of[p.image] for p in scorable]
+        scored = iter(model.score_features(features, texts, rows, max_words) if scorable else ())
+        for pair in chunk:
+            record = {"image": str(pair.image), "caption": ScoreFormat.key(pair)[1]}
+            error = loaded[pair.image][1]
+            record |= {"error": error} if error else next(scored)
+            yield record
+
+
+def run_score_job(
+    model: Captioner,
+    pairs: Sequence[Pair],
+    output: Path,
+    *,
+    format: str = "jsonl",
+    batch_size: int = 32,
+    max_words: int = MAX_WORDS,
+    progress: bool = False,
+) -> dict:
+    """Scores ``pairs`` into ``output``, resuming what an earlier run of the same job wrote (as
+    ``run_batch_job`` does captions: whole records appended in order, a torn last line cut off).
+
+    Returns:
+        ``{"pairs", "resumed", "scored"}``.
+    """
+    out = ResumableOutput(output, ScoreFormat(format))
+    done = out.recover(pairs)
+    records = score_pairs(model, pairs[done:], batch_size=batch_size, max_words=max_words)
+    with tqdm(records, total=len(pairs), initial=done, desc="scoring", unit="pair", disable=not progress) as counted:
+        out.append(counted)
+    return {"pairs": len(pairs), "resumed": done, "scored": len(pairs) - done}

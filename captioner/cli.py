@@ -1,4 +1,4 @@
-"""The ``captioner`` command: synth, train, caption, evaluate, inspect, plot, serve.
+"""The ``captioner`` command: synth, train, caption, score, evaluate, calibrate, calibrate-trust, inspect, plot, serve.
 
 A user error prints one line, ``captioner: error: ...``, and exits with status 1 (2 for bad
 command-line usage); never a traceback.
@@ -20,10 +20,12 @@ from captioner.options import (
     EvaluateOptions,
     InspectOptions,
     PlotOptions,
+    ScoreOptions,
     ServeOptions,
     SynthOptions,
     PRESETS,
     TrainConfig,
+    TrustOptions,
     add_dataclass_arguments,
     from_args,
 )
@@ -113,6 +115,68 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
             sys.stdout.flush()
     finally:
         shutdown()
+
+
+def cmd_score(job: ScoreOptions) -> None:
+    import torch
+
+    from captioner.batch import run_score_job, score_pairs
+    from captioner.models.captioner import Captioner
+    from captioner.records import ScoreFormat, read_pairs
+    from captioner.runtime import resolve_device, torch_threads
+
+    pairs = read_pairs(job.pairs, job.images)  # a bad file is an error before the model loads
+    model = Captioner.load(job.model, resolve_device(job.device))
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(torch_threads(reserved=1))  # a CPU for the main thread scoring
+    settings = dict(batch_size=job.batch_size, max_words=job.max_words)
+    if job.output:
+        run_score_job(model, pairs, Path(job.output), format=job.format, progress=True, **settings)
+        return
+    records = ScoreFormat(job.format)
+    sys.stdout.write(records.header())
+    for record in score_pairs(model, pairs, **settings):
+        sys.stdout.write(records.line(record))
+        sys.stdout.flush()
+
+
+def cmd_calibrate_trust(job: TrustOptions) -> None:
+    from captioner.checkpoint import file_digest, read_checkpoint, save_checkpoint
+    from captioner.data.datasets import load_dataset
+    from captioner.evaluation import calibrate_trust
+    from captioner.features import cached_features, default_cache_dir
+    from captioner.io import atomic_write, strict_json
+    from captioner.models.captioner import Captioner
+    from captioner.runtime import resolve_device
+
+    dataset = load_dataset(job.data, format=job.format, images=job.images, skip_missing=job.skip_missing)
+    records = dataset.split(job.split)
+    state = read_checkpoint(job.model)
+    device = resolve_device(job.device)
+    model = Captioner.from_checkpoint(state, source=Path(job.model).name).to(device).eval()
+    cache = Path(job.feature_cache) if job.feature_cache else default_cache_dir()
+    paths = [r.path for r in records]
+    features = cached_features(model.encoder, paths, cache_dir=cache, device=device, batch_size=job.batch_size, progress=True)
+    calibration, report = calibrate_trust(
+        model, records, features, flagged=job.flagged, seed=job.seed,
+        fitted_on={"data": dataset.name, "split": job.split, "model": file_digest(job.model)}, progress=True,
+    )  # fmt: skip
+    state["trust"] = calibration.to_dict()
+    save_checkpoint(state, job.output or job.model)
+    if job.report:
+        with atomic_write(job.report, "w") as f:
+            f.write(strict_json(report, indent=2) + "\n")
+    held_out = report["held_out"]
+    print(
+        f"trust calibrated on {report['fit']['images']} {job.split} photographs ({report['fit']['pairs']} pairs); on the "
+        f"{held_out['images']} others, own references against others' AUC {held_out['auc']['score']:.3f} (near "
+        f"{held_out['auc_near']['score']:.3f}, random {held_out['auc_far']['score']:.3f}); unfamiliar below cosine "
+        f"{_threshold(calibration.threshold)}\nmodel: {job.output or job.model}"
+    )
+
+
+def _threshold(value: float | None) -> str:
+    return "n/a (no caption memory)" if value is None else f"{value:.4f}"
 
 
 def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
@@ -206,11 +270,21 @@ COMMANDS = {
         "caption images (files, folders, or text files listing images)",
         (CaptionJob, DecodeOptions),
     ),
+    "score": (
+        cmd_score,
+        "score given captions of images: log-probability, every word's probability, and how well each describes its image",
+        (ScoreOptions,),
+    ),
     "evaluate": (cmd_evaluate, "score a model on a data set split", (EvaluateOptions, DecodeOptions)),
     "calibrate": (
         cmd_calibrate,
         "calibrate a model's CNN for int8 inference on the CPU (captioner caption --cnn int8)",
         (CalibrateOptions,),
+    ),
+    "calibrate-trust": (
+        cmd_calibrate_trust,
+        "fit how captions are scored, and when a photograph is unfamiliar, on a dev split (captioner score, caption confidence)",
+        (TrustOptions,),
     ),
     "inspect": (
         cmd_inspect,

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from captioner.data.datasets import Dataset, ImageRecord
 from captioner.data.mentions import NOVEL_OBJECTS, mention_f1, parse_groups
@@ -22,6 +24,7 @@ from captioner.models.concepts import seen_words
 from captioner.models.decoder import AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import COLOURS, GRID, SHAPES, Scene, check_caption, parse_holdout
+from captioner.trust import SIGNALS, UNFAMILIAR_SCORE, TrustCalibration, auc, dev_pairs, expected_calibration_error, fit_logistic, reliability
 
 
 @dataclass
@@ -331,3 +334,95 @@ def int8_agreement(model: Captioner, paths: Sequence, batch_size: int = 64) -> d
         "min_cosine": float(cosine.min()),
         "same_caption": same / max(1, len(paths)),
     }
+
+
+# The signals the score is fitted on: familiarity is the same for every caption of a photograph,
+# so own-against-other pairs cannot weigh it; it sets the unfamiliar threshold instead.
+SCORED_SIGNALS = ("log_prob", "contrast", "consensus", "concepts")
+
+
+def trust_pairs(model: Captioner, records: Sequence[ImageRecord], features: torch.Tensor, seed: int = 0, batch_size: int = 512, progress: bool = False) -> tuple[list, list[dict]]:
+    """A dev split's pairs (``trust.dev_pairs``: each photograph with its own references and
+    others') and each pair's scored record (``Captioner.score_features``)."""
+    grid = features[:, : model.decoder.config.grid_dim]
+    pooled = F.normalize(grid.view(len(grid), -1, model.decoder.config.cells).mean(dim=2), dim=1)  # (N, C)
+    pairs = dev_pairs(pooled @ pooled.T, [len(r.captions) for r in records], seed=seed)
+    scored = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="pairs", unit="batch", disable=not progress, leave=False):
+        chunk = pairs[start : start + batch_size]
+        captions = [records[p.source].captions[p.caption] for p in chunk]
+        scored += model.score_features(features, captions, [p.image for p in chunk])
+    return pairs, scored
+
+
+def calibrate_trust(
+    model: Captioner, records: Sequence[ImageRecord], features: torch.Tensor, *, flagged: float = 0.02, seed: int = 0,
+    fitted_on: dict | None = None, progress: bool = False,
+) -> tuple[TrustCalibration, dict]:  # fmt: skip
+    """Fits the caption score and the unfamiliar threshold on a dev split, and measures them.
+
+    The photographs are split in two halves (seeded): the score's logistic regression is fitted on
+    the pairs of one and measured on those of the other (the AUC of own references against
+    others', near and random, for each signal alone and combined, and the reliability bins). The
+    threshold is the ``flagged`` quantile of every photograph's familiarity.
+
+    Args:
+        model: the captioner.
+        records: the split's photographs with their references.
+        features: (N, F) their features.
+        flagged: the share of photographs the threshold flags.
+        seed: of the pairs and the halves.
+        fitted_on: recorded in the calibration beside the split's sizes.
+
+    Returns:
+        The calibration and the report.
+    """
+    pairs, scored = trust_pairs(model, records, features, seed, progress=progress)
+    available = [s for s in SCORED_SIGNALS if s in scored[0]["signals"]]
+    values = np.array([[r["signals"][s] for s in available] for r in scored], dtype=np.float64)
+    labels = np.array([p.label for p in pairs])
+    kinds = np.array([p.kind for p in pairs])
+    halves = np.random.default_rng(seed).permutation(len(records)) < len(records) // 2  # True: fitted on
+    fit = halves[[p.image for p in pairs]]
+    weights, bias, mean, scale = fit_logistic(values[fit], labels[fit])
+    of_image = {p.image: r["familiarity"] for p, r in zip(pairs, scored)}  # every photograph has pairs of its own
+    by_image = np.array([of_image[i] if of_image[i] is not None else np.nan for i in range(len(records))])
+    threshold = None if np.isnan(by_image).any() else float(np.quantile(by_image, flagged))
+    calibration = TrustCalibration(
+        tuple(available), tuple(weights.tolist()), bias, tuple(mean.tolist()), tuple(scale.tolist()), threshold,
+        model.encoder.config.name,
+    )  # fmt: skip
+    score = calibration.probability(values)
+    if threshold is not None:  # as the verdicts have it (``trust.Judge.verdicts``)
+        score = np.where(by_image[[p.image for p in pairs]] < threshold, np.minimum(score, UNFAMILIAR_SCORE), score)
+    held = ~fit
+
+    def aucs(column: np.ndarray) -> dict:
+        return {
+            name: auc(column[held & ((kinds == "own") | (kinds == kind))], labels[held & ((kinds == "own") | (kinds == kind))])
+            for name, kind in (("auc_near", "near"), ("auc_far", "far"))
+        } | {"auc": auc(column[held], labels[held])}
+
+    columns = {s: np.array([r["signals"].get(s, np.nan) for r in scored]) for s in SIGNALS if s in scored[0]["signals"]}
+    per = {name: aucs(column) for name, column in {**columns, "score": score}.items()}
+    bins = reliability(score[held], labels[held])
+    report = {
+        "signals": available,
+        "fit": {"images": int(halves.sum()), "pairs": int(fit.sum())},
+        "held_out": {
+            "images": int((~halves).sum()),
+            "pairs": int(held.sum()),
+            **{key: {name: per[name][key] for name in per} for key in ("auc", "auc_near", "auc_far")},
+            "reliability": bins,
+            "expected_calibration_error": expected_calibration_error(bins),
+        },
+        "threshold": threshold,
+        "flagged": flagged,
+    }
+    if threshold is not None:
+        report["familiarity"] = {q: float(np.quantile(by_image, float(q))) for q in ("0", "0.01", "0.02", "0.05", "0.5", "1")}
+        report["flagged_images"] = int((by_image < threshold).sum())
+    summary = {"auc": per["score"]["auc"], "auc_near": per["score"]["auc_near"], "auc_far": per["score"]["auc_far"],
+               "expected_calibration_error": report["held_out"]["expected_calibration_error"]}  # fmt: skip
+    described = {"images": len(records), "pairs": len(pairs), "fitted_images": int(halves.sum()), "seed": seed, **(fitted_on or {})}
+    return replace(calibration, fitted_on=described, quality=summary), report

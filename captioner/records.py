@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from captioner.errors import CaptionerError
 from captioner.io import strict_json
@@ -99,6 +100,11 @@ class RecordFormat:
         """What comes before the first record: the CSV's column names, nothing for JSON lines."""
         return "" if self.format == "jsonl" else _csv_line(self.columns)
 
+    @staticmethod
+    def key(path) -> str:
+        """What identifies the record of input ``path`` (``images`` reads it back)."""
+        return str(path)
+
     def images(self, text: str) -> list[str | None]:
         """The image of each whole record in ``text``; ``[None]`` where it is not of this format."""
         if self.format == "jsonl":
@@ -139,7 +145,7 @@ class ResumableOutput:
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         images = self.records.images(complete.decode("utf-8", errors="replace"))
-        expected = [str(p) for p in paths[: len(images)]]
+        expected = [self.records.key(p) for p in paths[: len(images)]]
         if len(images) > len(paths) or images != expected:
             raise CaptionerError(
                 f"{self.path.name} already holds captions of other images or in another format; "
@@ -158,6 +164,119 @@ class ResumableOutput:
             for record in records:
                 f.write(self.records.line(record))  # one write per record: a kill can tear only the last line
                 f.flush()
+
+
+class Pair(NamedTuple):
+    """A caption to score, and its image."""
+
+    image: Path
+    caption: str
+
+
+def read_pairs(path: str | Path, images: str | Path | None = None) -> list[Pair]:
+    """The (image, caption) pairs of a CSV file with ``image`` and ``caption`` columns, or of JSON
+    lines ``{"image": ..., "caption": ...}`` (by the file's suffix, ``.csv`` or else JSON lines).
+
+    Args:
+        path: the file.
+        images: the folder relative image names are in (default: the file's own folder).
+
+    Raises:
+        CaptionerError: one line naming the file (and the line) where it is absent, unreadable,
+            empty or not of either shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"pairs file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise CaptionerError(f"{path.name} is not UTF-8 text: give a CSV (image,caption) or JSON lines") from None
+    root = Path(images) if images is not None else path.parent
+    rows: list[tuple[int, object, object]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise CaptionerError(f"{path.name} needs a header with image and caption columns")
+        rows = [(reader.line_num, row["image"], row["caption"]) for row in reader]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise CaptionerError(f"{path.name}, line {number}: not JSON; give {{\"image\": ..., \"caption\": ...}} a line (or a .csv)") from None
+            if not isinstance(item, dict):
+                raise CaptionerError(f"{path.name}, line {number}: not a JSON object with image and caption")
+            rows.append((number, item.get("image"), item.get("caption")))
+    pairs = []
+    for number, image, caption in rows:
+        if not isinstance(image, str) or not image.strip() or not isinstance(caption, str):
+            raise CaptionerError(f"{path.name}, line {number}: needs an image name and a caption, both text")
+        pairs.append(Pair(root / image.strip(), caption))
+    if not pairs:
+        raise CaptionerError(f"{path.name} holds no (image, caption) pairs")
+    return pairs
+
+
+class ScoreFormat:
+    """How ``captioner score``'s records are written (JSON lines or CSV) and read back, as
+    ``RecordFormat`` does caption's: a record is known by its image and caption, whitespace collapsed."""
+
+    columns = [
+        "image", "caption", "score", "log_prob", "perplexity", "unfamiliar", "familiarity", "unknown_words",
+        "truncated", "word_probs", "error_code", "error_message",
+    ]  # fmt: skip
+
+    def __init__(self, format: str):
+        if format not in ("jsonl", "csv"):
+            raise CaptionerError(f"unknown output format {format!r}: use jsonl or csv")
+        self.format = format
+
+    @staticmethod
+    def key(pair: Pair) -> tuple[str, str]:
+        return str(pair.image), " ".join(pair.caption.split())
+
+    def line(self, record: dict) -> str:
+        if self.format == "jsonl":
+            return strict_json(record) + "\n"
+        error = record.get("error") or {}
+        if error:
+            row = [record["image"], record["caption"]] + [""] * 8 + [error.get("code", ""), error.get("message", "")]
+        else:
+            row = [
+                record["image"], record["caption"], _cell(record["score"]), record["log_prob"], record["perplexity"],
+                _cell(record["unfamiliar"]), _cell(record["familiarity"]), " ".join(record["unknown_words"]),
+                _cell(record["truncated"]), " ".join(f"{w['prob']:.6g}" for w in record["words"]), "", "",
+            ]  # fmt: skip
+        return _csv_line(row)
+
+    def header(self) -> str:
+        return "" if self.format == "jsonl" else _csv_line(self.columns)
+
+    def images(self, text: str) -> list[tuple[str, str] | None]:
+        """The (image, caption) of each whole record in ``text``; ``[None]`` where it is not of this format."""
+        if self.format == "jsonl":
+            try:
+                return [(item["image"], item["caption"]) for item in map(json.loads, text.splitlines())]
+            except (ValueError, KeyError, TypeError):
+                return [None]
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return []
+        if rows[0] != self.columns:
+            return [None]
+        return [(row[0], row[1]) if len(row) > 1 else None for row in rows[1:]]
+
+
+def _cell(value) -> str:
+    """A CSV cell: "" for None, true/false for booleans (as JSON writes them)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 def _csv_line(row: list) -> str:

@@ -21,6 +21,7 @@ from captioner.models.concepts import seen_words, top_concepts
 from captioner.models.decoder import AttentionDecoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig
 from captioner.options import DecodeOptions
+from captioner.trust import MAX_WORDS, Judge, TrustCalibration, caption_tokens, token_log_probs
 
 
 class Captioner(nn.Module):
@@ -37,6 +38,8 @@ class Captioner(nn.Module):
         created: when its checkpoint was written (UTC, ISO 8601).
         memory: its training images' pooled features and captions, by which beam search re-ranks
             (``captioner.consensus``); None: beam search ranks by probability alone.
+        trust: how its captions' scores are computed from their signals, and when a photograph is
+            unfamiliar (``captioner.trust``); None: not calibrated yet.
 
     Attributes:
         name: shown to people (the service's MODEL_NAME replaces it).
@@ -54,6 +57,7 @@ class Captioner(nn.Module):
         data: dict | None = None,
         created: str | None = None,
         memory: CaptionMemory | None = None,
+        trust: TrustCalibration | None = None,
     ):
         super().__init__()
         self.encoder = encoder.freeze()
@@ -64,6 +68,7 @@ class Captioner(nn.Module):
         self.data = data or {}
         self.created = created
         self.memory = memory
+        self.trust = trust
         self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad, unk=vocab.unk)
@@ -83,6 +88,7 @@ class Captioner(nn.Module):
             "embedding": self.embedding,
             "data": self.data,
             **({"caption_memory": self.memory.to_dict()} if self.memory else {}),
+            **({"trust": self.trust.to_dict()} if self.trust else {}),
             **extra,
         }
 
@@ -105,6 +111,7 @@ class Captioner(nn.Module):
             memory = CaptionMemory.from_dict(state["caption_memory"]) if "caption_memory" in state else None
             if memory and memory.features.size(1) * decoder.config.cells != decoder.config.grid_dim:
                 raise CaptionerError("its caption memory's features are not its encoder's")
+            trust = TrustCalibration.from_dict(state["trust"]) if "trust" in state else None
         except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
         return cls(
@@ -116,6 +123,7 @@ class Captioner(nn.Module):
             data=state.get("data", {}),
             created=state.get("created"),
             memory=memory,
+            trust=trust,
         )
 
     @classmethod
@@ -191,10 +199,104 @@ class Captioner(nn.Module):
         ones add ``"words"``: ``[{"word", "prob", "attention", "concept"}]``, the attention as rows x
         columns of the encoder's cell grid (the whole image, resized, is the grid), ``concept`` whether
         the word is one of the image's top concepts (``models.concepts.seen_words``); and with
-        concepts (given the images' ``features``) ``"concepts"``, the classifier's top classes."""
+        concepts (given the images' ``features``) ``"concepts"``, the classifier's top classes.
+
+        Given the images' ``features``, each also carries ``"confidence"`` (in [0, 1]: how well the
+        caption describes the image, ``captioner.trust``; None without a calibration) and
+        ``"unfamiliar"`` (the image is far from every training photograph; None: cannot tell),
+        ``"trust_note"`` where either is None or the calibration is not the model's own, and
+        explained, ``"trust_signals"``.
+        """
         explained = any(h.word_log_probs is not None for hyps in hypotheses for h in hyps)
         concepts = self.concepts(features) if explained and features is not None else [[] for _ in hypotheses]
-        return [[self._describe_one(h, seen) for h in hyps] for hyps, seen in zip(hypotheses, concepts, strict=True)]
+        described = [[self._describe_one(h, seen) for h in hyps] for hyps, seen in zip(hypotheses, concepts, strict=True)]
+        if features is not None:
+            self._add_confidence(described, hypotheses, features, explained)
+        return described
+
+    def _add_confidence(self, described: list[list[dict]], hypotheses: list[list[Hypothesis]], features: torch.Tensor, explained: bool) -> None:
+        """Each described caption's confidence and whether its image is unfamiliar (``describe``)."""
+        flat = [(i, h) for i, hyps in enumerate(hypotheses) for h in hyps]
+        if not flat:
+            return
+        judge = self.judge()
+        end = self.ids.end
+        words = [[self.vocab.words[t] for t in h.tokens if t != end] for _, h in flat]
+        rows = [h.tokens for _, h in flat]
+        values = judge.signals(features.to(self.device), [i for i, _ in flat], rows, words, [h.log_prob for _, h in flat])
+        for caption, verdict in zip((c for captions in described for c in captions), judge.verdicts(values)):
+            caption["confidence"], caption["unfamiliar"] = verdict.score, verdict.unfamiliar
+            if verdict.note:
+                caption["trust_note"] = verdict.note
+            if explained:
+                caption["trust_signals"] = verdict.signals
+
+    def judge(self) -> Judge:
+        """What computes its captions' trust signals and scores them (``captioner.trust``)."""
+        return Judge(self.decoder, self.vocab, self.ids, self.memory, self.trust, self.encoder.config.name)
+
+    @torch.inference_mode()
+    def score_features(
+        self, features: torch.Tensor, captions: Sequence[str], image_of: Sequence[int] | None = None, max_words: int = MAX_WORDS
+    ) -> list[dict]:
+        """Scores given captions of images from their (B, F) features (``score``); caption i is of
+        the image in row ``image_of[i]`` (default: row i)."""
+        if max_words < 1:
+            raise CaptionerError("max_words must be at least 1")
+        image_of = list(range(len(captions))) if image_of is None else list(image_of)
+        if len(image_of) != len(captions) or any(not 0 <= i < len(features) for i in image_of):
+            raise CaptionerError("score needs one image for each caption")
+        if not captions:
+            return []
+        features = features.to(self.device)
+        tokens = [caption_tokens(text, self.vocab, max_words) for text in captions]
+        rows = [t.ids for t in tokens]
+        said = token_log_probs(self.decoder, features, rows, self.ids, image_of)
+        judge = self.judge()
+        values = judge.signals(features, image_of, rows, [t.words for t in tokens], [sum(s) for s in said])
+        scored = []
+        for text, t, log_probs, verdict in zip(captions, tokens, said, judge.verdicts(values)):
+            log_prob = sum(log_probs)
+            record = {
+                "score": verdict.score,
+                "log_prob": log_prob,
+                "perplexity": math.exp(min(-log_prob / len(log_probs), 700.0)),
+                "words": [
+                    {"word": word, "prob": math.exp(lp)}
+                    for word, lp in zip(t.words + ([] if t.truncated else ["<end>"]), log_probs, strict=True)
+                ],
+                "unknown_words": t.unknown,
+                "truncated": t.truncated,
+                "unfamiliar": verdict.unfamiliar,
+                "familiarity": verdict.familiarity,
+                "signals": verdict.signals,
+            }
+            if verdict.note:
+                record["trust_note"] = verdict.note
+            scored.append(record)
+        return scored
+
+    def score(self, images: Sequence, captions: Sequence[str], max_words: int = MAX_WORDS) -> list[dict]:
+        """How well each caption describes its image, under the model (one teacher-forced pass).
+
+        Args:
+            images: one per caption: PIL images, file paths or encoded bytes.
+            captions: the captions, as text.
+            max_words: a caption is scored on its first ``max_words`` words (``"truncated"``).
+
+        Returns:
+            Per caption, ``{"score", "log_prob", "perplexity", "words": [{"word", "prob"}],
+            "unknown_words", "truncated", "unfamiliar", "familiarity", "signals"}`` and a
+            ``"trust_note"`` where ``score`` or ``unfamiliar`` cannot be told, or the calibration is
+            not the model's own (``captioner.trust``). Unknown words are read as ``<unk>``, and
+            listed; ``<end>`` is the last word of a caption that was not cut.
+        """
+        if len(images) != len(captions):
+            raise CaptionerError(f"score needs one image for each caption: {len(images)} images, {len(captions)} captions")
+        if not captions:
+            return []
+        pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]
+        return self.score_features(self.encode(self.images_to_batch(pil)), captions, max_words=max_words)
 
     def _describe_one(self, h: Hypothesis, concepts: list[dict]) -> dict:
         described = {
