@@ -195,11 +195,11 @@ def children(pid: int) -> list[int]:
 
 
 def batch_totals(port: int) -> tuple[float, float]:
-    """(images, model calls) so far, from the batch-size histogram in /metrics."""
+    """(images, model calls) so far, from the batch-size histogram in /metrics (every model's)."""
     text = http_get(port, "/metrics")[1].decode()
 
     def value(name):
-        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+        return sum(float(found) for found in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
     return value("captioner_batch_size_sum"), value("captioner_batch_size_count")
 

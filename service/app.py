@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from flask import Flask, Response, g, request
 from flask.json.provider import DefaultJSONProvider
@@ -27,11 +28,18 @@ from service.logs import service_logger
 from service.metrics import ServiceMetrics
 from service.model import load_model
 from service.model_process import ModelProcess, Placement
+from service.models import DRAIN_GRACE_S, ModelSlot, ModelSource, ServedModels, read_sources
 
 # Every key can be set from the environment as CAPTIONER_<KEY>, e.g. CAPTIONER_MAX_WAIT_MS=10.
 DEFAULTS = {
     "MODEL_PATH": None,  # the model.pt to serve
     "MODEL_NAME": None,  # shown to clients; default from the encoder's name
+    # Several models instead: name=path pairs, a folder of *.pt files or a file of name=path lines,
+    # the first the default (service/models.py); re-read on SIGHUP, which swaps changed files in.
+    "MODELS": None,
+    # Example images the page offers with a model not of the shapes world (a subfolder named as
+    # the model wins); shapes-world models get the scenes in service/static/examples.
+    "EXAMPLES_DIR": None,
     "DEVICE": "auto",  # auto, cpu, cuda or cuda:N
     "CNN": "eager",  # eager (fp32) or int8 (CPU, a calibrated model: captioner calibrate)
     "TORCH_THREADS": None,  # the model process's torch threads; default: the usable CPUs less one
@@ -57,9 +65,10 @@ DEFAULTS = {
     "METRICS_KEY": None,  # GET /metrics then needs "Authorization: Bearer <this key>"
 }
 # Taken from the environment as written: a key or a path of digits is not a number.
-_TEXT = ("API_KEYS_FILE", "METRICS_KEY")
-# Endpoints that need a key, and which: an API key, or the metrics key. The probes stay open.
-_API_KEY_ENDPOINTS = ("api.captions", "api.model")
+_TEXT = ("API_KEYS_FILE", "METRICS_KEY", "MODELS", "EXAMPLES_DIR")
+# Endpoints that need a key, and which: an API key, or the metrics key. The probes, the page and
+# its example images stay open.
+_API_KEY_ENDPOINTS = ("api.captions", "api.model", "api.models")
 _METRICS_ENDPOINT = "api.metrics"
 _POSITIVE = (
     "MAX_CONTENT_LENGTH",
@@ -100,26 +109,45 @@ class RoundedJSON(DefaultJSONProvider):
 class Runtime:
     """What an app's requests share, kept in ``app.extensions["captioner"]``."""
 
-    model_process: ModelProcess
+    models: ServedModels
     metrics: ServiceMetrics
     admission: Admission
     keys: ApiKeys | None = None  # None: API keys are off
 
+    @property
+    def model_process(self) -> ModelProcess:
+        """The default model's model process, now (a swap replaces it)."""
+        return self.models.default.current
+
+    def reload_soon(self) -> None:
+        """SIGHUP: read the key file and the models again, each in a thread of its own (a signal
+        handler may have interrupted a thread that holds the log's lock)."""
+        if self.keys is not None:
+            self.keys.reload_soon()
+        self.models.reload_soon()
+
+    def stop(self) -> None:
+        self.models.stop()
+
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the captioning service; the model loads in a process of its own (service.model_process).
+    """Build the captioning service; each model loads in a process of its own (service.models,
+    service.model_process).
 
     Configuration is layered: ``DEFAULTS``, then ``CAPTIONER_*`` environment variables (values
     are read as JSON where they parse, so numbers are numbers), then ``config``.
-    The model is loaded after this returns, in a process the worker starts (under gunicorn, after
-    the fork); ``/readyz`` answers 503 until it is loaded.
+    The models are loaded after this returns, in processes the worker starts (under gunicorn,
+    after the fork); ``/readyz`` answers 503 until the default model is loaded.
 
     Args:
         config: overrides, e.g. ``{"MODEL_PATH": "run/model.pt", "MAX_BATCH_SIZE": 8}``.
 
     Returns:
-        The Flask app, its model process already starting. ``stop_app(app)`` ends that process
-        (a test fixture's teardown); otherwise it ends when the interpreter exits.
+        The Flask app, its model processes already starting. ``stop_app(app)`` ends them (a test
+        fixture's teardown); otherwise they end when the interpreter exits.
+
+    Raises:
+        CaptionerError: a setting, the key file or the models' list is not right (one line).
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -133,37 +161,51 @@ def create_app(config: dict | None = None) -> Flask:
     metrics_key = app.config["METRICS_KEY"]
     metrics_keys = ApiKeys((check_key(metrics_key, "service setting METRICS_KEY"),)) if metrics_key is not None else None
 
-    metrics = ServiceMetrics()
-    model_process = ModelProcess(
-        partial(load_model, app.config["MODEL_PATH"], app.config["DEVICE"], app.config["MODEL_NAME"], app.config["CNN"]),
-        max_batch_size=app.config["MAX_BATCH_SIZE"],
-        max_wait_ms=app.config["MAX_WAIT_MS"],
-        max_queue=app.config["MAX_QUEUE"],
-        placement=Placement(
-            int(app.config["TORCH_THREADS"] or torch_threads()),
-            app.config["MODEL_CPUS"],
-            app.config["HEAVY_CNN_CPUS"],
-            app.config["HEAVY_CNN_MS"],
-        ),
-        log_level=app.config["LOG_LEVEL"],
-        on_batch=metrics.batch_size.observe,
-    )
-    metrics.track_model_process(model_process.queue_depth, lambda: model_process.ready)
-    admission = Admission(int(app.config["MAX_IN_FLIGHT"]), int(app.config["MAX_DECODES"]))
-    app.extensions["captioner"] = Runtime(model_process, metrics, admission, keys)
+    config = app.config
+    sources = partial(read_sources, config["MODELS"], config["MODEL_PATH"], config["MODEL_NAME"])
+    sources()  # a malformed MODELS refuses the service before any model process starts
 
+    metrics = ServiceMetrics()
     register_error_handlers(app)
     app.register_blueprint(api)
-    _add_request_hooks(app, metrics, service_logger(app.config["LOG_LEVEL"]))
+    _add_request_hooks(app, metrics, service_logger(config["LOG_LEVEL"]))
     _add_key_check(app, {**dict.fromkeys(_API_KEY_ENDPOINTS, keys), _METRICS_ENDPOINT: metrics_keys}, metrics)
-    model_process.start()
+    placement = Placement(
+        int(config["TORCH_THREADS"] or torch_threads()), config["MODEL_CPUS"], config["HEAVY_CNN_CPUS"], config["HEAVY_CNN_MS"]
+    )
+
+    def make_process(source: ModelSource) -> ModelProcess:
+        """A model process for ``source`` (each model its own; a swap makes another)."""
+        return ModelProcess(
+            partial(load_model, source.path, config["DEVICE"], source.shown_as, config["CNN"]),
+            max_batch_size=config["MAX_BATCH_SIZE"],
+            max_wait_ms=config["MAX_WAIT_MS"],
+            max_queue=config["MAX_QUEUE"],
+            placement=placement,
+            log_level=config["LOG_LEVEL"],
+            on_batch=metrics.batch_size.labels(source.name).observe,
+            name=source.name,
+        )
+
+    def make_slot(source: ModelSource) -> ModelSlot:
+        """A named model, its model process starting."""
+        swapped = partial(lambda name, outcome: metrics.swaps.labels(name, outcome).inc(), source.name)
+        # A swapped-out model process waits for its last request: its read, decode and the model's answer.
+        drain_s = config["REQUEST_TIMEOUT_S"] + DRAIN_GRACE_S
+        slot = ModelSlot(source, make_process, drain_timeout_s=drain_s, on_swap=swapped)
+        metrics.track_model(source.name, slot.queue_depth, lambda: slot.ready)
+        return slot
+
+    models = ServedModels(sources, make_slot, on_removed=metrics.forget_model)
+    admission = Admission(int(config["MAX_IN_FLIGHT"]), int(config["MAX_DECODES"]))
+    app.extensions["captioner"] = Runtime(models, metrics, admission, keys)
     return app
 
 
 def stop_app(app: Flask) -> None:
-    """End the app's model process: the batch in progress finishes, requests still waiting get
+    """End the app's model processes: the batches in progress finish, requests still waiting get
     503. For a test fixture or a notebook that is done with an app; at exit it happens anyway."""
-    app.extensions["captioner"].model_process.stop()
+    app.extensions["captioner"].stop()
 
 
 def _check_config(config) -> None:
@@ -280,30 +322,33 @@ def serve(
 ) -> None:
     """Run the service on Flask's threaded development server (gunicorn is for production).
 
-    Waits for the model first, so a bad model file is reported at once. Ctrl-C or SIGTERM stops
-    it; with API keys on, SIGHUP reads the key file again.
+    ``model_path`` is a model file (``MODEL_PATH``), or several models as ``MODELS`` takes them: a
+    folder of ``*.pt`` files, or ``name=path`` pairs (service/models.py). Waits for every model
+    first, so a bad model file is reported at once. Ctrl-C or SIGTERM stops it; SIGHUP reads the
+    key file (with API keys on) and the models again, swapping in the files that changed.
 
     Raises:
-        CaptionerError: the model cannot be loaded, or the key file is not right.
+        CaptionerError: a model cannot be loaded, or the key file is not right.
     """
-    config = {"MODEL_PATH": str(model_path), "CNN": cnn}
+    spec = str(model_path)
+    several = "=" in spec or Path(spec).is_dir()
+    config = {"MODELS" if several else "MODEL_PATH": spec, "CNN": cnn}
     if api_keys_file is not None:
         config["API_KEYS_FILE"] = str(api_keys_file)
     app = create_app(config)
     runtime = app.extensions["captioner"]
-    model_process = runtime.model_process
-    # SIGTERM stops the server as Ctrl-C does: werkzeug's loop ends, the model process is stopped.
+    # SIGTERM stops the server as Ctrl-C does: werkzeug's loop ends, the model processes are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if runtime.keys is not None:
-        signal.signal(signal.SIGHUP, lambda signum, frame: runtime.keys.reload_soon())
+    signal.signal(signal.SIGHUP, lambda signum, frame: runtime.reload_soon())
     try:
-        while not model_process.wait_ready(0.1):
-            if model_process.load_error is not None:
-                if isinstance(model_process.load_error, CaptionerError):
-                    raise model_process.load_error
-                raise CaptionerError(f"the model cannot be loaded ({type(model_process.load_error).__name__})")
+        for slot in runtime.models:
+            model_process = slot.current
+            while not model_process.wait_ready(0.1):
+                error = model_process.load_error
+                if error is not None:
+                    message = str(error) if isinstance(error, CaptionerError) else f"it cannot be loaded ({type(error).__name__})"
+                    raise CaptionerError(f"model {slot.name}: {message}" if several else message)
         # threaded: the micro-batcher can only group requests that arrive at the same time.
         app.run(host=host, port=port, threaded=True)
     finally:
-        model_process.stop()
-
+        runtime.stop()

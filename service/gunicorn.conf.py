@@ -17,9 +17,14 @@ threads, and the HTTP processes on the others, where there are enough: captioner
 with one worker and CAPTIONER_TORCH_THREADS unset, a model process whose CNN is heavy takes the
 HTTP side's CPUs as well: service.model_process.Placement; 0 leaves placement to the scheduler),
 CAPTIONER_READ_TIMEOUT_S (default 20: a request must arrive within this of its first byte), and
-the app's own CAPTIONER_* settings (service.app.DEFAULTS). With CAPTIONER_API_KEYS_FILE set, a key
-file that is not right stops gunicorn before any worker starts, and SIGHUP to the master has each
-worker read the key file again instead of gunicorn's reload (new workers, each loading the model).
+the app's own CAPTIONER_* settings (service.app.DEFAULTS). A key file (CAPTIONER_API_KEYS_FILE) or
+a list of models (CAPTIONER_MODELS) that is not right stops gunicorn before any worker starts.
+
+SIGHUP to the master has each worker read the key file and the models again, in place
+(service.models: a model whose file changed is loaded beside the one serving, which answers every
+request until the new one is ready), instead of gunicorn's reload: new workers, each loading every
+model, answered 503 while they loaded (15,507 of 16,243 requests of 8 clients in the 20 s after the
+signal, on 2 CPUs). New code takes a restart.
 """
 
 import json
@@ -55,26 +60,27 @@ api_keys_file = os.environ.get("CAPTIONER_API_KEYS_FILE")
 
 
 def on_starting(server):
-    """A key file that is not right: one line, and no server (it must never come up open)."""
-    if api_keys_file is None:
-        return
+    """A key file (it must never come up open) or a list of models that is not right: one line,
+    and no server."""
     from captioner.errors import CaptionerError
     from service.keys import read_key_file
+    from service.models import read_sources
 
+    environ = os.environ.get
     try:
-        read_key_file(api_keys_file)
+        if api_keys_file is not None:
+            read_key_file(api_keys_file)
+        read_sources(environ("CAPTIONER_MODELS"), environ("CAPTIONER_MODEL_PATH"), environ("CAPTIONER_MODEL_NAME"))
     except CaptionerError as error:
         server.log.error("%s", error)
         sys.exit(1)
 
 
 def when_ready(server):
-    """With API keys on, SIGHUP has the workers read the key file again, in place (service.worker)."""
-    if api_keys_file is None:
-        return
+    """SIGHUP has the workers read the key file and the models again, in place (service.worker)."""
 
     def forward_hup():
-        server.log.info("Hang up: the workers read the API key file again")
+        server.log.info("Hang up: the workers read the API key file and the models again")
         for pid in list(server.WORKERS):
             try:
                 os.kill(pid, signal.SIGHUP)
@@ -130,7 +136,7 @@ def _return_big_blocks_to_the_system():
 
 
 def worker_exit(server, worker):
-    """Let the batch in progress finish and fail waiting requests cleanly."""
+    """Let the batches in progress finish and fail waiting requests cleanly."""
     runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("captioner")
     if runtime is not None:
-        runtime.model_process.stop()
+        runtime.stop()

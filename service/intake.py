@@ -18,6 +18,7 @@ from captioner.options import DecodeOptions, check_applicable, field_types
 from service.errors import ServiceError
 
 IMAGE_FIELD = "image"
+MODEL_FIELD = "model"  # which of the service's models (service.models); the default when not given
 OPTION_TYPES = field_types(DecodeOptions)  # name -> type, in DecodeOptions' field order
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
 _HOW = f'send the image as multipart field "{IMAGE_FIELD}" or as the request body'
@@ -99,8 +100,10 @@ def read_options(request: Request) -> DecodeOptions:
         for name in source:
             if name == IMAGE_FIELD and source is request.form:
                 continue  # text in the image field: read_image_bytes explains that one
+            if name == MODEL_FIELD:
+                continue  # not a decoding option: model_name reads it
             if name not in OPTION_TYPES:
-                known = ", ".join(OPTION_TYPES)
+                known = ", ".join([*OPTION_TYPES, MODEL_FIELD])
                 raise ServiceError(400, "unknown_option", f"unknown option {name[:_SHOWN]!r}; options are {known}")
             given = source.getlist(name)
             if name in values or len(given) > 1:
@@ -113,6 +116,21 @@ def read_options(request: Request) -> DecodeOptions:
         return options
     except CaptionerError as exc:
         raise ServiceError(400, "invalid_option", str(exc)) from None
+
+
+def model_name(request: Request, form: bool = True) -> str | None:
+    """The model a request names (query parameter or, with ``form``, multipart form field); None:
+    the default. Without ``form`` the body is not read (admission has not taken the request yet).
+
+    Raises:
+        ServiceError: 400 ``invalid_option``, the name given more than once.
+    """
+    given = request.args.getlist(MODEL_FIELD)
+    if form and request.mimetype == "multipart/form-data":
+        given += request.form.getlist(MODEL_FIELD)
+    if len(given) > 1:
+        raise ServiceError(400, "invalid_option", f"option {MODEL_FIELD!r} is given more than once")
+    return given[0] if given else None
 
 
 _YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

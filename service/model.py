@@ -3,6 +3,7 @@ about it (never a file-system path)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,25 @@ class ServedModel:
     transform: ImageTransform  # the model's preprocessing, run by the request threads
     pool_grid: int  # attention's cells per side
     card: dict  # model_card's, without the limits on requests
+    default_decoding: dict | None = None  # the decoding the model was chosen with, where it carries one
 
     @classmethod
     def of(cls, model: Captioner) -> ServedModel:
         card = model_card(model)
-        return cls(model.name, model.version, model.transform, model.encoder.config.pool_grid, card)
+        chosen = decoding_as_dict(getattr(model, "default_decoding", None))
+        return cls(model.name, model.version, model.transform, model.encoder.config.pool_grid, card, chosen)
+
+
+def decoding_as_dict(decoding) -> dict | None:
+    """A model's default decoding as plain data (DecodeOptions, another dataclass, or a dict); None
+    for a model without one (or a library that does not record it yet)."""
+    if decoding is None:
+        return None
+    if hasattr(decoding, "to_dict"):
+        return dict(decoding.to_dict())
+    if dataclasses.is_dataclass(decoding):
+        return dataclasses.asdict(decoding)
+    return dict(decoding) if isinstance(decoding, dict) else None
 
 
 def model_card(model: Captioner) -> dict:

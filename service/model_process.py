@@ -196,6 +196,11 @@ class ModelProcess:
         placement: its torch threads and CPUs.
         log_level: of the model process's JSON log lines.
         on_batch: called with the size of every model call (for metrics).
+        name: the model's name in the service (service.models), in its log lines.
+
+    Attributes:
+        log_load_failure: whether a model that cannot be loaded is logged here, in one line (a
+            swap that tries a new file logs its refusal itself).
     """
 
     def __init__(
@@ -208,8 +213,12 @@ class ModelProcess:
         placement: Placement = Placement(),
         log_level: str = "INFO",
         on_batch: Callable[[int], None] = lambda size: None,
+        name: str | None = None,
     ):
         self._load_model = load_model
+        self.name = name
+        self._fields = {"model": name} if name is not None else {}
+        self.log_load_failure = True
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._batcher_settings = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
@@ -361,7 +370,7 @@ class ModelProcess:
             conn, child_conn = context.Pipe()
             process = context.Process(
                 target=serve_model,
-                args=(child_conn, self._load_model, self._batcher_settings, self.placement, self._log_level, os.getpid()),
+                args=(child_conn, self._load_model, self._batcher_settings, self.placement, self._log_level, os.getpid(), self.name),
                 name="captioner-model",
                 daemon=True,
             )
@@ -397,13 +406,14 @@ class ModelProcess:
             if was_ready:  # at once, and counting from the first delay again
                 delay, starts = RESTART_DELAY_S[0], 0
                 self.not_ready_reason = f"the model process stopped ({failure}); it is starting again"
-                log.error("the model process stopped unexpectedly; starting it again", extra={"fields": {"exitcode": process.exitcode}})
+                fields = {**self._fields, "exitcode": process.exitcode}
+                log.error("the model process stopped unexpectedly; starting it again", extra={"fields": fields})
                 continue
             self.not_ready_reason = (
                 f"the model process stopped before it was ready ({failure}; failed starts in a row: {starts}); "
                 f"starting it again in {delay:g} s"
             )
-            fields = {"exitcode": process.exitcode, "error": error_text, "starts": starts, "delay_s": delay}
+            fields = {**self._fields, "exitcode": process.exitcode, "error": error_text, "starts": starts, "delay_s": delay}
             log.error(self.not_ready_reason, extra={"fields": fields})
             self._stopping.wait(delay)
             delay = min(2 * delay, RESTART_DELAY_S[1])
@@ -450,19 +460,23 @@ class ModelProcess:
                 case LoadFailed():
                     text = message.text
                     self.load_error = CaptionerError(text) if message.is_captioner_error else ModelCallFailed(text)
+                    if message.is_captioner_error and self.log_load_failure:  # otherwise the model process logged it
+                        log.error(f"the model failed to load: {text}", extra={"fields": self._fields})
 
 
 def serve_model(
-    conn, load_model: Callable, batcher_settings: dict, placement: Placement, log_level: str, parent: int
+    conn, load_model: Callable, batcher_settings: dict, placement: Placement, log_level: str, parent: int, name: str | None = None
 ) -> None:
     """The model process: one thread that reads jobs from the pipe between batches, captions each
-    batch as it falls due and sends its answers back (see the module)."""
+    batch as it falls due and sends its answers back (see the module). ``name``: the model's, in
+    its log lines."""
     # Stopping is the HTTP process's call: a Ctrl-C or SIGTERM to the whole process group must
     # not kill the batch in progress under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(parent)
     service_logger(log_level)
+    fields = {"model": name} if name is not None else {}
 
     def send(message: FromModel) -> None:
         try:
@@ -481,15 +495,17 @@ def serve_model(
                 cpus = sorted({*placement.cpus, *placement.heavy_cnn_cpus})
                 _pin(cpus, "HEAVY_CNN_CPUS")  # the pool's threads as well
                 torch.set_num_threads(len(cpus))
-                fields = {"cnn_ms_per_image": round(cost, 1), "cpus": cpus, "torch_threads": len(cpus)}
-                log.info("a heavy CNN: the model process takes the HTTP side's CPUs too", extra={"fields": fields})
+                heavy = {"cnn_ms_per_image": round(cost, 1), "cpus": cpus, "torch_threads": len(cpus)}
+                log.info("a heavy CNN: the model process takes the HTTP side's CPUs too", extra={"fields": {**fields, **heavy}})
     except Exception as error:
-        log.exception("the model failed to load")
+        if not isinstance(error, CaptionerError):  # a bug, not a file to fix: its traceback
+            log.exception("the model failed to load", extra={"fields": fields})
+        # A CaptionerError says what to fix in one line: the HTTP side logs it (or refuses a swap).
         send(LoadFailed(text=str(error), is_captioner_error=isinstance(error, CaptionerError)))
         conn.close()
         return
     batcher = MicroBatcher(**batcher_settings)
-    log.info("model ready", extra={"fields": {"max_batch_size": batcher.max_batch_size}})
+    log.info("model ready", extra={"fields": {**fields, "max_batch_size": batcher.max_batch_size}})
     send(Ready(served=ServedModel.of(model)))
     slab = None  # the HTTP process's pixels, one slot a job (Slab.pixels): its first message
     while True:

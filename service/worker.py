@@ -20,8 +20,9 @@ client's next request is answered (with "Connection: close") instead of meeting 
 
 gunicorn's own error answers (400, 414, 431, ...) are JSON like the app's.
 
-SIGHUP (forwarded by the master with API keys on: service/gunicorn.conf.py) has the app read its
-key file again, in place: no request is dropped, no model loaded again.
+SIGHUP (forwarded by the master: service/gunicorn.conf.py) has the app read its key file and its
+models again, in place: no request is dropped, and only a model whose file changed is loaded
+again, beside the one serving (service.models).
 
 Lean on system calls (``ClientSocket``): under load each one is a chance for another of the
 request threads to take the GIL, and a thread switch. A connection's socket stays non-blocking
@@ -267,10 +268,10 @@ class CaptionerWorker(ThreadWorker):
         signal.signal(signal.SIGHUP, self.handle_hup)
 
     def handle_hup(self, sig, frame):
-        """The app reads its key file again (not loaded yet, it will read the file as it loads)."""
+        """The app reads its key file and models again (not loaded yet, it reads them as it loads)."""
         runtime = getattr(getattr(self, "wsgi", None), "extensions", {}).get("captioner")
-        if runtime is not None and runtime.keys is not None:
-            runtime.keys.reload_soon()
+        if runtime is not None:
+            runtime.reload_soon()
 
     def accept(self, listener):
         try:

@@ -76,3 +76,17 @@ def switches(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("CAPTIONER_TEST_SWITCHES", str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def photo_model(trained_run, tmp_path_factory) -> Path:
+    """The tiny model, recorded as trained on Flickr8k (a photo model to the service and its page):
+    another file, of another version."""
+    from captioner.checkpoint import read_checkpoint, save_checkpoint
+
+    state = read_checkpoint(trained_run / "model.pt")
+    state = {key: value for key, value in state.items() if key not in ("format", "version", "created")}
+    flickr8k = {"name": "flickr8k", "format": "flickr", "world": None, "held_out": [], "images": {"train": 6000, "val": 1000}}
+    path = tmp_path_factory.mktemp("photo-model") / "model.pt"
+    save_checkpoint({**state, "data": {**state["data"], **flickr8k}}, path)
+    return path

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import os
 import re
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -155,6 +157,22 @@ def blank_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunks
 
 
+# --- model files --------------------------------------------------------------------------
+
+
+def checksum_broken(source: Path, destination: Path) -> Path:
+    """A copy of the model file ``source`` with one weight changed after its checksum was taken:
+    read_checkpoint refuses it ("does not match the checksum")."""
+    import torch
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    weights = state["decoder"]["state_dict"]
+    name = next(key for key, value in weights.items() if value.is_floating_point())
+    weights[name] = weights[name] + 1.0
+    torch.save(state, destination)
+    return destination
+
+
 # --- the service's model process ----------------------------------------------------------
 
 
@@ -230,6 +248,26 @@ def wait_ready(port: int, process: subprocess.Popen, timeout: float = 120.0) -> 
             pass  # not listening yet
         time.sleep(0.2)
     raise AssertionError("gunicorn did not become ready in time")
+
+
+def gunicorn(port: int, log: Path, **env: str) -> subprocess.Popen:
+    """gunicorn with the service's config on loopback ``port``, one torch thread, its output in
+    ``log``; ``env``: CAPTIONER_* settings (others from the environment are left out)."""
+    environment = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("CAPTIONER_")},
+        "CAPTIONER_BIND": f"127.0.0.1:{port}",
+        "CAPTIONER_TORCH_THREADS": "1",
+        **env,
+    }
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py"], cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def logged(text: str) -> list[dict]:
+    """The JSON lines of a log."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def children(pid: int) -> list[int]:

@@ -39,6 +39,7 @@ from tests.helpers import (
 )
 
 CAPTION_KEYS = {"request_id", "model", "image", "captions", "timing_ms"}
+DEFAULT = 'model="default"'  # the metrics' label of the one model of MODEL_PATH
 
 
 # --- images -------------------------------------------------------------------------------
@@ -366,12 +367,12 @@ def test_not_ready_until_the_model_is_loaded(make_app, monkeypatch, switches):
         error_of(client.get("/readyz"), 503, "not_ready")
         error_of(post_file(client, png()), 503, "not_ready")
         error_of(client.get("/v1/model"), 503, "not_ready")
-        assert metric(app, "captioner_model_ready") == 0
+        assert metric(app, "captioner_model_ready", DEFAULT) == 0
     finally:
         (switches / "load").touch()
     ready(app)
     assert client.get("/readyz").get_json() == {"status": "ready"}
-    assert metric(app, "captioner_model_ready") == 1
+    assert metric(app, "captioner_model_ready", DEFAULT) == 1
     assert post_file(client, png()).status_code == 200
 
 
@@ -415,7 +416,7 @@ def test_full_queue_is_429(make_app, monkeypatch, switches):
             wait_until(lambda: (switches / "paused").exists())  # the model is busy with the first
             waiting = pool.submit(post_file, app.test_client(), png(2))
             wait_until(lambda: model_process.queue_depth() == 2)  # the second fills the queue
-            assert metric(app, "captioner_queue_depth") == 2
+            assert metric(app, "captioner_queue_depth", DEFAULT) == 2
             assert "busy" in error_of(post_file(app.test_client(), png(3)), 429, "queue_full")
         finally:
             (switches / "pause").unlink()
@@ -473,7 +474,7 @@ def test_concurrent_requests_share_model_calls_and_keep_their_own_options(make_a
     ] * 2
     # Each request alone first: batch composition must not change anyone's captions.
     alone = [post_image(solo.test_client(), png(i), q).get_json()["captions"] for i, q in enumerate(queries)]
-    assert metric(solo, "captioner_batch_size_count") == len(queries)
+    assert metric(solo, "captioner_batch_size_count", DEFAULT) == len(queries)
 
     start = threading.Barrier(len(queries))
 
@@ -490,9 +491,9 @@ def test_concurrent_requests_share_model_calls_and_keep_their_own_options(make_a
         assert [c["text"] for c in batched] == [c["text"] for c in captions]
         # Batched matrix products may differ from single ones in the last float digits.
         assert [c["log_prob"] for c in batched] == pytest.approx([c["log_prob"] for c in captions], rel=1e-4)
-    assert metric(app, "captioner_batch_size_sum") == len(queries)  # images
-    assert metric(app, "captioner_batch_size_count") < len(queries)  # some model calls served several
-    assert metric(app, "captioner_batch_size_bucket", 'le="1.0"') < metric(app, "captioner_batch_size_count")
+    assert metric(app, "captioner_batch_size_sum", DEFAULT) == len(queries)  # images
+    assert metric(app, "captioner_batch_size_count", DEFAULT) < len(queries)  # some model calls served several
+    assert metric(app, "captioner_batch_size_bucket", f'le="1.0",{DEFAULT}') < metric(app, "captioner_batch_size_count", DEFAULT)
 
 
 # --- model card, health, metrics, page, logs ----------------------------------------------
@@ -595,7 +596,7 @@ def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app, app):
     assert 'captioner_http_requests_total{endpoint="/v1/captions",method="POST",status="400"} 1.0' in text
     assert 'captioner_http_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
     assert 'captioner_http_request_duration_seconds_count{endpoint="/v1/captions"} 3.0' in text
-    assert "captioner_queue_depth 0.0" in text
+    assert 'captioner_queue_depth{model="default"} 0.0' in text
     assert "_created" not in text  # no creation-time twin of every counter
     client.get("/v1/captions")  # a real route, the wrong method
     post_image(client, png(), "mode=beam&explain=1")
@@ -604,8 +605,8 @@ def test_metrics_count_requests_per_endpoint_and_status_per_app(make_app, app):
     assert 'captioner_http_errors_total{code="invalid_option",status="400"} 1.0' in text
     assert 'captioner_http_errors_total{code="not_found",status="404"} 1.0' in text
     assert 'captioner_http_errors_total{code="method_not_allowed",status="405"} 1.0' in text
-    assert 'captioner_caption_requests_total{explain="false",mode="greedy"} 2.0' in text
-    assert 'captioner_caption_requests_total{explain="true",mode="beam"} 1.0' in text
+    assert 'captioner_caption_requests_total{explain="false",mode="greedy",model="default"} 2.0' in text
+    assert 'captioner_caption_requests_total{explain="true",mode="beam",model="default"} 1.0' in text
     # A second app counts only its own requests.
     assert metric(other, "captioner_http_requests_total", 'endpoint="/v1/captions",method="POST",status="200"') == other_posts
 

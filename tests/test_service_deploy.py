@@ -105,7 +105,7 @@ def test_gunicorn_loads_the_model_after_fork_serves_and_stops_on_sigterm(trained
             assert answer["image"] == {"width": 24, "height": 16, "format": "PNG"}
             assert len(answer["captions"]) == 2
             status, body = request(port, "GET", "/metrics")
-            assert b"captioner_batch_size_count 1.0" in body
+            assert b'captioner_batch_size_count{model="default"} 1.0' in body
             # The page's files go out by sendfile: whole, byte for byte.
             assert request(port, "GET", "/") == (200, (ROOT / "service/static/index.html").read_bytes())
             assert request(port, "GET", "/static/app.js") == (200, (ROOT / "service/static/app.js").read_bytes())
