@@ -158,7 +158,7 @@ def cmd_calibrate_trust(job: TrustOptions) -> None:
     paths = [r.path for r in records]
     features = cached_features(model.encoder, paths, cache_dir=cache, device=device, batch_size=job.batch_size, progress=True)
     calibration, report = calibrate_trust(
-        model, records, features, flagged=job.flagged, seed=job.seed,
+        model, records, features, flagged=job.flagged, seed=job.seed, beam_size=job.beam_size,
         fitted_on={"data": dataset.name, "split": job.split, "model": file_digest(job.model)}, progress=True,
     )  # fmt: skip
     state["trust"] = calibration.to_dict()
@@ -166,12 +166,13 @@ def cmd_calibrate_trust(job: TrustOptions) -> None:
     if job.report:
         with atomic_write(job.report, "w") as f:
             f.write(strict_json(report, indent=2) + "\n")
-    held_out = report["held_out"]
+    quality = {k: "n/a" if v is None else f"{v:.3f}" for k, v in calibration.quality.items()}
     print(
-        f"trust calibrated on {report['fit']['images']} {job.split} photographs ({report['fit']['pairs']} pairs); on the "
-        f"{held_out['images']} others, own references against others' AUC {held_out['auc']['score']:.3f} (near "
-        f"{held_out['auc_near']['score']:.3f}, random {held_out['auc_far']['score']:.3f}); unfamiliar below cosine "
-        f"{_threshold(calibration.threshold)}\nmodel: {job.output or job.model}"
+        f"trust calibrated on {calibration.fitted_on['fitted_images']} of {len(records)} {job.split} photographs; on the others, "
+        f"the score ranks own references above others' with AUC {quality['score_auc']} (near {quality['score_auc_near']}, "
+        f"random {quality['score_auc_far']}), the confidence of generated captions follows their CIDEr-D with Kendall tau "
+        f"{quality['confidence_kendall_tau_with_cider']}; unfamiliar below cosine {_threshold(calibration.threshold)}\n"
+        f"model: {job.output or job.model}"
     )
 
 

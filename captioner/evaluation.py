@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,14 +17,25 @@ from tqdm import tqdm
 from captioner.data.datasets import Dataset, ImageRecord
 from captioner.data.mentions import NOVEL_OBJECTS, mention_f1, parse_groups
 from captioner.data.vocab import Vocabulary, tokenize
+from captioner.decoding import Hypothesis
 from captioner.features import compute_features
-from captioner.metrics import caption_metrics, java_available
+from captioner.metrics import CiderD, caption_metrics, java_available
 from captioner.models.captioner import Captioner
 from captioner.models.concepts import seen_words
 from captioner.models.decoder import AttentionDecoder
 from captioner.options import DecodeOptions
 from captioner.shapes import COLOURS, GRID, SHAPES, Scene, check_caption, parse_holdout
-from captioner.trust import SIGNALS, UNFAMILIAR_SCORE, TrustCalibration, auc, dev_pairs, expected_calibration_error, fit_logistic, reliability
+from captioner.trust import (
+    SIGNALS,
+    UNFAMILIAR_SCORE,
+    Head,
+    TrustCalibration,
+    auc,
+    dev_pairs,
+    expected_calibration_error,
+    kendall_tau,
+    reliability,
+)
 
 
 @dataclass
@@ -336,9 +347,12 @@ def int8_agreement(model: Captioner, paths: Sequence, batch_size: int = 64) -> d
     }
 
 
-# The signals the score is fitted on: familiarity is the same for every caption of a photograph,
-# so own-against-other pairs cannot weigh it; it sets the unfamiliar threshold instead.
-SCORED_SIGNALS = ("log_prob", "contrast", "consensus", "concepts")
+# The signals each head is fitted on. Familiarity is the same for every caption of a photograph, so
+# own-against-other pairs cannot weigh it; the confidence of generated captions can. Contrast ranks
+# generated captions' quality at Kendall tau 0.03 (docs/trust.md) and costs a second pass about
+# as long as greedy decoding: the confidence, on every generated caption, reads the others.
+SCORE_SIGNALS = ("log_prob", "contrast", "consensus", "concepts")
+CONFIDENCE_SIGNALS = ("log_prob", "consensus", "concepts", "familiarity")
 
 
 def trust_pairs(model: Captioner, records: Sequence[ImageRecord], features: torch.Tensor, seed: int = 0, batch_size: int = 512, progress: bool = False) -> tuple[list, list[dict]]:
@@ -355,15 +369,45 @@ def trust_pairs(model: Captioner, records: Sequence[ImageRecord], features: torc
     return pairs, scored
 
 
+def parity(captions: Sequence[Sequence[str]], image_of: Sequence[int], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
+    """Per caption (words) of image ``image_of[c]``, the share of that image's references it does as
+    well as: leaving each reference out in turn, the caption's CIDEr-D against the others at least
+    the left-out reference's own (document frequencies of the references left in)."""
+    wins: list[list[float]] = [[] for _ in captions]
+    for k in range(max(len(refs) for refs in references)):
+        cider = CiderD([[ref for j, ref in enumerate(refs) if j != k] if len(refs) > 1 else refs for refs in references])
+        for c, (words, i) in enumerate(zip(captions, image_of)):
+            if k < len(references[i]) and len(references[i]) > 1:
+                wins[c].append(float(cider.score(i, words) >= cider.score(i, references[i][k])))
+    return [sum(w) / len(w) if w else 0.0 for w in wins]
+
+
+def generated_for_trust(model: Captioner, features: torch.Tensor, beam_size: int, batch_size: int = 32, progress: bool = False) -> tuple[list[int], list[Hypothesis]]:
+    """Each photograph's greedy caption and, with ``beam_size``, its beam search's (re-ranked as the
+    model does): the captions a confidence is given to. Returns their images and hypotheses."""
+    decodings = [DecodeOptions()] + ([DecodeOptions(mode="beam", beam_size=beam_size)] if beam_size > 1 else [])
+    image_of, hypotheses = [], []
+    for options in decodings:
+        for start in tqdm(range(0, len(features), batch_size), desc=f"{options.mode} captions", unit="batch", disable=not progress, leave=False):
+            for i, hyps in enumerate(model.generate(features[start : start + batch_size], options), start=start):
+                image_of.append(i)
+                hypotheses.append(hyps[0])
+    return image_of, hypotheses
+
+
 def calibrate_trust(
     model: Captioner, records: Sequence[ImageRecord], features: torch.Tensor, *, flagged: float = 0.02, seed: int = 0,
-    fitted_on: dict | None = None, progress: bool = False,
+    beam_size: int = 16, fitted_on: dict | None = None, progress: bool = False,
 ) -> tuple[TrustCalibration, dict]:  # fmt: skip
-    """Fits the caption score and the unfamiliar threshold on a dev split, and measures them.
+    """Fits the caption score, the confidence of generated captions and the unfamiliar threshold
+    on a dev split, and measures them.
 
-    The photographs are split in two halves (seeded): the score's logistic regression is fitted on
-    the pairs of one and measured on those of the other (the AUC of own references against
-    others', near and random, for each signal alone and combined, and the reliability bins). The
+    The photographs are split in two halves (seeded). The score's logistic regression is fitted on
+    the own-and-other reference pairs of one half and measured on the other's (the AUC of own
+    references against others', near and random, for each signal alone and combined, and the
+    reliability bins); the confidence's is fitted on one half's generated captions (greedy, and
+    beam search of ``beam_size``), each labelled by its ``parity`` with people's captions, and
+    measured on the other's (Kendall tau-b with its CIDEr-D, and the reliability bins). The
     threshold is the ``flagged`` quantile of every photograph's familiarity.
 
     Args:
@@ -372,57 +416,117 @@ def calibrate_trust(
         features: (N, F) their features.
         flagged: the share of photographs the threshold flags.
         seed: of the pairs and the halves.
+        beam_size: beam search's width for the generated captions (0 or 1: greedy ones alone).
         fitted_on: recorded in the calibration beside the split's sizes.
 
     Returns:
         The calibration and the report.
     """
+    fitted_half = np.random.default_rng(seed).permutation(len(records)) < len(records) // 2  # True: fitted on
+    # The score: own references against other photographs'.
     pairs, scored = trust_pairs(model, records, features, seed, progress=progress)
-    available = [s for s in SCORED_SIGNALS if s in scored[0]["signals"]]
-    values = np.array([[r["signals"][s] for s in available] for r in scored], dtype=np.float64)
     labels = np.array([p.label for p in pairs])
     kinds = np.array([p.kind for p in pairs])
-    halves = np.random.default_rng(seed).permutation(len(records)) < len(records) // 2  # True: fitted on
-    fit = halves[[p.image for p in pairs]]
-    weights, bias, mean, scale = fit_logistic(values[fit], labels[fit])
+    pair_images = [p.image for p in pairs]
+    fit, held = fitted_half[pair_images], ~fitted_half[pair_images]
+    signals = scored[0]["signals"]
+    score_signals = [s for s in SCORE_SIGNALS if s in signals]
+    values = np.array([[r["signals"][s] for s in score_signals] for r in scored], dtype=np.float64)
+    score_head = Head.fit(score_signals, values[fit], labels[fit])
     of_image = {p.image: r["familiarity"] for p, r in zip(pairs, scored)}  # every photograph has pairs of its own
-    by_image = np.array([of_image[i] if of_image[i] is not None else np.nan for i in range(len(records))])
+    by_image = np.array([np.nan if of_image[i] is None else of_image[i] for i in range(len(records))])
     threshold = None if np.isnan(by_image).any() else float(np.quantile(by_image, flagged))
-    calibration = TrustCalibration(
-        tuple(available), tuple(weights.tolist()), bias, tuple(mean.tolist()), tuple(scale.tolist()), threshold,
-        model.encoder.config.name,
-    )  # fmt: skip
-    score = calibration.probability(values)
-    if threshold is not None:  # as the verdicts have it (``trust.Judge.verdicts``)
-        score = np.where(by_image[[p.image for p in pairs]] < threshold, np.minimum(score, UNFAMILIAR_SCORE), score)
-    held = ~fit
+    capped = np.zeros(len(records), dtype=bool) if threshold is None else by_image < threshold  # as ``Judge.verdicts`` has it
+    score = score_head.probability(values)
+    score = np.where(capped[pair_images], np.minimum(score, UNFAMILIAR_SCORE), score)
 
     def aucs(column: np.ndarray) -> dict:
+        own = kinds == "own"
         return {
-            name: auc(column[held & ((kinds == "own") | (kinds == kind))], labels[held & ((kinds == "own") | (kinds == kind))])
-            for name, kind in (("auc_near", "near"), ("auc_far", "far"))
-        } | {"auc": auc(column[held], labels[held])}
+            "auc": auc(column[held], labels[held]),
+            "auc_near": auc(column[held & (own | (kinds == "near"))], labels[held & (own | (kinds == "near"))]),
+            "auc_far": auc(column[held & (own | (kinds == "far"))], labels[held & (own | (kinds == "far"))]),
+        }
 
-    columns = {s: np.array([r["signals"].get(s, np.nan) for r in scored]) for s in SIGNALS if s in scored[0]["signals"]}
+    columns = {s: np.array([r["signals"][s] for r in scored], dtype=np.float64) for s in SIGNALS if s in signals}
     per = {name: aucs(column) for name, column in {**columns, "score": score}.items()}
     bins = reliability(score[held], labels[held])
     report = {
-        "signals": available,
-        "fit": {"images": int(halves.sum()), "pairs": int(fit.sum())},
-        "held_out": {
-            "images": int((~halves).sum()),
-            "pairs": int(held.sum()),
-            **{key: {name: per[name][key] for name in per} for key in ("auc", "auc_near", "auc_far")},
-            "reliability": bins,
-            "expected_calibration_error": expected_calibration_error(bins),
+        "score": {
+            "signals": score_signals,
+            "fit": {"images": int(fitted_half.sum()), "pairs": int(fit.sum())},
+            "held_out": {
+                "images": int((~fitted_half).sum()),
+                "pairs": int(held.sum()),
+                **{key: {name: per[name][key] for name in per} for key in ("auc", "auc_near", "auc_far")},
+                "reliability": bins,
+                "expected_calibration_error": expected_calibration_error(bins),
+            },
         },
         "threshold": threshold,
         "flagged": flagged,
     }
     if threshold is not None:
         report["familiarity"] = {q: float(np.quantile(by_image, float(q))) for q in ("0", "0.01", "0.02", "0.05", "0.5", "1")}
-        report["flagged_images"] = int((by_image < threshold).sum())
-    summary = {"auc": per["score"]["auc"], "auc_near": per["score"]["auc_near"], "auc_far": per["score"]["auc_far"],
-               "expected_calibration_error": report["held_out"]["expected_calibration_error"]}  # fmt: skip
-    described = {"images": len(records), "pairs": len(pairs), "fitted_images": int(halves.sum()), "seed": seed, **(fitted_on or {})}
-    return replace(calibration, fitted_on=described, quality=summary), report
+        report["flagged_images"] = int(capped.sum())
+    # The confidence: generated captions, by their parity with people's.
+    image_of, hypotheses = generated_for_trust(model, features, beam_size, progress=progress)
+    end = model.ids.end
+    words = [[model.vocab.words[t] for t in h.tokens if t != end] for h in hypotheses]
+    judge = model.judge()
+    generated = judge.signals(features, image_of, [h.tokens for h in hypotheses], words, [h.log_prob for h in hypotheses])
+    references = [[tokenize(c) for c in r.captions] for r in records]
+    targets = np.array(parity(words, image_of, references))
+    cider = CiderD(references)
+    quality = np.array([cider.score(i, w) for i, w in zip(image_of, words)])
+    confidence_signals = [s for s in CONFIDENCE_SIGNALS if s in generated[0]]
+    gen_values = np.array([[v[s] for s in confidence_signals] for v in generated], dtype=np.float64)
+    gen_fit = fitted_half[image_of]
+    confidence_head = Head.fit(confidence_signals, gen_values[gen_fit], targets[gen_fit])
+    confidence = confidence_head.probability(gen_values)
+    confidence = np.where(capped[image_of], np.minimum(confidence, UNFAMILIAR_SCORE), confidence)
+    gen_held = ~gen_fit
+    score_of_generated = score_head.probability(np.array([[v[s] for s in score_signals] for v in generated], dtype=np.float64))
+    taus = {name: kendall_tau(column[gen_held], quality[gen_held]) for name, column in {
+        **{s: np.array([v[s] for v in generated]) for s in generated[0]}, "score": score_of_generated, "confidence": confidence,
+    }.items()}  # fmt: skip
+    gen_bins = reliability(confidence[gen_held], targets[gen_held])
+    order = np.argsort(-confidence[gen_held])
+    quarter = max(len(order) // 4, 1)
+    report["confidence"] = {
+        "signals": confidence_signals,
+        "decodings": ["greedy"] + ([f"beam {beam_size}"] if beam_size > 1 else []),
+        "fit": {"images": int(fitted_half.sum()), "captions": int(gen_fit.sum())},
+        "held_out": {
+            "images": int((~fitted_half).sum()),
+            "captions": int(gen_held.sum()),
+            "parity_mean": float(targets[gen_held].mean()),
+            "cider_mean": float(quality[gen_held].mean()),
+            "kendall_tau_with_cider": taus,
+            "cider_of_most_confident_quarter": float(quality[gen_held][order[:quarter]].mean()),
+            "cider_of_least_confident_quarter": float(quality[gen_held][order[-quarter:]].mean()),
+            "reliability": gen_bins,
+            "expected_calibration_error": expected_calibration_error(gen_bins),
+        },
+    }
+    summary = {
+        "score_auc": per["score"]["auc"], "score_auc_near": per["score"]["auc_near"], "score_auc_far": per["score"]["auc_far"],
+        "score_calibration_error": report["score"]["held_out"]["expected_calibration_error"],
+        "confidence_kendall_tau_with_cider": taus["confidence"],
+        "confidence_calibration_error": report["confidence"]["held_out"]["expected_calibration_error"],
+    }  # fmt: skip
+    described = {
+        "images": len(records), "pairs": len(pairs), "generated": len(hypotheses), "fitted_images": int(fitted_half.sum()),
+        "seed": seed, **(fitted_on or {}),
+    }  # fmt: skip
+    calibration = TrustCalibration(score_head, confidence_head, threshold, model.encoder.config.name, described, _no_nan(summary))
+    return calibration, _no_nan(report)
+
+
+def _no_nan(value):
+    """``value`` with every NaN (an AUC without negatives, a tau of constant values) as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value

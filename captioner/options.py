@@ -500,6 +500,9 @@ class TrustOptions:
     output: str | None = option(None, "write the calibrated model here (default: add the calibration to MODEL)")
     report: str | None = option(None, "also write the numbers (each signal's AUC, the reliability bins, the threshold) as JSON")
     flagged: float = option(0.02, "the share of the split's photographs that the unfamiliar threshold flags")
+    beam_size: int = option(
+        16, "the confidence is fitted on each photograph's greedy caption and its beam search's of this width (0: greedy only)"
+    )
     seed: int = option(0, "seed of the pairs and of the split into a fitting and a measuring half")
     batch_size: int = option(64, "images per CNN call")
     feature_cache: str | None = option(None, "feature cache folder (default ~/.cache/captioner/features)")
@@ -510,6 +513,8 @@ class TrustOptions:
             raise CaptionerError("calibrate on the dev split (val): the test split is held back for the final score")
         if not 0 < self.flagged < 0.5:
             raise CaptionerError("flagged must be a share between 0 and 0.5")
+        if not 0 <= self.beam_size <= MAX_BEAM_SIZE:
+            raise CaptionerError(f"beam_size must be between 0 (greedy captions only) and {MAX_BEAM_SIZE}")
         if self.batch_size < 1:
             raise CaptionerError("batch_size must be at least 1")
 

@@ -28,6 +28,7 @@ are plain numpy, so that a calibration is a few numbers that any checkpoint can 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,20 +50,13 @@ ROWS = 128  # captions per teacher-forced pass: (ROWS, T, V) log-probabilities a
 
 
 @dataclass(frozen=True)
-class TrustCalibration:
-    """The fitted score and the familiarity threshold, as plain data a checkpoint carries.
-
-    ``score`` = sigmoid(bias + sum_s weight_s * (signal_s - mean_s) / scale_s), over ``signals``.
+class Head:
+    """One logistic regression of signals: sigmoid(bias + sum_s weight_s * (signal_s - mean_s) / scale_s).
 
     Args:
         signals: the signals it reads, of ``SIGNALS``.
         weights, mean, scale: per signal.
         bias: the intercept.
-        threshold: a photograph less similar than this to every training photograph is
-            unfamiliar (None: no threshold, for a model without a caption memory).
-        encoder: the encoder whose features the threshold is for.
-        fitted_on: what it was fitted on (data set, split, photographs, pairs, model version, when).
-        quality: what it scored on the held-out half of the dev pairs.
     """
 
     signals: tuple[str, ...]
@@ -70,10 +64,6 @@ class TrustCalibration:
     bias: float
     mean: tuple[float, ...]
     scale: tuple[float, ...]
-    threshold: float | None
-    encoder: str
-    fitted_on: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("signals", "weights", "mean", "scale"):
@@ -82,30 +72,106 @@ class TrustCalibration:
             raise CaptionerError(f"a trust calibration reads some of {', '.join(SIGNALS)}, each once")
         if not len(self.weights) == len(self.mean) == len(self.scale) == len(self.signals):
             raise CaptionerError("a trust calibration needs a weight, mean and scale per signal")
-        numbers = [*self.weights, *self.mean, *self.scale, self.bias] + ([self.threshold] if self.threshold is not None else [])
-        if not all(math.isfinite(x) for x in numbers) or min(self.scale) <= 0:
+        if not all(math.isfinite(x) for x in (*self.weights, *self.mean, *self.scale, self.bias)) or min(self.scale) <= 0:
             raise CaptionerError("a trust calibration's numbers must be finite, its scales positive")
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), **{name: list(getattr(self, name)) for name in ("signals", "weights", "mean", "scale")}}
-
     @classmethod
-    def from_dict(cls, state: dict) -> TrustCalibration:
-        try:
-            return cls(**state)
-        except TypeError as exc:
-            raise CaptionerError(f"a trust calibration does not fit this captioner ({exc})") from None
+    def fit(cls, signals: Sequence[str], values: np.ndarray, labels: np.ndarray) -> Head:
+        """Fitted to (N, S) ``values`` of ``signals`` and (N,) labels in [0, 1] (``fit_logistic``)."""
+        weights, bias, mean, scale = fit_logistic(values, labels)
+        return cls(tuple(signals), tuple(weights.tolist()), bias, tuple(mean.tolist()), tuple(scale.tolist()))
+
+    def to_dict(self) -> dict:
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
 
     def probability(self, values: np.ndarray) -> np.ndarray:
-        """(N, S) signal values, in ``signals``' order -> (N,) scores in [0, 1]."""
+        """(N, S) signal values, in ``signals``' order -> (N,) probabilities."""
         z = (values - np.asarray(self.mean)) / np.asarray(self.scale)
         return _sigmoid(self.bias + z @ np.asarray(self.weights))
 
 
-# Used by a photo model calibrated before ``captioner calibrate-trust`` existed: fitted on the dev
-# split with the full Flickr8k photo model (runs/flickr8k-concepts; docs/trust.md). It applies only
-# to a model with the same encoder and every signal it reads (a caption memory and concepts).
-DEFAULT_CALIBRATION: TrustCalibration | None = None
+@dataclass(frozen=True)
+class TrustCalibration:
+    """How captions are scored and photographs judged unfamiliar, as plain data a checkpoint carries.
+
+    Args:
+        score: a given caption's ``score``: the chance that it is one of the photograph's own
+            references rather than another dev photograph's (of a balanced pair of the two).
+        confidence: a generated caption's ``confidence``: the chance that it does as well, by
+            CIDEr-D against people's captions of the photograph, as one of those people's own
+            caption does against the others (``evaluation.parity``); None: not fitted.
+        threshold: a photograph less similar than this to every training photograph is
+            unfamiliar (None: no threshold, for a model without a caption memory).
+        encoder: the encoder whose features the threshold is for.
+        fitted_on: what it was fitted on (data set, split, photographs, pairs, model version).
+        quality: what it scored on the held-out half of the dev split.
+    """
+
+    score: Head
+    confidence: Head | None
+    threshold: float | None
+    encoder: str
+    fitted_on: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise CaptionerError("a trust calibration's threshold must be a finite number")
+
+    def to_dict(self) -> dict:
+        return {
+            "score": self.score.to_dict(),
+            "confidence": self.confidence.to_dict() if self.confidence else None,
+            "threshold": self.threshold,
+            "encoder": self.encoder,
+            "fitted_on": self.fitted_on,
+            "quality": self.quality,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TrustCalibration:
+        try:
+            confidence = Head(**state["confidence"]) if state.get("confidence") else None
+            return cls(Head(**state["score"]), confidence, **{k: v for k, v in state.items() if k not in ("score", "confidence")})
+        except (TypeError, KeyError) as exc:
+            raise CaptionerError(f"a trust calibration does not fit this captioner ({type(exc).__name__}: {exc})") from None
+
+
+# What a photo model that was never calibrated scores with (its records say so): fitted by
+# ``captioner calibrate-trust`` on Flickr8k's dev split with the novel-objects photo model
+# (docs/trust.md), rounded to 6 digits. It applies only to a model with the same encoder and every
+# signal it reads (a caption memory and concepts); the threshold is for that encoder's features.
+DEFAULT_CALIBRATION: dict | None = {
+    "score": {
+        "signals": ["log_prob", "contrast", "consensus", "concepts"],
+        "weights": [0.229364, 1.07077, -0.0372395, 0.297609],
+        "bias": -0.0159833,
+        "mean": [-3.14551, 0.570712, 0.1072, 0.15573],
+        "scale": [1.13009, 0.7607, 0.130671, 0.30784],
+    },
+    "confidence": {
+        "signals": ["log_prob", "consensus", "concepts", "familiarity"],
+        "weights": [0.28214, 0.428233, -0.086802, 0.108783],
+        "bias": -0.859018,
+        "mean": [-0.907348, 0.36095, 0.190038, 0.637405],
+        "scale": [0.203652, 0.25027, 0.333438, 0.0610124],
+    },
+    "threshold": 0.509927,
+    "encoder": "efficientnet_lite0",
+    "fitted_on": {
+        "images": 1000, "pairs": 10000, "generated": 2000, "fitted_images": 500, "seed": 0, "data": "flickr8k",
+        "split": "val", "model": "runs/novel-objects-v1/model.pt (1e6f95c4adbb)",
+    },
+    "quality": {
+        "score_auc": 0.766334, "score_auc_near": 0.659835, "score_auc_far": 0.926083, "score_calibration_error": 0.0427894,
+        "confidence_kendall_tau_with_cider": 0.375606, "confidence_calibration_error": 0.0224279,
+    },
+}  # fmt: skip
+
+
+@functools.cache
+def _default_calibration() -> TrustCalibration | None:
+    return TrustCalibration.from_dict(DEFAULT_CALIBRATION) if DEFAULT_CALIBRATION else None
 
 
 def calibration_for(calibration: TrustCalibration | None, encoder: str, available: Sequence[str]) -> tuple[TrustCalibration | None, str | None]:
@@ -121,10 +187,12 @@ def calibration_for(calibration: TrustCalibration | None, encoder: str, availabl
         ``(None, note)``: the model cannot score.
     """
     if calibration is not None:
+        if calibration.encoder != encoder:
+            return None, "its trust calibration is of another encoder's features: run captioner calibrate-trust again"
         return calibration, None
-    default = DEFAULT_CALIBRATION
-    if default is not None and default.encoder == encoder and set(default.signals) <= set(available):
-        return default, "uncalibrated: scored with the Flickr8k photo model's calibration (captioner calibrate-trust fits this model's)"
+    default = _default_calibration()
+    if default is not None and default.encoder == encoder and set(default.score.signals) <= set(available):
+        return default, "uncalibrated: scored with a Flickr8k photo model's calibration (captioner calibrate-trust fits this model's own)"
     return None, "uncalibrated: this model cannot score captions until captioner calibrate-trust fits its calibration"
 
 
@@ -220,8 +288,10 @@ class Verdict:
     """What trust says of one caption of one image.
 
     Attributes:
-        score: in [0, 1], higher for a caption that describes the photograph better (None: the
-            model has no calibration to score with; ``note`` says so).
+        score: in [0, 1], the chance that the caption is the photograph's own reference rather than
+            another's (``TrustCalibration.score``; None: no calibration, or no ``contrast`` computed).
+        confidence: in [0, 1], the chance that it does as well as a person's caption
+            (``TrustCalibration.confidence``; None: not fitted).
         unfamiliar: the photograph is far from every training photograph (None: cannot tell).
         familiarity: its greatest cosine similarity to a training photograph (None: no memory).
         signals: each signal's value (those the model can compute).
@@ -229,6 +299,7 @@ class Verdict:
     """
 
     score: float | None
+    confidence: float | None
     unfamiliar: bool | None
     familiarity: float | None
     signals: dict[str, float]
@@ -251,8 +322,12 @@ class Judge:
         self.decoder, self.vocab, self.ids, self.memory = decoder, vocab, ids, memory
         self.available = [s for s in SIGNALS if self._can(s)]
         self.calibration, self.note = calibration_for(calibration, encoder, self.available)
-        if self.calibration is not None and self.calibration.encoder != encoder:
-            self.calibration, self.note = None, "its trust calibration is of another encoder's features: calibrate-trust again"
+
+    @property
+    def confidence_reads_contrast(self) -> bool:
+        """Whether a generated caption's confidence needs the blind pass (``signals(contrast=True)``)."""
+        head = self.calibration.confidence if self.calibration else None
+        return head is not None and "contrast" in head.signals
 
     def _can(self, signal: str) -> bool:
         if signal in ("consensus", "familiarity"):
@@ -262,8 +337,9 @@ class Judge:
         return True
 
     def signals(
-        self, features: torch.Tensor, image_of: Sequence[int], rows: Sequence[Sequence[int]], words: Sequence[Sequence[str]], log_probs: Sequence[float]
-    ) -> list[dict[str, float]]:
+        self, features: torch.Tensor, image_of: Sequence[int], rows: Sequence[Sequence[int]], words: Sequence[Sequence[str]],
+        log_probs: Sequence[float], contrast: bool = True,
+    ) -> list[dict[str, float]]:  # fmt: skip
         """Each caption's signals.
 
         Args:
@@ -272,13 +348,15 @@ class Judge:
             rows: per caption, its ids (words, then ``<end>`` unless cut).
             words: per caption, its words (for consensus: an unknown word is still a word).
             log_probs: per caption, the sum of its ids' log-probabilities under its image.
+            contrast: compute ``contrast``, a second teacher-forced pass (under the blind image),
+                which costs about what greedy decoding does; without it, no ``contrast``.
         """
         config = self.decoder.config
-        blind = token_log_probs(self.decoder, blind_features(config, features.device), rows, self.ids, [0] * len(rows))
-        values = []
-        for row, lp, nothing in zip(rows, log_probs, blind):
-            n = max(len(row), 1)
-            values.append({"log_prob": lp / n, "contrast": (lp - sum(nothing)) / n})
+        values = [{"log_prob": lp / max(len(row), 1)} for row, lp in zip(rows, log_probs)]
+        if contrast:
+            blind = token_log_probs(self.decoder, blind_features(config, features.device), rows, self.ids, [0] * len(rows))
+            for value, row, lp, nothing in zip(values, rows, log_probs, blind):
+                value["contrast"] = (lp - sum(nothing)) / max(len(row), 1)
         used = sorted(set(image_of))  # the images the captions are of: each read once
         row_of = {image: row for row, image in enumerate(used)}
         image_of = [row_of[i] for i in image_of]
@@ -301,21 +379,24 @@ class Judge:
         query = F.normalize(pooled(grid, self.decoder.config.cells).float(), dim=1).cpu()
         if query.size(1) != self.memory.features.size(1):
             raise CaptionerError("the caption memory's features do not match this encoder's")
-        similarity = query @ self.memory.features.float().T  # (B, N)
+        similarity = query @ self.memory.features_float.T  # (B, N)
         top = similarity.topk(self.memory.neighbours, dim=1)
         return top.values[:, 0].tolist(), top.indices.tolist()
 
     def verdicts(self, values: Sequence[dict[str, float]]) -> list[Verdict]:
-        """Each caption's verdict from its signals."""
+        """Each caption's verdict from its signals: its score and confidence where the signals
+        their heads read were computed, and whether its image is unfamiliar."""
         calibration = self.calibration
-        scores = [None] * len(values)
-        if calibration is not None and values:
-            matrix = np.array([[v[s] for s in calibration.signals] for v in values], dtype=np.float64)
-            scores = calibration.probability(matrix).tolist()
+        heads = {"score": calibration.score, "confidence": calibration.confidence} if calibration else {}
+        probabilities = {name: _apply(head, values) for name, head in heads.items()}
         verdicts = []
-        for value, score in zip(values, scores):
+        for k, value in enumerate(values):
             familiarity = value.get("familiarity")
             notes = [self.note] if self.note else []
+            if calibration is not None and calibration.confidence is None:
+                notes.append("its calibration has no confidence of generated captions: run captioner calibrate-trust again")
+            found = {name: (p[k] if p is not None else None) for name, p in probabilities.items()}
+            score, confidence = found.get("score"), found.get("confidence")
             if familiarity is None:
                 unfamiliar = None
                 notes.append("this model keeps no training photographs to compare with: it cannot tell whether this one is unfamiliar")
@@ -323,10 +404,18 @@ class Judge:
                 unfamiliar = None
             else:
                 unfamiliar = familiarity < calibration.threshold
-                if unfamiliar:
-                    score = min(score, UNFAMILIAR_SCORE)
-            verdicts.append(Verdict(score, unfamiliar, familiarity, dict(value), "; ".join(notes) or None))
+                if unfamiliar:  # nothing the heads were fitted on was like it
+                    score = None if score is None else min(score, UNFAMILIAR_SCORE)
+                    confidence = None if confidence is None else min(confidence, UNFAMILIAR_SCORE)
+            verdicts.append(Verdict(score, confidence, unfamiliar, familiarity, dict(value), "; ".join(notes) or None))
         return verdicts
+
+
+def _apply(head: Head | None, values: Sequence[dict[str, float]]) -> list[float] | None:
+    """A head's probability of each caption, or None if it has none or they lack a signal it reads."""
+    if head is None or not values or any(s not in values[0] for s in head.signals):
+        return None
+    return head.probability(np.array([[v[s] for s in head.signals] for v in values], dtype=np.float64)).tolist()
 
 
 # --- fitting and measuring, on the dev split ---------------------------------------------------

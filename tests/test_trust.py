@@ -21,6 +21,7 @@ from captioner.features import cached_features
 from captioner.models.captioner import Captioner
 from captioner.trust import (
     UNFAMILIAR_SCORE,
+    Head,
     TrustCalibration,
     auc,
     caption_tokens,
@@ -66,8 +67,8 @@ def test_a_logistic_fit_recovers_the_direction_and_is_calibrated_on_its_own_data
     y = (generator.random(4000) < 1 / (1 + np.exp(-(2 * x[:, 0] - 0.5)))).astype(float)  # x[:, 1] is noise
     weights, bias, mean, scale = fit_logistic(x, y)
     assert weights[0] / scale[0] == pytest.approx(2.0, rel=0.15) and abs(weights[1]) < 0.15
-    calibration = TrustCalibration(("log_prob", "contrast"), weights, bias, mean, scale, None, "any")
-    table = reliability(calibration.probability(x), y)
+    head = Head(("log_prob", "contrast"), weights, bias, mean, scale)
+    table = reliability(head.probability(x), y)
     assert sum(row["pairs"] for row in table) == 4000
     assert all(abs(row["predicted"] - row["observed"]) < 0.1 for row in table if row["pairs"] > 100)
 
@@ -86,13 +87,27 @@ def test_dev_pairs_give_each_photograph_its_own_references_and_others_near_and_f
 
 
 def test_a_calibration_refuses_numbers_that_do_not_fit():
-    good = dict(signals=("log_prob",), weights=(1.0,), bias=0.0, mean=(0.0,), scale=(1.0,), threshold=None, encoder="x")
-    TrustCalibration(**good)
+    good = dict(signals=("log_prob",), weights=(1.0,), bias=0.0, mean=(0.0,), scale=(1.0,))
+    Head(**good)
     for bad in (dict(signals=("nonsense",)), dict(weights=(1.0, 2.0)), dict(scale=(0.0,)), dict(bias=float("nan"))):
         with pytest.raises(CaptionerError):
-            TrustCalibration(**{**good, **bad})
+            Head(**{**good, **bad})
+    calibration = TrustCalibration(Head(**good), None, 0.5, "x")
+    assert TrustCalibration.from_dict(calibration.to_dict()) == calibration
     with pytest.raises(CaptionerError, match="does not fit"):
-        TrustCalibration.from_dict({**good, "extra": 1})
+        TrustCalibration.from_dict({**calibration.to_dict(), "extra": 1})
+    with pytest.raises(CaptionerError, match="does not fit"):
+        TrustCalibration.from_dict({"threshold": 0.5, "encoder": "x"})
+
+
+def test_parity_is_the_share_of_references_a_caption_does_as_well_as():
+    from captioner.evaluation import parity
+
+    references = [[r.split() for r in ("a dog runs on grass", "a brown dog runs", "a dog running on the grass")],
+                  [r.split() for r in ("a man rides a bike", "a cyclist on a road", "a man on a bicycle")]]  # fmt: skip
+    scores = parity(["a dog runs on the grass".split(), "a cat sleeps".split(), "a man rides a bicycle".split()], [0, 0, 1], references)
+    assert scores[0] > 0.5 and scores[1] == 0.0 and scores[2] > 0.5
+    assert all(0 <= s <= 1 for s in scores)
 
 
 # --- scoring given captions with the tiny shapes model ---------------------------------------
@@ -165,18 +180,22 @@ def test_a_model_without_memory_says_it_cannot_tell_and_an_uncalibrated_one_does
 def test_a_calibrated_checkpoint_loads_plain_and_its_scores_rank_own_references_first(calibrated, shapes):
     path, report = calibrated
     state = torch.load(path, map_location="cpu", weights_only=True)  # plain data
-    assert state["trust"]["signals"] == ["log_prob", "contrast"]  # no memory, no concepts
+    assert state["trust"]["score"]["signals"] == ["log_prob", "contrast"]  # no memory, no concepts
+    assert state["trust"]["confidence"]["signals"] == ["log_prob"]
     assert state["trust"]["threshold"] is None and state["trust"]["fitted_on"]["images"] == 48
+    assert state["trust"]["fitted_on"]["generated"] == 2 * 48  # each image's greedy and beam caption
     model = Captioner.load(path)
     assert model.trust is not None and model.trust.to_dict() == state["trust"]
     # The tiny model reads little of its images (that own references rank first is the photo
     # model's test, below); here the report's shape, and scores in [0, 1].
-    held_out = report["held_out"]
+    held_out = report["score"]["held_out"]
     assert held_out["images"] == 24 and set(held_out["auc"]) == {"log_prob", "contrast", "score"}
     assert sum(b["pairs"] for b in held_out["reliability"]) == held_out["pairs"] == 24 * 10
+    generated = report["confidence"]["held_out"]
+    assert generated["captions"] == 48 and set(generated["kendall_tau_with_cider"]) == {"log_prob", "contrast", "score", "confidence"}
     records = shapes.split("val")
     own = model.score([r.path for r in records], [r.captions[0] for r in records])
-    assert all(0 <= s["score"] <= 1 for s in own)
+    assert all(0 <= s["score"] <= 1 and 0 <= s["confidence"] <= 1 for s in own)
     # Without a memory it still cannot tell whether a photograph is unfamiliar, and says so.
     assert all(s["unfamiliar"] is None and "no training photographs" in s["trust_note"] for s in own)
     [[caption]] = model.caption([records[0].path])
@@ -194,7 +213,7 @@ def test_an_unfamiliar_photograph_is_flagged_and_its_score_capped(calibrated, sh
     assert seen["familiarity"] == pytest.approx(1.0, abs=1e-3)  # a training image is its own nearest
     model.trust = replace(model.trust, threshold=1.5)  # every image is now below it
     [unseen] = model.score([train[0].path], [train[0].captions[0]])
-    assert unseen["unfamiliar"] is True and unseen["score"] <= UNFAMILIAR_SCORE
+    assert unseen["unfamiliar"] is True and unseen["score"] <= UNFAMILIAR_SCORE and unseen["confidence"] <= UNFAMILIAR_SCORE
     model.trust = replace(model.trust, threshold=0.0)
     [familiar] = model.score([train[0].path], [train[0].captions[0]])
     assert familiar["unfamiliar"] is False
@@ -341,8 +360,14 @@ def test_a_photo_model_ranks_own_references_first_and_flags_what_is_no_photograp
     from captioner.shapes import write_shapes_dataset
 
     model, records, report = photo_model
-    assert model.memory is not None and model.trust.signals == ("log_prob", "contrast", "consensus", "concepts")
-    assert report["held_out"]["auc"]["score"] > 0.65 and report["held_out"]["auc_far"]["score"] > 0.7
+    own, model.trust = model.trust, None  # as trained: scored with the packaged default, and it says so
+    [uncalibrated] = model.score([records[0].path], [records[0].captions[0]])
+    model.trust = own
+    assert 0 <= uncalibrated["score"] <= 1 and "uncalibrated" in uncalibrated["trust_note"]
+    assert model.memory is not None and model.trust.score.signals == ("log_prob", "contrast", "consensus", "concepts")
+    assert model.trust.confidence.signals == ("log_prob", "consensus", "concepts", "familiarity")
+    held_out = report["score"]["held_out"]
+    assert held_out["auc"]["score"] > 0.65 and held_out["auc_far"]["score"] > 0.7
     assert report["flagged_images"] <= 1  # of 40 dev photographs
     own = model.score([r.path for r in records], [r.captions[0] for r in records])
     other = model.score([r.path for r in records], [records[(i + 7) % len(records)].captions[1] for i in range(len(records))])

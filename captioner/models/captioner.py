@@ -201,8 +201,9 @@ class Captioner(nn.Module):
         the word is one of the image's top concepts (``models.concepts.seen_words``); and with
         concepts (given the images' ``features``) ``"concepts"``, the classifier's top classes.
 
-        Given the images' ``features``, each also carries ``"confidence"`` (in [0, 1]: how well the
-        caption describes the image, ``captioner.trust``; None without a calibration) and
+        Given the images' ``features``, each also carries ``"confidence"`` (in [0, 1]: the chance
+        that the caption does as well as a person's caption of the image, ``captioner.trust``; None
+        without a calibration) and
         ``"unfamiliar"`` (the image is far from every training photograph; None: cannot tell),
         ``"trust_note"`` where either is None or the calibration is not the model's own, and
         explained, ``"trust_signals"``.
@@ -223,9 +224,10 @@ class Captioner(nn.Module):
         end = self.ids.end
         words = [[self.vocab.words[t] for t in h.tokens if t != end] for _, h in flat]
         rows = [h.tokens for _, h in flat]
-        values = judge.signals(features.to(self.device), [i for i, _ in flat], rows, words, [h.log_prob for _, h in flat])
+        log_probs = [h.log_prob for _, h in flat]  # decoding's own: no pass under the image
+        values = judge.signals(features.to(self.device), [i for i, _ in flat], rows, words, log_probs, contrast=judge.confidence_reads_contrast)
         for caption, verdict in zip((c for captions in described for c in captions), judge.verdicts(values)):
-            caption["confidence"], caption["unfamiliar"] = verdict.score, verdict.unfamiliar
+            caption["confidence"], caption["unfamiliar"] = verdict.confidence, verdict.unfamiliar
             if verdict.note:
                 caption["trust_note"] = verdict.note
             if explained:
@@ -259,6 +261,7 @@ class Captioner(nn.Module):
             log_prob = sum(log_probs)
             record = {
                 "score": verdict.score,
+                "confidence": verdict.confidence,
                 "log_prob": log_prob,
                 "perplexity": math.exp(min(-log_prob / len(log_probs), 700.0)),
                 "words": [
@@ -285,8 +288,11 @@ class Captioner(nn.Module):
             max_words: a caption is scored on its first ``max_words`` words (``"truncated"``).
 
         Returns:
-            Per caption, ``{"score", "log_prob", "perplexity", "words": [{"word", "prob"}],
-            "unknown_words", "truncated", "unfamiliar", "familiarity", "signals"}`` and a
+            Per caption, ``{"score", "confidence", "log_prob", "perplexity", "words": [{"word",
+            "prob"}], "unknown_words", "truncated", "unfamiliar", "familiarity", "signals"}``: the
+            score, the chance that the caption is the image's own rather than another
+            photograph's; the confidence, what ``caption`` would give it had the model written it
+            (``captioner.trust.TrustCalibration``); and a
             ``"trust_note"`` where ``score`` or ``unfamiliar`` cannot be told, or the calibration is
             not the model's own (``captioner.trust``). Unknown words are read as ``<unk>``, and
             listed; ``<end>`` is the last word of a caption that was not cut.
