@@ -61,3 +61,14 @@ def load_slow_ones_when_allowed(path, *args):
     if Path(str(path)).name.startswith("slow"):
         return load_when_allowed(path, *args)
     return load_model(path, *args)
+
+
+def load_with_default_decoding(*args):
+    """``load_model``'s model; one of the shapes world carries a default decoding as the library
+    may record one (beam of 5, two captions): what the service and the page start from."""
+    from captioner.options import DecodeOptions
+
+    model = load_model(*args)
+    if model.data.get("world") == "shapes":
+        model.default_decoding = DecodeOptions(mode="beam", beam_size=5, num_captions=2)
+    return model

@@ -351,16 +351,9 @@ def test_the_page_asks_for_a_key_once_says_when_it_is_refused_and_keeps_it_in_th
 
 
 @pytest.fixture(scope="module")
-def photo_server(trained_run, tmp_path_factory):
+def photo_server(photo_model):
     """The tiny model, recorded as trained on Flickr8k: what the page says such a model knows."""
-    from captioner.checkpoint import read_checkpoint, save_checkpoint
-
-    state = read_checkpoint(trained_run / "model.pt")
-    state = {k: v for k, v in state.items() if k not in ("format", "version", "created")}
-    flickr8k = {"name": "flickr8k", "format": "flickr", "world": None, "held_out": [], "images": {"train": 6000, "val": 1000}}
-    path = tmp_path_factory.mktemp("photo-model") / "model.pt"
-    save_checkpoint({**state, "data": {**state["data"], **flickr8k}}, path)
-    yield from _serve(create_app({"MODEL_PATH": str(path)}))
+    yield from _serve(create_app({"MODEL_PATH": str(photo_model)}))
 
 
 def test_a_flickr8k_model_says_it_knows_photographs_not_shapes(browser, photo_server):
@@ -370,3 +363,64 @@ def test_a_flickr8k_model_says_it_knows_photographs_not_shapes(browser, photo_se
     knows = browser.find_element(By.ID, "knows").text
     assert "Trained on Flickr8k: 7,000 photographs (6,000 for training)" in knows
     assert "people and dogs" in knows and "shapes" not in knows
+    # No shapes scenes to offer a photo model, and no operator's folder: no examples at all.
+    assert not browser.find_element(By.ID, "examples").is_displayed()
+    assert not browser.find_element(By.ID, "model-choice").is_displayed()  # one model: nothing to choose
+
+
+@pytest.fixture(scope="module")
+def two_model_server(trained_run, photo_model, tmp_path_factory):
+    """Two models: the shapes one (the default), whose default decoding is a beam of 5 with two
+    captions, and a photo one, with an operator's folder of examples (one image)."""
+    from tests import service_models
+
+    examples = tmp_path_factory.mktemp("examples")
+    scene_png(examples / "street.png", colour=(30, 160, 30))
+    with pytest.MonkeyPatch.context() as patch:
+        import service.app
+
+        patch.setattr(service.app, "load_model", service_models.load_with_default_decoding)
+        app = create_app({"MODELS": f"shapes={trained_run / 'model.pt'},photos={photo_model}", "EXAMPLES_DIR": str(examples)})
+    for slot in app.extensions["captioner"].models:
+        assert slot.current.wait_ready(60), slot.current.load_error
+    yield from _serve(app)
+
+
+def test_the_page_chooses_a_model_and_shows_the_examples_and_decoding_that_fit_it(browser, two_model_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(two_model_server + "/")
+    wait.until(lambda d: "shapes" in d.find_element(By.ID, "model").text)
+    choice = Select(browser.find_element(By.ID, "model-choice"))
+    assert [option.text for option in choice.options] == ["shapes", "photos"]
+    assert choice.first_selected_option.text == "shapes"
+    # The shapes model: the shapes world's scenes, and its own default decoding in the controls.
+    examples = [image.get_attribute("alt") for image in browser.find_elements(By.CSS_SELECTOR, "#examples .example img")]
+    assert examples == [f"shapes-{i}.png" for i in range(1, 5)]
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.get_attribute("value") == "beam"
+    assert browser.find_element(By.NAME, "beam_size").get_attribute("value") == "5"
+    assert browser.find_element(By.NAME, "num_captions").get_attribute("value") == "2"
+    picture = scene_png(tmp_path / "shapes.png")
+    browser.find_element(By.ID, "image-input").send_keys(str(picture))
+    caption_now(browser, wait)
+    assert shown_captions(browser) == api_captions(two_model_server, picture.read_bytes(), "model=shapes&mode=beam&beam_size=5&num_captions=2")
+
+    # The photo model: the operator's example, what it knows, captions from it; the address says which.
+    choice.select_by_value("photos")
+    wait.until(lambda d: "Flickr8k" in d.find_element(By.ID, "knows").text)
+    assert browser.find_elements(By.CSS_SELECTOR, "#captions li") == []  # the other model's answer is gone
+    [example] = browser.find_elements(By.CSS_SELECTOR, "#examples .example")
+    assert example.find_element(By.TAG_NAME, "img").get_attribute("alt") == "street.png"
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.get_attribute("value") == "greedy"  # none of its own
+    example.click()
+    wait.until(lambda d: "street.png" in d.find_element(By.ID, "file-name").text)
+    caption_now(browser, wait)
+    with urllib.request.urlopen(f"{two_model_server}/examples/photos/street.png", timeout=10) as response:
+        street = response.read()
+    assert shown_captions(browser) == api_captions(two_model_server, street, "model=photos&mode=greedy")
+    assert browser.current_url.endswith("?model=photos")
+    browser.refresh()  # the address keeps the choice
+    wait.until(lambda d: "Flickr8k" in d.find_element(By.ID, "knows").text)
+    assert Select(browser.find_element(By.ID, "model-choice")).first_selected_option.text == "photos"

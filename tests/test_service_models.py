@@ -210,6 +210,22 @@ def test_a_model_still_loading_keeps_no_other_from_answering(trained_run, tmp_pa
         stop_app(app)
 
 
+@pytest.mark.slow  # a model process of its own
+def test_a_models_default_decoding_is_listed_where_it_carries_one(trained_run, monkeypatch):
+    import service.app
+
+    monkeypatch.setattr(service.app, "load_model", service_models.load_with_default_decoding)
+    app = create_app({"MODEL_PATH": str(trained_run / "model.pt")})
+    try:
+        ready(app)
+        [listed] = app.test_client().get("/v1/models").get_json()["models"]
+        chosen = listed["default_decoding"]
+        assert (chosen["mode"], chosen["beam_size"], chosen["num_captions"]) == ("beam", 5, 2)
+        assert listed["name"] == "default" and listed["default"] is True
+    finally:
+        stop_app(app)
+
+
 # --- swapping a model in process ----------------------------------------------------------
 
 
@@ -280,6 +296,34 @@ def test_a_new_file_that_fails_its_checksum_or_cannot_load_is_refused_and_the_ol
     assert "does not match the checksum" in errors[0]["message"] and "cannot be read as a checkpoint" in errors[1]["message"]
     assert all("the new file is refused" in e["message"] and "keeps serving" in e["message"] for e in errors)
     assert all("exception" not in entry for entry in errors)  # no traceback: a file to fix, not a bug
+
+
+@pytest.mark.slow  # model processes started and stopped as the folder changes
+def test_a_folder_read_again_adds_the_models_put_in_it_and_retires_those_taken_out(trained_run, photo_model, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(trained_run / "model.pt", folder / "a-shapes.pt")
+    app = create_app({"MODELS": str(folder)})
+    models = app.extensions["captioner"].models
+    try:
+        ready(app)
+        shutil.copy(photo_model, folder / "b-photos.pt")
+        models.reload()
+        assert models.names() == ["a-shapes", "b-photos"]
+        wait_until(lambda: models.get("b-photos").ready, timeout=60)
+        client = app.test_client()
+        assert post_image(client, png(6), "model=b-photos").get_json()["model"]["name"] == "b-photos"
+        added = models.get("b-photos").current
+        (folder / "b-photos.pt").unlink()
+        models.reload()
+        error_of(post_image(client, png(6), "model=b-photos"), 400, "unknown_model")
+        wait_until(lambda: not added.is_alive(), timeout=30)  # no request held it: stopped at once
+        assert metric(app, "captioner_model_ready", 'model="b-photos"') == 0  # its gauge gone
+        (folder / "a-shapes.pt").unlink()
+        models.reload()  # an empty folder: refused, the models in use keep serving
+        assert models.names() == ["a-shapes"] and post_image(client, png(6)).status_code == 200
+    finally:
+        stop_app(app)
 
 
 # --- real servers and real signals ----------------------------------------------------------
@@ -438,4 +482,19 @@ def test_sighup_to_captioner_serve_swaps_a_model_answering_every_request(trained
     every = [answer for client in answers for answer in client]
     assert {status for status, _ in every} == {200}, [answer for answer in every if answer[0] != 200][:5]
     assert {version for _, version in every} == {old, new}
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow  # gunicorn's master, as a process
+def test_a_list_of_models_that_is_not_right_stops_gunicorn_in_one_line(tmp_path):
+    log = tmp_path / "gunicorn.log"
+    server = gunicorn(free_port(), log, CAPTIONER_MODELS="shapes=/a.pt,shapes=/b.pt")
+    try:
+        assert server.wait(timeout=60) != 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if "the name 'shapes' is given twice" in line] and len(lines) <= 3, lines
     assert "Traceback" not in log.read_text()

@@ -1,5 +1,6 @@
-// The captioner's page: choose, drop, paste or click an example image; caption it; point at a
-// word to see where the model looked when it said it. Plain JavaScript, no build step.
+// The captioner's page: choose a model, and drop, paste or click an example image that fits it;
+// caption it; point at a word to see where the model looked when it said it. Plain JavaScript,
+// no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +20,7 @@ const conceptLine = $("concepts");
 const staleNote = $("stale-note");
 const readout = $("word-readout");
 const fileName = $("file-name");
+const modelChoice = $("model-choice");
 
 const MB = 1024 * 1024;
 const touch = window.matchMedia("(pointer: coarse)").matches;
@@ -28,6 +30,8 @@ let chosen = null; // { file, type }: the image to caption and its sniffed conte
 let answer = null; // the last captions answer shown
 let pinned = null; // the word a tap or click fixed on the image: [caption, word]
 let previewUrl = null;
+let models = []; // /v1/models: each model the service serves, the default first
+let model = null; // the chosen one's entry
 
 // --- choosing an image ---------------------------------------------------------------------
 
@@ -120,7 +124,17 @@ function requestQuery() {
   for (const field of form.querySelectorAll("fieldset input, fieldset select")) {
     if (!field.closest("label").hidden && field.value !== "") query.append(field.name, field.value);
   }
+  // The model's default decoding may set options the form has no field for (re-ranking): sent
+  // with its own mode only, where they apply.
+  const chosen = model && model.default_decoding;
+  if (chosen && chosen.mode === mode.value) {
+    for (const [name, value] of Object.entries(chosen)) {
+      if (value === null || name === "explain" || form.elements.namedItem(name)) continue;
+      query.append(name, typeof value === "boolean" ? (value ? "1" : "0") : String(value));
+    }
+  }
   query.append("explain", "1");
+  if (model) query.append("model", model.name);
   return query;
 }
 
@@ -162,7 +176,7 @@ keyForm.addEventListener("submit", (event) => {
   $("api-key").value = "";
   keyForm.hidden = true;
   errorLine.hidden = true;
-  showModel();
+  showModels();
 });
 
 // The answer's JSON, or an Error that says what went wrong in words a person reads.
@@ -382,41 +396,94 @@ function showFacts(model) {
     `images up to ${megabytes(model.limits.max_bytes)} and ${(model.limits.max_pixels / 1e6).toFixed(0)} megapixels (${formatList()})`);
 }
 
-async function showModel() {
-  const line = $("model");
+// The models the service serves (the choice shown when there are several), then the chosen one:
+// the one named in the address (?model=NAME), else the default.
+async function showModels() {
   try {
-    const response = await apiFetch("/v1/model");
-    const model = await answerOf(response);
-    limits = model.limits;
-    line.textContent = `${model.name} (version ${model.version}, ${model.vocab_size} words)`;
-    $("knows").textContent = describeTraining(model);
-    $("knows").hidden = false;
-    form.querySelector("[name=max_length]").placeholder = `${model.decoding.defaults.max_length}`;
-    showFacts(model);
+    const listing = await answerOf(await apiFetch("/v1/models"));
+    models = listing.models;
+    const wanted = new URLSearchParams(location.search).get("model");
+    const entry = models.find((m) => m.name === wanted) || models.find((m) => m.default) || models[0];
+    modelChoice.replaceChildren(...models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.name;
+      option.textContent = m.ready ? m.name : `${m.name} (not ready)`;
+      return option;
+    }));
+    modelChoice.value = entry.name;
+    $("model-choice-label").hidden = models.length < 2;
+    await showModel(entry);
   } catch (err) {
-    line.textContent = err.message;
+    $("model").textContent = err.message;
   }
 }
 
+// Everything on the page that depends on the model: its card, what it knows, its examples and
+// the decoding it was chosen with.
+async function showModel(entry) {
+  model = entry;
+  const line = $("model");
+  document.body.dataset.world = (entry.trained_on && entry.trained_on.world) || "photos";
+  showExamples(entry.examples || []);
+  startDecodingFrom(entry.default_decoding);
+  try {
+    const card = await answerOf(await apiFetch(`/v1/model?model=${encodeURIComponent(entry.name)}`));
+    if (model !== entry) return; // another model was chosen meanwhile
+    limits = card.limits;
+    line.textContent = `${card.name} (version ${card.version}, ${card.vocab_size} words)`;
+    $("knows").textContent = describeTraining(card);
+    $("knows").hidden = false;
+    form.querySelector("[name=max_length]").placeholder = `${card.decoding.defaults.max_length}`;
+    $("model-facts").replaceChildren();
+    showFacts(card);
+  } catch (err) {
+    if (model === entry) line.textContent = err.message;
+  }
+}
+
+// The decoding controls start from the model's own default decoding, where it has one.
+function startDecodingFrom(chosen) {
+  form.reset();
+  for (const [name, value] of Object.entries(chosen || {})) {
+    const field = form.elements.namedItem(name);
+    if (field && value !== null && typeof value !== "boolean") field.value = String(value);
+  }
+  showModeOptions();
+}
+
+modelChoice.addEventListener("change", () => {
+  const entry = models.find((m) => m.name === modelChoice.value);
+  if (!entry || entry === model) return;
+  const address = new URL(location.href);
+  address.searchParams.set("model", entry.name);
+  history.replaceState(null, "", address);
+  clearAnswer();
+  showModel(entry);
+});
+
 // --- examples, and wiring ------------------------------------------------------------------
 
-async function showExamples() {
-  const response = await fetch("/static/examples/index.json");
-  if (!response.ok) return;
-  for (const example of await response.json()) {
+// The example images that fit the model (the shapes world's scenes for a shapes model, the
+// operator's for another; none without), each a button that chooses it.
+function showExamples(examples) {
+  const box = $("examples");
+  box.replaceChildren(box.firstElementChild); // the "Examples:" label stays
+  box.hidden = examples.length === 0;
+  for (const example of examples) {
+    const file = decodeURIComponent(example.url.split("/").pop());
     const button = document.createElement("button");
     button.type = "button";
     button.className = "example";
-    button.title = `example: ${example.file}`;
+    button.title = `example: ${file}`;
     const image = document.createElement("img");
-    image.src = `/static/examples/${example.file}`;
-    image.alt = example.file;
+    image.src = example.url;
+    image.alt = file;
     button.append(image);
     button.addEventListener("click", async () => {
       const blob = await (await fetch(image.src)).blob();
-      choose(new File([blob], example.file, { type: blob.type }));
+      choose(new File([blob], file, { type: blob.type }));
     });
-    $("examples").append(button);
+    box.append(button);
   }
 }
 
@@ -457,5 +524,4 @@ form.addEventListener("submit", caption);
 window.addEventListener("resize", () => showWord(pinned));
 if (touch) $("drop-hint").innerHTML = 'Tap <label for="image-input" class="link">choose an image</label>, or an example below';
 showModeOptions();
-showModel();
-showExamples();
+showModels();
