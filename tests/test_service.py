@@ -105,7 +105,8 @@ def test_multipart_upload_gives_captions_in_the_documented_shape(client, model_p
     assert body["model"] == {"name": "captioner-resnet18-lstm", "version": file_digest(model_path)}
     assert body["image"] == {"width": 40, "height": 30, "format": "PNG"}
     [caption] = body["captions"]
-    assert set(caption) == {"text", "log_prob", "perplexity", "finished"}
+    # With the trust fields (#45): the tiny model has no calibration nor caption memory, and says so.
+    assert set(caption) == {"text", "log_prob", "perplexity", "finished", "confidence", "unfamiliar", "trust_note"}
     assert caption["text"].strip() and caption["log_prob"] <= 0 and caption["perplexity"] >= 1
     # The model's own greedy caption of the image, and its scores.
     [[expected]] = Captioner.load(model_path).caption([png()])
