@@ -23,8 +23,7 @@ a list of models (CAPTIONER_MODELS) that is not right stops gunicorn before any 
 SIGHUP to the master has each worker read the key file and the models again, in place
 (service.models: a model whose file changed is loaded beside the one serving, which answers every
 request until the new one is ready), instead of gunicorn's reload: new workers, each loading every
-model, answered 503 while they loaded (15,507 of 16,243 requests of 8 clients in the 20 s after the
-signal, on 2 CPUs). New code takes a restart.
+model, answered most requests 503 while they loaded (docs/service.md). New code takes a restart.
 """
 
 import json
