@@ -1,4 +1,5 @@
-"""Offline batch captioning: many image files in, one record per image out, in input order.
+"""Offline batch captioning: many image files in, one record per image out, in input order; and
+batch scoring of given captions (``score_pairs``, ``run_score_job``: one record per pair, resumable alike).
 
 Three stages run at once: images are decoded (in DataLoader worker processes, or in the main
 thread), the CNN encodes the next batches in threads of its own, and the main thread writes the

@@ -1,4 +1,5 @@
-"""What a batch run reads and writes: image paths in, one record per image out, as lines.
+"""What a batch run reads and writes: image paths (or, to score, image-caption pairs: ``read_pairs``)
+in, one record per image (or pair) out, as lines.
 
 Plain files and text, without torch: the Ray engine's driver lists inputs and writes records with
 these and never imports torch (which costs it seconds before its actors start). The records are
@@ -225,7 +226,7 @@ class ScoreFormat:
     ``RecordFormat`` does caption's: a record is known by its image and caption, whitespace collapsed."""
 
     columns = [
-        "image", "caption", "score", "log_prob", "perplexity", "unfamiliar", "familiarity", "unknown_words",
+        "image", "caption", "score", "confidence", "log_prob", "perplexity", "unfamiliar", "familiarity", "unknown_words",
         "truncated", "word_probs", "error_code", "error_message",
     ]  # fmt: skip
 
@@ -243,12 +244,13 @@ class ScoreFormat:
             return strict_json(record) + "\n"
         error = record.get("error") or {}
         if error:
-            row = [record["image"], record["caption"]] + [""] * 8 + [error.get("code", ""), error.get("message", "")]
+            row = [record["image"], record["caption"]] + [""] * 9 + [error.get("code", ""), error.get("message", "")]
         else:
             row = [
-                record["image"], record["caption"], _cell(record["score"]), record["log_prob"], record["perplexity"],
-                _cell(record["unfamiliar"]), _cell(record["familiarity"]), " ".join(record["unknown_words"]),
-                _cell(record["truncated"]), " ".join(f"{w['prob']:.6g}" for w in record["words"]), "", "",
+                record["image"], record["caption"], _cell(record["score"]), _cell(record["confidence"]),
+                record["log_prob"], record["perplexity"], _cell(record["unfamiliar"]), _cell(record["familiarity"]),
+                " ".join(record["unknown_words"]), _cell(record["truncated"]),
+                " ".join(f"{w['prob']:.6g}" for w in record["words"]), "", "",
             ]  # fmt: skip
         return _csv_line(row)
 

@@ -1,8 +1,8 @@
 """Trust: how well a caption describes a photograph, judged from what the model keeps (#45).
 
-A caption's score reads no human caption of the photograph it is about: only the model's weights,
-its caption memory (its training photographs' pooled features and captions, ``consensus.py``)
-and its classifier's concepts. Five signals, each computed for one caption of one image:
+Nothing here reads a human caption of the photograph being judged: only the model's weights, its
+caption memory (its training photographs' pooled features and captions, ``consensus.py``) and its
+classifier's concepts. Five signals, each for one caption of one image:
 
 - ``log_prob``: the caption's mean log-probability per word (``<end>`` included) under the model,
   one teacher-forced pass (for a generated caption, decoding's own, at no cost);
@@ -15,15 +15,19 @@ and its classifier's concepts. Five signals, each computed for one caption of on
 - ``familiarity``: the photograph's greatest cosine similarity to any training photograph
   (pooled grid features, as the memory keeps them).
 
-A logistic regression of the signals (``TrustCalibration``: a weight per signal on standardised
-values and a bias), fitted on the dev split's photographs with their own references against other
-photographs' (``captioner calibrate-trust``), gives the ``score`` in [0, 1]. A photograph whose
-familiarity is below the calibration's ``threshold`` (chosen so that about 2% of dev photographs
-fall below it) is ``unfamiliar``: its score is capped at ``UNFAMILIAR_SCORE``, since none of the
-signals was ever measured on anything like it. docs/trust.md has the numbers behind each choice.
+Two logistic regressions of them (``Head``: a weight per standardised signal and a bias), fitted
+by ``captioner calibrate-trust`` on a dev split (``evaluation.calibrate_trust``), make the
+``TrustCalibration`` a checkpoint carries: the ``score`` of a given caption (the chance that it is
+the photograph's own reference rather than another's) and the ``confidence`` of a generated one
+(the chance that it does as well as a person's caption, by CIDEr-D). They read different signals
+because they were chosen by measurement: contrast tells own references from others' best, but
+says almost nothing of which generated captions are good, and its pass costs what greedy decoding
+does. A photograph whose familiarity is below the calibration's ``threshold`` (about 2% of dev
+photographs fall below it) is ``unfamiliar``, and both are capped at ``UNFAMILIAR_SCORE``: nothing
+they were fitted on was like it. docs/trust.md has the numbers behind each choice.
 
-The fitting helpers (``fit_logistic``, ``auc``, ``kendall_tau``, ``reliability``, ``dev_pairs``)
-are plain numpy, so that a calibration is a few numbers that any checkpoint can carry.
+The fitting and measuring helpers (``fit_logistic``, ``auc``, ``kendall_tau``, ``reliability``,
+``dev_pairs``) are plain numpy, so that a calibration is a few numbers.
 """
 
 from __future__ import annotations

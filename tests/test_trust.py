@@ -303,6 +303,8 @@ def test_a_scoring_run_resumes_after_its_last_whole_record(capsys, tmp_path, cal
         assert [(r["image"], r["caption"]) for r in got] == [(r["image"], r["caption"]) for r in want]
         assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-4)
     else:
+        header = expected.splitlines()[0].split(",")
+        assert header[:4] == ["image", "caption", "score", "confidence"] and header[-2:] == ["error_code", "error_message"]
         assert resumed.read_text().splitlines()[0] == expected.splitlines()[0]
         assert [line.split(",")[:2] for line in resumed.read_text().splitlines()] == [line.split(",")[:2] for line in expected.splitlines()]
     # Another job's pairs are refused, not appended to.
