@@ -34,7 +34,7 @@ CELLS = ("lstm", "gru", "rnn")  # the decoder's recurrent cell
 MAX_CAPTIONS = 10
 MAX_BEAM_SIZE = 16
 MAX_LENGTH = 100
-SCORED_WORDS = 50  # captioner score reads a caption's first this many words (Flickr8k's longest has 38)
+SCORED_WORDS = 50  # captioner score reads a caption's first this many words (the longest Flickr8k caption has 36)
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **argparse_extras) -> Any:

@@ -226,7 +226,7 @@ class ScoreFormat:
     ``RecordFormat`` does caption's: a record is known by its image and caption, whitespace collapsed."""
 
     columns = [
-        "image", "caption", "score", "confidence", "log_prob", "perplexity", "unfamiliar", "familiarity", "unknown_words",
+        "image", "caption", "score", "log_prob", "perplexity", "unfamiliar", "familiarity", "unknown_words",
         "truncated", "word_probs", "error_code", "error_message",
     ]  # fmt: skip
 
@@ -244,11 +244,11 @@ class ScoreFormat:
             return strict_json(record) + "\n"
         error = record.get("error") or {}
         if error:
-            row = [record["image"], record["caption"]] + [""] * 9 + [error.get("code", ""), error.get("message", "")]
+            row = [record["image"], record["caption"]] + [""] * 8 + [error.get("code", ""), error.get("message", "")]
         else:
             row = [
-                record["image"], record["caption"], _cell(record["score"]), _cell(record["confidence"]),
-                record["log_prob"], record["perplexity"], _cell(record["unfamiliar"]), _cell(record["familiarity"]),
+                record["image"], record["caption"], _cell(record["score"]), record["log_prob"], record["perplexity"],
+                _cell(record["unfamiliar"]), _cell(record["familiarity"]),
                 " ".join(record["unknown_words"]), _cell(record["truncated"]),
                 " ".join(f"{w['prob']:.6g}" for w in record["words"]), "", "",
             ]  # fmt: skip

@@ -8,9 +8,12 @@ confidence with generated captions' CIDEr-D, on the held-out half of the dev spl
    predicted bins against the observed share of own references among the held-out dev pairs, and
    the confidence's against the observed parity of the held-out generated captions;
 2. scores pictures that are no photograph (noise, blank images, a page of text, shapes-world
-   scenes): their familiarity, and whether they are flagged;
+   scenes), and captions them: their familiarity, whether they are flagged, the score of a caption
+   given to each and the confidence of the model's own;
 3. times what the confidence adds to captioning: the CNN, decoding and ``describe`` with and without
-   it, one image at a time as the service sees them and in batches as ``captioner caption`` does.
+   it, one image at a time as the service sees them and in batches as ``captioner caption`` does;
+4. with ``--contrasts``, compares blind images for the contrast signal on the held-out half's pairs:
+   the AUC of own references against others' of the contrast under each.
 
     captioner calibrate-trust runs/flickr8k-concepts/model.pt --data ../shared/flickr8k/Flickr8k.token.txt \\
         --skip-missing --report /tmp/trust-report.json
@@ -35,8 +38,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner.data.datasets import load_dataset
+from captioner.features import cached_features, default_cache_dir
 from captioner.models.captioner import Captioner
 from captioner.options import DecodeOptions
+from captioner.trust import Head, auc, blind_features, caption_tokens, dev_pairs, token_log_probs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report", required=True, help="the JSON report captioner calibrate-trust --report wrote")
     parser.add_argument("--figure", default=None, help="the reliability figure (PNG) to write")
     parser.add_argument("--output", default=None, help="write every number here as JSON")
+    parser.add_argument("--contrasts", action="store_true", help="compare blind images for the contrast (minutes)")
+    parser.add_argument("--feature-cache", default=None, help="feature cache for --contrasts (default: captioner's)")
+    parser.add_argument("--seed", type=int, default=0, help="calibrate-trust's seed (its pairs and halves)")
     parser.add_argument("--name", default=None, help="the model's name in the figure (default: its run folder's)")
     parser.add_argument("--timing", type=int, default=64, help="dev photographs to time captioning on (0: none)")
     parser.add_argument("--beam-size", type=int, default=16, help="beam search's width (scripts/photos.sh: 16)")
@@ -95,6 +103,52 @@ def reliability_figure(report: dict, path: Path, model_name: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def contrast_study(model: Captioner, records, features: torch.Tensor, seed: int) -> dict:
+    """Blind images for the contrast, on calibrate-trust's pairs and halves: the AUC (all, near, far)
+    on the held-out half of the contrast alone, and of the score fitted on the other half with it."""
+    config = model.decoder.config
+    grid = features[:, : config.grid_dim]
+    pooled = torch.nn.functional.normalize(grid.view(len(grid), -1, config.cells).mean(dim=2), dim=1)
+    pairs = dev_pairs(pooled @ pooled.T, [len(r.captions) for r in records], seed=seed)  # calibrate-trust's
+    fitted = np.random.default_rng(seed).permutation(len(records)) < len(records) // 2
+    tokens = [caption_tokens(records[p.source].captions[p.caption], model.vocab) for p in pairs]
+    rows = [t.ids for t in tokens]
+    lengths = np.array([len(r) for r in rows])
+
+    def under(blind: torch.Tensor, images: list[int]) -> np.ndarray:
+        return np.array([sum(x) for x in token_log_probs(model.decoder, blind, rows, model.ids, images)])
+
+    own = under(features, [p.image for p in pairs])
+    others = model.judge().signals(features, [p.image for p in pairs], rows, [t.words for t in tokens], own.tolist(), contrast=False)
+    rest = np.array([[v[s] for s in ("log_prob", "consensus", "concepts")] for v in others])
+    mean = features[torch.from_numpy(np.flatnonzero(fitted))].mean(dim=0, keepdim=True)  # the fitting half's mean photograph
+    generator = np.random.default_rng(seed + 1)
+    blinds = {
+        "zero grid, classifier giving no class anything": lambda: under(torch.zeros(1, config.feature_dim), [0] * len(rows)),
+        "zero grid, classifier undecided (chosen)": lambda: under(blind_features(config), [0] * len(rows)),
+        "the mean dev photograph (fitting half)": lambda: under(mean, [0] * len(rows)),
+        "4 random dev photographs, mean": lambda: sum(under(features, generator.integers(len(records), size=len(rows)).tolist()) for _ in range(4)) / 4,
+    }  # fmt: skip
+    labels = np.array([p.label for p in pairs])
+    kinds = np.array([p.kind for p in pairs])
+    fit, held = fitted[[p.image for p in pairs]], ~fitted[[p.image for p in pairs]]
+
+    def aucs(column: np.ndarray) -> dict:
+        found = {"auc": auc(column[held], labels[held])}
+        for kind in ("near", "far"):
+            keep = held & ((kinds == "own") | (kinds == kind))
+            found[f"auc_{kind}"] = auc(column[keep], labels[keep])
+        return found
+
+    alone, combined = {"none (log_prob per word)": aucs(own / lengths)}, {}
+    for name, blind in blinds.items():
+        contrast = (own - blind()) / lengths
+        alone[name] = aucs(contrast)
+        values = np.column_stack([rest[:, :1], contrast, rest[:, 1:]])  # log_prob, contrast, consensus, concepts
+        combined[name] = aucs(Head.fit(("log_prob", "contrast", "consensus", "concepts"), values[fit], labels[fit]).probability(values))
+    return {"pairs_held_out": int(held.sum()), "contrast_alone": alone, "score_with_it": combined}
 
 
 def strange_pictures(shapes_dir: Path) -> dict[str, Image.Image]:
@@ -156,9 +210,18 @@ def main(args: argparse.Namespace) -> dict:
     records = load_dataset(args.data, images=args.images, skip_missing=True).split(args.split)
     study["score"] = {k: report["score"]["held_out"][k] for k in ("auc", "auc_near", "auc_far", "expected_calibration_error")}
     study["confidence"] = {k: v for k, v in report["confidence"]["held_out"].items() if k != "reliability"}
+    if args.contrasts:
+        cache = Path(args.feature_cache) if args.feature_cache else default_cache_dir()
+        features = cached_features(model.encoder, [r.path for r in records], cache_dir=cache, device=model.device, progress=True)
+        study["contrasts"] = contrast_study(model, records, features, args.seed)
+        print(json.dumps(study["contrasts"], indent=1), flush=True)
     pictures = strange_pictures(Path(tempfile.mkdtemp(prefix="trust-study-shapes-")))
     scored = model.score(list(pictures.values()), ["a dog runs through the grass"] * len(pictures))
-    study["strange"] = {name: {k: s[k] for k in ("familiarity", "unfamiliar", "score", "confidence")} for name, s in zip(pictures, scored)}
+    captions = model.caption(list(pictures.values()))  # greedy: the confidence of the model's own caption
+    study["strange"] = {
+        name: {**{k: s[k] for k in ("familiarity", "unfamiliar", "score")}, "caption": c[0]["text"], "confidence": c[0]["confidence"]}
+        for name, s, c in zip(pictures, scored, captions)
+    }
     study["threshold"] = model.trust.threshold
     print(json.dumps(study["strange"], indent=1), flush=True)
     if args.timing:

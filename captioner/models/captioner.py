@@ -261,7 +261,6 @@ class Captioner(nn.Module):
             log_prob = sum(log_probs)
             record = {
                 "score": verdict.score,
-                "confidence": verdict.confidence,
                 "log_prob": log_prob,
                 "perplexity": math.exp(min(-log_prob / len(log_probs), 700.0)),
                 "words": [
@@ -288,11 +287,11 @@ class Captioner(nn.Module):
             max_words: a caption is scored on its first ``max_words`` words (``"truncated"``).
 
         Returns:
-            Per caption, ``{"score", "confidence", "log_prob", "perplexity", "words": [{"word",
-            "prob"}], "unknown_words", "truncated", "unfamiliar", "familiarity", "signals"}``: the
-            score, the chance that the caption is the image's own rather than another
-            photograph's; the confidence, what ``caption`` would give it had the model written it
-            (``captioner.trust.TrustCalibration``); and a
+            Per caption, ``{"score", "log_prob", "perplexity", "words": [{"word", "prob"}],
+            "unknown_words", "truncated", "unfamiliar", "familiarity", "signals"}``, the score the
+            chance that the caption is the image's own rather than another photograph's
+            (``captioner.trust.TrustCalibration``: a generated caption's ``confidence`` is another
+            question, asked by ``describe``); and a
             ``"trust_note"`` where ``score`` or ``unfamiliar`` cannot be told, or the calibration is
             not the model's own (``captioner.trust``). Unknown words are read as ``<unk>``, and
             listed; ``<end>`` is the last word of a caption that was not cut.
