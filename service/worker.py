@@ -9,9 +9,9 @@ of its first byte is dropped. A larger body is read by the request thread agains
 deadline, so a slow one holds a thread for at most that long.
 
 An answer given before the body was read (429 busy, 401, 503, a bad option) keeps its word: a
-body within the app's MAX_CONTENT_LENGTH is read and thrown away after the answer, against the
-request's read deadline, and the connection stays open as the answer said; a body declared larger
-is answered "Connection: close". (gunicorn reads at most 64 KiB of such a body and then closes a
+body within the app's MAX_CONTENT_LENGTH is read and thrown away after the answer, for at most 5 s
+(and within the request's read deadline), and the connection stays open as the answer said; a
+body declared larger is answered "Connection: close". (gunicorn reads at most 64 KiB of such a body and then closes a
 connection it had announced kept alive: a client sending half a megabyte met a reset.)
 
 On SIGTERM, requests in flight finish and are answered "Connection: close"; kept-alive
@@ -33,6 +33,7 @@ answer leaves in one send.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import select
@@ -54,6 +55,9 @@ STOP_LINGER_S = 2.0  # while stopping, how long a kept-alive connection outlives
 BODY_PREBUFFER = 256 * 1024  # bodies up to this are read in the loop with the head
 GATHER_LIMIT = 256 * 1024  # an answer's writes gathered beyond this are sent on
 DRAIN_STEP = 64 * 1024  # bytes of an unread body read and thrown away at a time
+# How long a request thread reads an unread body after the answer (gunicorn's own bound): a client
+# sending the rest slowly must not hold a thread for the whole read deadline for a refused request.
+DRAIN_TIMEOUT_S = 5.0
 DEFAULT_BODY_LIMIT = 16 * 1024 * 1024  # the app's MAX_CONTENT_LENGTH, for an app without one
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r\n", re.IGNORECASE)
 
@@ -351,8 +355,9 @@ class CaptionerWorker(ThreadWorker):
 
     def _keepalive_after(self, conn, keepalive):
         """Whether the connection can serve another request: what the app left of the body is
-        read and thrown away first, up to ``body_limit`` bytes and until the request's read
-        deadline (gunicorn reads 64 KiB at most, and closes a connection it announced kept alive)."""
+        read and thrown away first, up to ``body_limit`` bytes, for DRAIN_TIMEOUT_S at most and
+        within the request's read deadline (gunicorn reads 64 KiB at most, and closes a
+        connection it announced kept alive)."""
         if not keepalive:
             return False
         body = getattr(conn.parser.mesg, "body", None)
@@ -361,6 +366,7 @@ class CaptionerWorker(ThreadWorker):
         if getattr(body, "failed", False) is True:
             return False  # where the next request starts is unknown
         drained = 0
+        conn.sock.deadline = min(conn.sock.deadline or math.inf, time.monotonic() + DRAIN_TIMEOUT_S)
         try:
             while drained <= self.body_limit:
                 data = body.read(DRAIN_STEP)

@@ -294,6 +294,32 @@ def test_a_429_to_a_large_body_on_a_kept_alive_connection_keeps_its_word(default
     assert statuses.count(429) > 0 and statuses.count(200) > 0  # it was overloaded, and served
 
 
+def test_a_refused_body_sent_slowly_is_read_for_seconds_not_the_whole_read_deadline(default_server):
+    """Reading a refused request's body holds a request thread: a client sending it slowly is cut
+    after DRAIN_TIMEOUT_S (5 s), not at the request's read deadline (20 s)."""
+    server = default_server
+    head = b"POST /v1/captions?model=nobody HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"\0" * 300_000)  # past what the worker reads with the head
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400") and b"Connection: close" not in answer, answer[:300]
+        started = time.monotonic()
+        sock.settimeout(0.5)
+        closed = False
+        while not closed and time.monotonic() - started < 15:
+            try:
+                sock.sendall(b"\0" * 1024)  # a kilobyte every half second
+                closed = sock.recv(65536) == b""
+            except TimeoutError:
+                pass
+            except OSError:  # reset
+                closed = True
+        took = time.monotonic() - started
+    assert closed and 3 < took < 10, took
+
+
 def rss_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
