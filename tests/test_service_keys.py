@@ -147,6 +147,8 @@ def test_a_wrong_key_is_401_and_is_never_echoed(locked):
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
     assert wrong not in response.get_data(as_text=True)
     error_of(client_at(locked, "10.0.1.2").get("/v1/model", headers={"Authorization": f"Basic {KEY}"}), 401, "unauthorized")
+    error_of(client_at(locked, "10.0.1.2").get("/v1/models"), 401, "unauthorized")  # the list of models too
+    assert client_at(locked, "10.0.1.2").get("/v1/models", headers=bearer(KEY)).status_code == 200
 
 
 @pytest.mark.slow  # the only user of a second app
