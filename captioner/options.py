@@ -555,7 +555,10 @@ class InspectOptions:
 class ServeOptions:
     """``captioner serve``: the development server."""
 
-    model: str = _model_file()
+    model: str = option(
+        help="a model file (model.pt), a folder of model files, or several as name=path,name=path (the first the default)",
+        positional=True,
+    )
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     cnn: str = _cnn()
