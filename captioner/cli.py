@@ -17,6 +17,8 @@ from captioner.options import (
     CalibrateOptions,
     CaptionJob,
     DecodeOptions,
+    MODES,
+    DecodingDefaultOptions,
     EvaluateOptions,
     InspectOptions,
     PlotOptions,
@@ -27,6 +29,8 @@ from captioner.options import (
     TrainConfig,
     TrustOptions,
     add_dataclass_arguments,
+    field_types,
+    parse_decoding,
     from_args,
 )
 
@@ -77,8 +81,11 @@ def cmd_train(config: TrainConfig) -> None:
     )
 
 
-def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
+def cmd_caption(job: CaptionJob, given: dict) -> None:
     if job.engine == "ray":
+        from captioner.checkpoint import read_checkpoint
+
+        options = DecodeOptions.resolve(read_checkpoint(job.model).get("decoding"), given)
         try:
             from captioner.batch_ray import run_ray_job
         except ImportError as exc:
@@ -100,6 +107,7 @@ def cmd_caption(job: CaptionJob, options: DecodeOptions) -> None:
         if process.distributed and not job.output:
             raise CaptionerError("under torchrun, --output is needed: each process writes its part of it")
         model = Captioner.load(job.model, device, cnn=job.cnn)
+        options = model.decode_options(**given)
         workers = decoding_workers() if job.num_workers is None else job.num_workers
         if not os.environ.get("OMP_NUM_THREADS"):  # torchrun sets it when it starts several processes
             # The CNN's pool leaves a CPU to the main thread writing captions and one to each decoding worker.
@@ -180,7 +188,7 @@ def _threshold(value: float | None) -> str:
     return "n/a (no caption memory)" if value is None else f"{value:.4f}"
 
 
-def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
+def cmd_evaluate(job: EvaluateOptions, given: dict) -> None:
     from captioner.data.datasets import load_dataset
     from captioner.evaluation import coco_results, evaluate_split, summary_table
     from captioner.io import atomic_write, strict_json
@@ -190,7 +198,7 @@ def cmd_evaluate(job: EvaluateOptions, options: DecodeOptions) -> None:
     dataset = load_dataset(job.data, format=job.format, images=job.images, skip_missing=job.skip_missing)
     dataset.split(job.split)  # an absent split is an error before the model loads
     model = Captioner.load(job.model, resolve_device(job.device), cnn=job.cnn)
-    report, captions = evaluate_split(model, dataset, job.split, options=options, batch_size=job.batch_size, progress=True)
+    report, captions = evaluate_split(model, dataset, job.split, options=model.decode_options(**given), batch_size=job.batch_size, progress=True)
     text = strict_json(report, indent=2)
     for path, content in ((job.output, text), (job.save_captions, strict_json(coco_results(captions), indent=1))):
         if path:
@@ -228,7 +236,7 @@ def cmd_calibrate(job: CalibrateOptions) -> None:
     )
 
 
-def cmd_inspect(job: InspectOptions, options: DecodeOptions) -> None:
+def cmd_inspect(job: InspectOptions, given: dict) -> None:
     from captioner.data.datasets import load_dataset
     from captioner.inspection import inspect_images, inspect_split, training_history
     from captioner.models.captioner import Captioner
@@ -242,7 +250,7 @@ def cmd_inspect(job: InspectOptions, options: DecodeOptions) -> None:
     model = Captioner.load(job.model, resolve_device(job.device))
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
-    written = inspect_images(model, paths, options, out)
+    written = inspect_images(model, paths, model.decode_options(**given), out)
     if dataset:
         history = training_history(Path(job.model))
         written += inspect_split(model, dataset, job.split, out, max_captions=job.max_captions,
@@ -260,6 +268,17 @@ def cmd_serve(options: ServeOptions) -> None:
     from service import serve
 
     serve(options.model, host=options.host, port=options.port, cnn=options.cnn, api_keys_file=options.api_keys_file)
+
+
+def cmd_decoding(job: DecodingDefaultOptions) -> None:
+    from captioner.checkpoint import read_checkpoint, save_checkpoint
+    from captioner.io import strict_json
+
+    state = read_checkpoint(job.model)
+    if job.set is not None:
+        state["decoding"] = parse_decoding(job.set)
+        save_checkpoint(state, job.model)  # atomic, with a new checksum
+    print(strict_json(state.get("decoding", {})))
 
 
 # Each subcommand: its function, its help, and the option dataclasses its arguments come from.
@@ -295,6 +314,11 @@ COMMANDS = {
         ),
         (InspectOptions, DecodeOptions),
     ),
+    "decoding": (
+        cmd_decoding,
+        "show or change the decoding a model answers with when asked for none (its default decoding)",
+        (DecodingDefaultOptions,),
+    ),
     "plot": (cmd_plot, "draw a run's training curves (loss, perplexity, gradient norm, BLEU-4, CIDEr)", (PlotOptions,)),
     "serve": (
         cmd_serve,
@@ -313,12 +337,28 @@ def given_options(argv: list[str], command: str) -> set[str]:
     return set(vars(parser.parse_args(argv))) - {"command"}
 
 
+def decoding_given(argv: list[str], args: argparse.Namespace) -> dict:
+    """The decoding options ``argv`` names, by name; a value no mode takes is refused before the
+    model loads (which mode applies waits for the model's default decoding)."""
+    given = {name: getattr(args, name) for name in given_options(argv, args.command) & set(field_types(DecodeOptions))}
+    errors = []
+    for mode in [given["mode"]] if "mode" in given else MODES:
+        try:
+            DecodeOptions.resolve({"mode": mode}, given)
+            return given
+        except CaptionerError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     command, _, classes = COMMANDS[args.command]
     try:
-        configs = [from_args(cls, args) for cls in classes]  # bad values: CaptionerError, one line
+        # Bad values: CaptionerError, one line. Decoding options are those named: the rest come from
+        # the model's default decoding, once it is loaded (``Captioner.decode_options``).
+        configs = [from_args(cls, args) if cls is not DecodeOptions else decoding_given(argv, args) for cls in classes]
         if args.command == "train" and args.preset:  # an option given as its default value is still given
             for name in given_options(argv, "train") & set(PRESETS[args.preset]):
                 setattr(configs[0], name, getattr(args, name))

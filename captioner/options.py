@@ -176,6 +176,20 @@ class DecodeOptions:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def resolve(cls, defaults: dict | None, given: dict) -> DecodeOptions:
+        """The options of a request: a model's ``defaults`` (the decoding it was chosen with, its
+        checkpoint's; None: none), overridden by the options ``given``. A default that the
+        decoding's mode does not use (the default beam's size, for a request for greedy) is left out.
+
+        Raises:
+            CaptionerError: a given or default value that is not right.
+        """
+        defaults = dict(defaults or {})
+        mode = given.get("mode", defaults.get("mode", MODES[0]))
+        kept = {k: v for k, v in defaults.items() if (k not in MODE_OPTIONS or mode in MODE_OPTIONS[k]) and k not in given}
+        return cls(**{**kept, **given})
+
 
 # --- Which decoding options each mode uses: one rule for every option ---------------------------
 # An option the chosen mode does not use is refused, never silently ignored: set to anything but its
@@ -189,6 +203,28 @@ MODE_OPTIONS = {
     "beam_size": ("beam",),
     "rerank": ("beam",),
 }  # options not listed (mode, max_length, explain) apply to every mode
+
+
+def parse_decoding(text: str | None) -> dict:
+    """``"mode=beam,beam_size=16"`` -> ``{"mode": "beam", "beam_size": 16}``, typed by DecodeOptions'
+    fields and checked by it; None or "" -> {}.
+
+    Raises:
+        CaptionerError: an unknown option, a value of the wrong type, or one DecodeOptions refuses.
+    """
+    types, values = field_types(DecodeOptions), {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in types or not value:
+            raise CaptionerError(f"a default decoding is name=value pairs of {', '.join(types)}, not {item!r}")
+        kind = types[name]
+        try:
+            values[name] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value.strip())
+        except ValueError:
+            raise CaptionerError(f"{name} must be a {kind.__name__}, not {value!r}") from None
+    DecodeOptions.resolve(values, {})  # refused now, not when the model is first asked
+    return values
 
 
 def check_applicable(mode: str, names) -> None:
@@ -222,6 +258,7 @@ PRESETS = {
     "photos": dict(
         hidden_size=512, embed_dim=128, dropout=0.5, min_count=5, precision="bfloat16", epochs=6, batch_size=64,
         lr=2e-3, self_critical_epochs=1, self_critical_lr=5e-5, val_images=500,
+        decoding="mode=beam,beam_size=16,concept_boost=1",
     ),
 }  # fmt: skip
 
@@ -273,6 +310,11 @@ class TrainConfig:
     )
     colour_path: bool = option(
         True, "shapes world: the CNN reads colour one pixel at a time, and shape and size without colour"
+    )
+    decoding: str | None = option(
+        None,
+        "the decoding the model answers with when asked for none, stored in it: options of caption as "
+        "name=value,name=value (e.g. mode=beam,beam_size=16); captioner decoding changes it later",
     )
     copy_labels: bool = option(
         True, "say the class names the encoder's cell head reads (shapes world) by copying them from the attended cell"
@@ -343,6 +385,7 @@ class TrainConfig:
                 if getattr(self, name) == defaults[name]:
                     setattr(self, name, value)
         # Refuse bad options before any work is done.
+        parse_decoding(self.decoding)
         if not 0 < self.val_fraction < 1:
             raise CaptionerError("val fraction must be between 0 and 1 (a share of the training images)")
         if self.encoder is not None and self.encoder not in BACKBONES:
@@ -517,6 +560,16 @@ class TrustOptions:
             raise CaptionerError(f"beam_size must be between 0 (greedy captions only) and {MAX_BEAM_SIZE}")
         if self.batch_size < 1:
             raise CaptionerError("batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class DecodingDefaultOptions:
+    """``captioner decoding``: show or change the decoding a model answers with when asked for none."""
+
+    model: str = _model_file()
+    set: str | None = option(
+        None, "replace it: caption's options as name=value,name=value (e.g. mode=beam,beam_size=16); '' clears it"
+    )
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.concepts import ConceptMap
 from captioner.models.decoder import DecoderConfig, AttentionDecoder
 from captioner.models.encoder import Encoder, EncoderConfig, weights_fingerprint
-from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig
+from captioner.options import PHOTO_ENCODER, PHOTO_RERANK, SHAPES_WORLD_ENCODER, TrainConfig, parse_decoding
 from captioner.runtime import resolve_device
 from captioner.self_critical import sample_length, self_critical_epoch
 from captioner.shapes import GRID
@@ -351,6 +351,8 @@ def _prepare(config: TrainConfig, dataset: Dataset, val_records, out: Path, devi
         model = grown_model(config, dataset)
     else:
         model = build_model(config, dataset, out, device)
+    if not resumed and (config.decoding is not None or not config.init):  # a grown model keeps its own unless told
+        model.default_decoding = parse_decoding(config.decoding)
     model.to(device)
     cache_dir = Path(config.feature_cache) if config.feature_cache else default_cache_dir()
     args = dict(cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=config.progress)

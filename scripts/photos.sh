@@ -19,20 +19,17 @@ for f in Flickr8k.token.txt Flickr_8k.testImages.txt images; do
 done
 mkdir -p "$out"
 
-# EfficientNet-Lite0 at 224 px with ImageNet weights (the photo default), attention over its 7 x 7
-# grid, word2vec trained on the training captions; 6 epochs of cross-entropy, then one of
-# self-critical training on CIDEr-D, the steps in bfloat16 (float32 weights); each epoch's greedy
-# dev scores (to keep the best) on 500 of the 1,000 dev photographs, for time. How these were
+# EfficientNet-Lite0 at 224 px with ImageNet weights and its classifier's concepts (the photo
+# default), attention over its 7 x 7 grid, word2vec trained on the training captions; the photo
+# preset (captioner/options.py PRESETS, `captioner train --help`): 6 epochs of cross-entropy, then
+# one of self-critical training on CIDEr-D, the steps in bfloat16 (float32 weights); each epoch's
+# greedy dev scores (to keep the best) on 500 of the 1,000 dev photographs, for time. How these were
 # chosen: docs/photos.md.
-# Captions by beam search of 16 (the widest), re-ranked by the captions of the 20 training
-# photographs most like each photograph (the model keeps them: captioner/consensus.py) and by what
-# the CNN's classifier sees, with the copy of its concepts boosted by 1; chosen on dev,
-# docs/photos.md and docs/concepts.md.
-decoding=(--mode beam --beam-size 16 --concept-boost 1)
-train_options=(
-  --hidden-size 512 --embed-dim 128 --dropout 0.5 --min-count 5 --precision bfloat16
-  --epochs 6 --batch-size 64 --lr 2e-3 --self-critical-epochs 1 --self-critical-lr 5e-5 --val-images 500
-)
+# The model's default decoding, set by the preset: beam search of 16 (the widest), re-ranked by the
+# captions of the 20 training photographs most like each photograph (the model keeps them:
+# captioner/consensus.py) and by what the CNN's classifier sees, with the copy of its concepts
+# boosted by 1; chosen on dev, docs/photos.md and docs/concepts.md. evaluate and caption use it.
+train_options=(--preset photos)
 echo "== training on $data into $out (the CNN's features first, once)"
 resume=()
 [ -f "$out/last.pt" ] && resume=(--resume)
@@ -42,13 +39,13 @@ trained=$SECONDS
 
 echo "== the dev split's scores (beam search) into $out/report.json"
 "$bin/captioner" evaluate "$out/model.pt" --data "$data/Flickr8k.token.txt" --skip-missing --split val \
-  "${decoding[@]}" --output "$out/report.json" --save-captions "$out/dev-captions.json"
+  --output "$out/report.json" --save-captions "$out/dev-captions.json"
 evaluated=$SECONDS
 
 echo "== captions of the test split (beam search) into $out/test-captions.jsonl"
 root=$(cd "$data" && pwd)
 sed -e 's/\r$//' -e '/^$/d' -e "s|^|$root/images/|" "$data/Flickr_8k.testImages.txt" > "$out/test-images.txt"
-"$bin/captioner" caption "$out/model.pt" "$out/test-images.txt" "${decoding[@]}" --output "$out/test-captions.jsonl"
+"$bin/captioner" caption "$out/model.pt" "$out/test-images.txt" --output "$out/test-captions.jsonl"
 
 epochs=$("$bin/python" -c '
 import json, sys
@@ -62,6 +59,6 @@ Done in $((SECONDS - started)) s: training $((trained - started)) s (its epochs,
 $epochs s; the rest is reading the data and the CNN's features), dev evaluation $((evaluated - trained)) s,
 test captions $((SECONDS - evaluated)) s. The model is $out/model.pt
   its dev scores:       $out/report.json
-  caption photographs:  $bin/captioner caption $out/model.pt IMAGE_OR_FOLDER... ${decoding[*]}
+  caption photographs:  $bin/captioner caption $out/model.pt IMAGE_OR_FOLDER...
   serve it over HTTP:   $bin/captioner serve $out/model.pt   (then open http://127.0.0.1:8000/)
 MSG

@@ -70,18 +70,19 @@ def captions():
 
 def _caption(started: float):
     hold_body_to_limit(request, current_app.config["MAX_CONTENT_LENGTH"])
-    options = read_options(request)
+    read_options(request)  # a bad option is a 400 before the model is asked for
     slot = _slot(model_name(request))  # now a form field too
     # From here to its answer the request holds the model that serves the name now: a swap
     # (service.models) stops it only once this request has been answered.
     with slot.lease() as model_process:
         if not model_process.ready:
             raise _not_ready(model_process)
-        return _caption_with(slot.name, model_process, options, started)
+        return _caption_with(slot.name, model_process, started)
 
 
-def _caption_with(name: str, model_process: ModelProcess, options, started: float):
+def _caption_with(name: str, model_process: ModelProcess, started: float):
     served = model_process.served
+    options = read_options(request, served.default_decoding)
     rerank = served.card["decoding"]["rerank"]
     try:  # a model-dependent option: refused here, as read_options refuses the others
         neighbours_for(options.mode, options.rerank, (rerank["neighbours"], rerank["images"]) if rerank else None)

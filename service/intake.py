@@ -86,8 +86,9 @@ def read_image_bytes(request: Request) -> bytes:
     return data
 
 
-def read_options(request: Request) -> DecodeOptions:
-    """Decoding options from the query string and multipart form fields.
+def read_options(request: Request, defaults: dict | None = None) -> DecodeOptions:
+    """Decoding options from the query string and multipart form fields, over the model's
+    ``defaults`` (its default decoding: ``DecodeOptions.resolve``).
 
     Raises:
         ServiceError: 400 ``unknown_option`` or ``invalid_option`` with a message naming the option.
@@ -111,7 +112,7 @@ def read_options(request: Request) -> DecodeOptions:
             values[name] = given[0]
     typed = {name: _convert(name, text) for name, text in values.items()}
     try:
-        options = DecodeOptions(**typed)
+        options = DecodeOptions.resolve(defaults, typed)
         check_applicable(options.mode, values)  # named at all, even at its default
         return options
     except CaptionerError as exc:

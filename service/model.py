@@ -3,7 +3,6 @@ about it (never a file-system path)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +44,8 @@ class ServedModel:
     @classmethod
     def of(cls, model: Captioner) -> ServedModel:
         card = model_card(model)
-        chosen = decoding_as_dict(getattr(model, "default_decoding", None))
+        chosen = dict(model.default_decoding) or None  # None: the model carries no default decoding
         return cls(model.name, model.version, model.transform, model.encoder.config.pool_grid, card, chosen)
-
-
-def decoding_as_dict(decoding) -> dict | None:
-    """A model's default decoding as plain data (DecodeOptions, another dataclass, or a dict); None
-    for a model without one (or a library that does not record it yet)."""
-    if decoding is None:
-        return None
-    if hasattr(decoding, "to_dict"):
-        return dict(decoding.to_dict())
-    if dataclasses.is_dataclass(decoding):
-        return dataclasses.asdict(decoding)
-    return dict(decoding) if isinstance(decoding, dict) else None
 
 
 def model_card(model: Captioner) -> dict:
@@ -82,7 +69,7 @@ def model_card(model: Captioner) -> dict:
         "decoder": model.decoder.config.to_dict(),
         "embedding": model.embedding,
         "decoding": {
-            "defaults": DecodeOptions().to_dict(),
+            "defaults": DecodeOptions.resolve(model.default_decoding, {}).to_dict(),  # the model's own, where it has one
             "modes": list(MODES),
             "limits": {"num_captions": MAX_CAPTIONS, "beam_size": MAX_BEAM_SIZE, "max_length": MAX_LENGTH},
             # Beam search's re-ranking by the training captions the model keeps (None: it keeps none).

@@ -54,6 +54,7 @@ def test_field_types_unwrap_optional_and_list():
     assert field_types(DecodeOptions) == {
         "mode": str, "num_captions": int, "temperature": float, "top_k": int,
         "top_p": float, "beam_size": int, "max_length": int, "seed": int, "rerank": int, "explain": bool,
+        "concept_boost": float,
     }
 
 

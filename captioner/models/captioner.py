@@ -58,6 +58,7 @@ class Captioner(nn.Module):
         created: str | None = None,
         memory: CaptionMemory | None = None,
         trust: TrustCalibration | None = None,
+        default_decoding: dict | None = None,
     ):
         super().__init__()
         self.encoder = encoder.freeze()
@@ -69,6 +70,9 @@ class Captioner(nn.Module):
         self.created = created
         self.memory = memory
         self.trust = trust
+        # The decoding it was chosen with (DecodeOptions fields): what it answers with when asked
+        # for none, a request's options overriding it (``DecodeOptions.resolve``).
+        self.default_decoding = dict(default_decoding or {})
         self.name = f"captioner-{encoder.config.name}-{decoder.config.cell}"
         self.version: str | None = None
         self.ids = SpecialIds(start=vocab.start, end=vocab.end, pad=vocab.pad, unk=vocab.unk)
@@ -89,6 +93,7 @@ class Captioner(nn.Module):
             "data": self.data,
             **({"caption_memory": self.memory.to_dict()} if self.memory else {}),
             **({"trust": self.trust.to_dict()} if self.trust else {}),
+            "decoding": dict(self.default_decoding),
             **extra,
         }
 
@@ -112,6 +117,8 @@ class Captioner(nn.Module):
             if memory and memory.features.size(1) * decoder.config.cells != decoder.config.grid_dim:
                 raise CaptionerError("its caption memory's features are not its encoder's")
             trust = TrustCalibration.from_dict(state["trust"]) if "trust" in state else None
+            decoding = dict(state.get("decoding", {}))
+            DecodeOptions.resolve(decoding, {})
         except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
         return cls(
@@ -124,6 +131,7 @@ class Captioner(nn.Module):
             created=state.get("created"),
             memory=memory,
             trust=trust,
+            default_decoding=decoding,
         )
 
     @classmethod
@@ -325,19 +333,23 @@ class Captioner(nn.Module):
                 described["concepts"] = concepts
         return described
 
+    def decode_options(self, **given) -> DecodeOptions:
+        """The options ``given``, over the model's default decoding (``DecodeOptions.resolve``)."""
+        return DecodeOptions.resolve(self.default_decoding, given)
+
     def caption(self, images: Sequence, **options) -> list[list[dict]]:
         """Captions for images.
 
         Args:
             images: PIL images, file paths or encoded bytes.
             **options: ``DecodeOptions`` fields (mode, num_captions, temperature, top_k, top_p,
-                beam_size, max_length, seed).
+                beam_size, max_length, seed, ...), over the model's default decoding.
 
         Returns:
             For each image, a list of ``{"text", "log_prob", "perplexity", "finished"}`` (and
             ``"words"`` with ``explain=True``).
         """
-        decode_options = DecodeOptions(**options)
+        decode_options = self.decode_options(**options)
         pil = [(im if isinstance(im, Image.Image) else decode_image(im).image).convert("RGB") for im in images]
         features = self.encode(self.images_to_batch(pil))
         return self.describe(self.generate(features, decode_options), features)
