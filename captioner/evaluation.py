@@ -382,17 +382,24 @@ def parity(captions: Sequence[Sequence[str]], image_of: Sequence[int], reference
     return [sum(w) / len(w) if w else 0.0 for w in wins]
 
 
-def generated_for_trust(model: Captioner, features: torch.Tensor, beam_size: int, batch_size: int = 32, progress: bool = False) -> tuple[list[int], list[Hypothesis]]:
-    """Each photograph's greedy caption and, with ``beam_size``, its beam search's (re-ranked as the
-    model does): the captions a confidence is given to. Returns their images and hypotheses."""
-    decodings = [DecodeOptions()] + ([DecodeOptions(mode="beam", beam_size=beam_size)] if beam_size > 1 else [])
+def generated_for_trust(model: Captioner, features: torch.Tensor, beam_size: int, batch_size: int = 32, progress: bool = False) -> tuple[list[int], list[Hypothesis], list[dict]]:
+    """Each photograph's greedy caption and its caption by the model's own decoding (its
+    checkpoint's), or where that is greedy by a beam search of ``beam_size`` (re-ranked as the model
+    does; 0 or 1: none): the captions a confidence is given to. Returns their images, their
+    hypotheses and the decodings."""
+    decodings = [model.decode_options(mode="greedy")]
+    own = model.decode_options()
+    if own.mode != "greedy":
+        decodings.append(own)
+    elif beam_size > 1:
+        decodings.append(model.decode_options(mode="beam", beam_size=beam_size))
     image_of, hypotheses = [], []
     for options in decodings:
         for start in tqdm(range(0, len(features), batch_size), desc=f"{options.mode} captions", unit="batch", disable=not progress, leave=False):
             for i, hyps in enumerate(model.generate(features[start : start + batch_size], options), start=start):
                 image_of.append(i)
                 hypotheses.append(hyps[0])
-    return image_of, hypotheses
+    return image_of, hypotheses, [options.to_dict() for options in decodings]
 
 
 def calibrate_trust(
@@ -405,8 +412,8 @@ def calibrate_trust(
     The photographs are split in two halves (seeded). The score's logistic regression is fitted on
     the own-and-other reference pairs of one half and measured on the other's (the AUC of own
     references against others', near and random, for each signal alone and combined, and the
-    reliability bins); the confidence's is fitted on one half's generated captions (greedy, and
-    beam search of ``beam_size``), each labelled by its ``parity`` with people's captions, and
+    reliability bins); the confidence's is fitted on one half's generated captions (greedy, and by
+    the model's own decoding: ``generated_for_trust``), each labelled by its ``parity`` with people's captions, and
     measured on the other's (Kendall tau-b with its CIDEr-D, and the reliability bins). The
     threshold is the ``flagged`` quantile of every photograph's familiarity.
 
@@ -416,7 +423,8 @@ def calibrate_trust(
         features: (N, F) their features.
         flagged: the share of photographs the threshold flags.
         seed: of the pairs and the halves.
-        beam_size: beam search's width for the generated captions (0 or 1: greedy ones alone).
+        beam_size: for a model whose own decoding is greedy, the width of a beam search whose
+            captions join the greedy ones (0 or 1: greedy ones alone).
         fitted_on: recorded in the calibration beside the split's sizes.
 
     Returns:
@@ -470,7 +478,7 @@ def calibrate_trust(
         report["familiarity"] = {q: float(np.quantile(by_image, float(q))) for q in ("0", "0.01", "0.02", "0.05", "0.5", "1")}
         report["flagged_images"] = int(capped.sum())
     # The confidence: generated captions, by their parity with people's.
-    image_of, hypotheses = generated_for_trust(model, features, beam_size, progress=progress)
+    image_of, hypotheses, decodings = generated_for_trust(model, features, beam_size, progress=progress)
     end = model.ids.end
     words = [[model.vocab.words[t] for t in h.tokens if t != end] for h in hypotheses]
     judge = model.judge()
@@ -495,7 +503,7 @@ def calibrate_trust(
     quarter = max(len(order) // 4, 1)
     report["confidence"] = {
         "signals": confidence_signals,
-        "decodings": ["greedy"] + ([f"beam {beam_size}"] if beam_size > 1 else []),
+        "decodings": decodings,
         "fit": {"images": int(fitted_half.sum()), "captions": int(gen_fit.sum())},
         "held_out": {
             "images": int((~fitted_half).sum()),

@@ -544,7 +544,9 @@ class TrustOptions:
     report: str | None = option(None, "also write the numbers (each signal's AUC, the reliability bins, the threshold) as JSON")
     flagged: float = option(0.02, "the share of the split's photographs that the unfamiliar threshold flags")
     beam_size: int = option(
-        16, "the confidence is fitted on each photograph's greedy caption and its beam search's of this width (0: greedy only)"
+        16,
+        "the confidence is fitted on each photograph's greedy caption and its caption by the model's own decoding, or "
+        "where that is greedy by a beam search of this width (0: greedy only)",
     )
     seed: int = option(0, "seed of the pairs and of the split into a fitting and a measuring half")
     batch_size: int = option(64, "images per CNN call")
