@@ -297,14 +297,13 @@ def caption_dataset(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     device: str = "auto",
-    cnn: str = "eager",
 ) -> ray.data.Dataset:
     """The captioning pipeline over ``images`` (rows of ``read_images``): rows of ``RECORDS``.
 
     Args:
         images: the images to caption.
-        model: the model file, checked here (loaded in a Ray task) before any work; or a
-            ``ClusterModel``, unchecked: a model that cannot be loaded then fails the run as its
+        model: the model file (its CNN in fp32), checked here (loaded in a Ray task) before any
+            work; or a ``ClusterModel`` (its CNN as it says, e.g. int8), unchecked: a model that cannot be loaded then fails the run as its
             actors start (``ClusterModel.check`` says why), without a wait for a check first.
         options: decoding options, every one the single-process command has.
         batch_size: images per decoding task and per model call.
@@ -315,14 +314,12 @@ def caption_dataset(
         num_cpus: CPUs per actor; its torch threads.
         num_gpus: GPUs per actor.
         device: the actors' device (``auto``: the GPU Ray gives an actor, else CPU).
-        cnn: the CNN's arithmetic, ``eager`` or ``int8`` (as ``caption --cnn``), of a model given
-            by its path (a ``ClusterModel`` has its own).
 
     Raises:
         CaptionerError: a model file given by its path that cannot be loaded.
     """
     if not isinstance(model, ClusterModel):
-        model = ClusterModel(model, cnn)
+        model = ClusterModel(model, "eager")
         model.check()
     if num_gpus:
         # A decoding worker's memory. Asking for it also keeps Ray Data from fusing decoding into

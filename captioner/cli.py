@@ -83,9 +83,9 @@ def cmd_train(config: TrainConfig) -> None:
 
 def cmd_caption(job: CaptionJob, given: dict) -> None:
     if job.engine == "ray":
-        from captioner.checkpoint import read_checkpoint
-
-        options = DecodeOptions.resolve(read_checkpoint(job.model).get("decoding"), given)
+        # The driver never imports torch, so it cannot read the checkpoint's default decoding: on
+        # Ray the options named are all there is (docs/ray.md).
+        options = DecodeOptions.resolve({}, given)
         try:
             from captioner.batch_ray import run_ray_job
         except ImportError as exc:

@@ -64,11 +64,9 @@ def load_slow_ones_when_allowed(path, *args):
 
 
 def load_with_default_decoding(*args):
-    """``load_model``'s model; one of the shapes world carries a default decoding as the library
-    may record one (beam of 5, two captions): what the service and the page start from."""
-    from captioner.options import DecodeOptions
-
+    """``load_model``'s model; one of the shapes world carries a default decoding as a checkpoint
+    does (beam of 5, two captions): what the service and the page start from."""
     model = load_model(*args)
     if model.data.get("world") == "shapes":
-        model.default_decoding = DecodeOptions(mode="beam", beam_size=5, num_captions=2)
+        model.default_decoding = {"mode": "beam", "beam_size": 5, "num_captions": 2}
     return model

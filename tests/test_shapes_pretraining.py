@@ -74,11 +74,12 @@ def test_only_the_novel_scenes_protocol_keeps_held_out_pairs_from_the_cnn(monkey
         return images, labels
 
     monkeypatch.setattr(pretraining, "_fresh_scenes", recording)
+    monkeypatch.setattr(pretraining, "BATCH_SIZE", 300)  # one step: the scenes shown are what is checked
     encoder = Encoder(EncoderConfig(name="resnet18", image_size=32, pool_grid=GRID, cell_classes=CELL_CLASSES))
     world = {"image_size": 32, "holdout": ["green:triangle"]}
     result = pretrain_encoder(
         encoder, world, shapes.split("val")[:2], epochs=1, images_per_epoch=300, device=torch.device("cpu"),
-        seed=0, protocol=protocol, batch_size=300,
+        seed=0, protocol=protocol,
     )  # fmt: skip
     labels = torch.cat(shown)
     green_triangles = ((labels[..., 0] == SHAPES.index("triangle")) & (labels[..., 1] == COLOURS.index("green"))).sum()

@@ -29,21 +29,23 @@ class Captioner(nn.Module):
 
     Args:
         encoder: the (frozen) CNN.
-        decoder: the LSTM decoder.
+        decoder: the attention decoder.
         vocab: the decoder's vocabulary.
         embedding: where the word vectors came from (source, file, dimension, coverage).
         metrics: the training metrics of the epoch that was saved.
         data: what it was trained on (data set name, format, images per split, captions, and for
             the shapes world its held-out pairs); empty for checkpoints that predate the record.
-        created: when its checkpoint was written (UTC, ISO 8601).
         memory: its training images' pooled features and captions, by which beam search re-ranks
             (``captioner.consensus``); None: beam search ranks by probability alone.
         trust: how its captions' scores are computed from their signals, and when a photograph is
             unfamiliar (``captioner.trust``); None: not calibrated yet.
+        default_decoding: the decoding it answers with when asked for none (``DecodeOptions``
+            fields; ``decode_options``).
 
     Attributes:
         name: shown to people (the service's MODEL_NAME replaces it).
         version: the short digest of the checkpoint file it was loaded from (None if not loaded).
+        created: when its checkpoint was written (UTC, ISO 8601; None if not loaded).
     """
 
     def __init__(
@@ -55,7 +57,6 @@ class Captioner(nn.Module):
         embedding: dict | None = None,
         metrics: dict | None = None,
         data: dict | None = None,
-        created: str | None = None,
         memory: CaptionMemory | None = None,
         trust: TrustCalibration | None = None,
         default_decoding: dict | None = None,
@@ -67,7 +68,7 @@ class Captioner(nn.Module):
         self.embedding = embedding or {}
         self.metrics = metrics or {}
         self.data = data or {}
-        self.created = created
+        self.created: str | None = None  # set by from_checkpoint: when its checkpoint was written
         self.memory = memory
         self.trust = trust
         # The decoding it was chosen with (DecodeOptions fields): what it answers with when asked
@@ -121,18 +122,19 @@ class Captioner(nn.Module):
             DecodeOptions.resolve(decoding, {})
         except (KeyError, TypeError, AttributeError, RuntimeError, CaptionerError) as exc:
             raise CaptionerError(f"the model in {source} does not fit together ({type(exc).__name__})") from None
-        return cls(
+        model = cls(
             encoder,
             decoder,
             vocab,
             embedding=state.get("embedding", {}),
             metrics=state.get("metrics", {}),
             data=state.get("data", {}),
-            created=state.get("created"),
             memory=memory,
             trust=trust,
             default_decoding=decoding,
         )
+        model.created = state.get("created")
+        return model
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", cnn: str = "eager") -> Captioner:

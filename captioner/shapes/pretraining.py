@@ -108,6 +108,10 @@ def _fresh_scenes(
     return torch.cat([images, images.flip(-1)])[order], torch.cat([labels, mirrored])[order]
 
 
+BATCH_SIZE = 64  # scenes per step
+LR = 6e-3  # the peak AdamW learning rate of the one-cycle schedule
+
+
 def pretrain_encoder(
     encoder: Encoder,
     world: dict,
@@ -118,8 +122,6 @@ def pretrain_encoder(
     device: torch.device,
     seed: int,
     protocol: str = "novel-scenes",
-    batch_size: int = 64,
-    lr: float = 6e-3,
     progress: bool = False,
 ) -> dict:
     """Trains ``encoder`` (in place) to read the scene grid, then freezes it.
@@ -134,8 +136,6 @@ def pretrain_encoder(
         seed: random seed of the drawn scenes.
         protocol: ``novel-scenes`` keeps the world's held-out pairs out of the pretraining scenes;
             ``novel-captions`` shows every combination (only the captions hold pairs out).
-        batch_size: images per step.
-        lr: peak AdamW learning rate of the one-cycle schedule.
         progress: show a progress bar.
 
     Returns:
@@ -154,14 +154,14 @@ def pretrain_encoder(
     encoder.requires_grad_(True)
     # Channels-last convolutions train a third faster on CPUs (oneDNN) and are no slower on GPUs.
     model = CellClassifier(encoder).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((images_per_epoch + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
+    steps = epochs * ((images_per_epoch + BATCH_SIZE - 1) // BATCH_SIZE)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps)
     bar = tqdm(total=steps, desc="pretraining CNN", unit="step", disable=not progress)
     for _ in range(epochs):
         model.train()
         train_x, train_y = _fresh_scenes(encoder, world, images_per_epoch, rng, holdout)
-        for x, y in zip(train_x.split(batch_size), train_y.split(batch_size)):
+        for x, y in zip(train_x.split(BATCH_SIZE), train_y.split(BATCH_SIZE)):
             loss = model.loss(model(x.to(device, memory_format=torch.channels_last)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
