@@ -279,3 +279,18 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:  # the thread ended meanwhile
             pass
     return found
+
+
+def write_flickr_slice(root: Path, flickr8k: Path) -> Path:
+    """A Flickr8k token file and split lists for 200 training and 40 dev photographs in ``root``,
+    whose photographs stay in ``flickr8k`` (read through --images); returns ``root``."""
+    lists = {
+        split: (flickr8k / f"Flickr_8k.{split}Images.txt").read_text().split()[:count]
+        for split, count in (("train", 200), ("dev", 40))
+    }
+    wanted = {name for names in lists.values() for name in names}
+    lines = [line for line in (flickr8k / "Flickr8k.token.txt").read_text().splitlines() if line.split("#")[0] in wanted]
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    for split, names in lists.items():
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+    return root

@@ -16,6 +16,8 @@ from captioner.errors import CaptionerError
 from captioner.models import efficientnet
 from captioner.models.encoder import Encoder, EncoderConfig
 
+from tests.helpers import write_flickr_slice
+
 FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "flickr8k"))
 needs_flickr8k = pytest.mark.skipif(
     not (FLICKR8K / "Flickr8k.token.txt").is_file(), reason=f"no Flickr8k at {FLICKR8K} (set FLICKR8K_DIR)"
@@ -106,16 +108,7 @@ def flickr_slice(tmp_path_factory) -> Path:
     """A Flickr8k token file and split lists for 200 training and 40 dev photographs, which stay in
     ../shared (read through --images)."""
     root = tmp_path_factory.mktemp("flickr-slice")
-    lists = {
-        split: (FLICKR8K / f"Flickr_8k.{split}Images.txt").read_text().split()[:count]
-        for split, count in (("train", 200), ("dev", 40))
-    }
-    wanted = {name for names in lists.values() for name in names}
-    lines = [line for line in (FLICKR8K / "Flickr8k.token.txt").read_text().splitlines() if line.split("#")[0] in wanted]
-    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    for split, names in lists.items():
-        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
-    return root
+    return write_flickr_slice(root, FLICKR8K)
 
 
 def _captioner(*args, cwd=None) -> subprocess.CompletedProcess:

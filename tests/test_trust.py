@@ -31,7 +31,7 @@ from captioner.trust import (
     reliability,
 )
 
-from tests.helpers import assert_one_line_error, noise, run
+from tests.helpers import assert_one_line_error, noise, run, write_flickr_slice
 
 FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "flickr8k"))
 needs_flickr8k = pytest.mark.skipif(
@@ -335,15 +335,7 @@ def photo_model(tmp_path_factory):
     from captioner.training import train
 
     root = tmp_path_factory.mktemp("flickr-trust")
-    lists = {
-        split: (FLICKR8K / f"Flickr_8k.{split}Images.txt").read_text().split()[:count]
-        for split, count in (("train", 200), ("dev", 40))
-    }
-    wanted = {name for names in lists.values() for name in names}
-    lines = [line for line in (FLICKR8K / "Flickr8k.token.txt").read_text().splitlines() if line.split("#")[0] in wanted]
-    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    for split, names in lists.items():
-        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+    write_flickr_slice(root, FLICKR8K)
     data, cache = root / "Flickr8k.token.txt", root / "cache"
     config = TrainConfig(
         data=str(data), images=str(FLICKR8K / "images"), out=str(root / "run"), epochs=1, hidden_size=64, embed_dim=32,
