@@ -1,4 +1,4 @@
-"""Trust: how well a caption describes a photograph, judged from what the model keeps (#45).
+"""Trust: how well a caption describes a photograph, judged from what the model keeps.
 
 Nothing here reads a human caption of the photograph being judged: only the model's weights, its
 caption memory (its training photographs' pooled features and captions, ``consensus.py``) and its
