@@ -477,7 +477,29 @@ def calibrate_trust(
     if threshold is not None:
         report["familiarity"] = {q: float(np.quantile(by_image, float(q))) for q in ("0", "0.01", "0.02", "0.05", "0.5", "1")}
         report["flagged_images"] = int(capped.sum())
-    # The confidence: generated captions, by their parity with people's.
+    confidence_head, report["confidence"], generated_count = _fit_confidence(
+        model, records, features, fitted_half, capped, (score_head, score_signals), beam_size, progress
+    )
+    summary = {
+        "score_auc": per["score"]["auc"], "score_auc_near": per["score"]["auc_near"], "score_auc_far": per["score"]["auc_far"],
+        "score_calibration_error": report["score"]["held_out"]["expected_calibration_error"],
+        "confidence_kendall_tau_with_cider": report["confidence"]["held_out"]["kendall_tau_with_cider"]["confidence"],
+        "confidence_calibration_error": report["confidence"]["held_out"]["expected_calibration_error"],
+    }  # fmt: skip
+    described = {
+        "images": len(records), "pairs": len(pairs), "generated": generated_count, "fitted_images": int(fitted_half.sum()),
+        "seed": seed, **(fitted_on or {}),
+    }  # fmt: skip
+    calibration = TrustCalibration(score_head, confidence_head, threshold, model.encoder.config.name, described, _no_nan(summary))
+    return calibration, _no_nan(report)
+
+
+def _fit_confidence(model, records, features, fitted_half, capped, score, beam_size, progress) -> tuple[Head, dict, int]:
+    """``calibrate_trust``'s second half: the confidence of generated captions, fitted on the
+    ``fitted_half`` photographs' captions by their parity with people's and measured on the others'
+    (``score`` is the fitted score's head and signals, measured on the same captions beside it).
+    Returns the head, its report and how many captions were generated."""
+    score_head, score_signals = score
     image_of, hypotheses, decodings = generated_for_trust(model, features, beam_size, progress=progress)
     end = model.ids.end
     words = [[model.vocab.words[t] for t in h.tokens if t != end] for h in hypotheses]
@@ -501,7 +523,7 @@ def calibrate_trust(
     gen_bins = reliability(confidence[gen_held], targets[gen_held])
     order = np.argsort(-confidence[gen_held])
     quarter = max(len(order) // 4, 1)
-    report["confidence"] = {
+    report = {
         "signals": confidence_signals,
         "decodings": decodings,
         "fit": {"images": int(fitted_half.sum()), "captions": int(gen_fit.sum())},
@@ -517,18 +539,7 @@ def calibrate_trust(
             "expected_calibration_error": expected_calibration_error(gen_bins),
         },
     }
-    summary = {
-        "score_auc": per["score"]["auc"], "score_auc_near": per["score"]["auc_near"], "score_auc_far": per["score"]["auc_far"],
-        "score_calibration_error": report["score"]["held_out"]["expected_calibration_error"],
-        "confidence_kendall_tau_with_cider": taus["confidence"],
-        "confidence_calibration_error": report["confidence"]["held_out"]["expected_calibration_error"],
-    }  # fmt: skip
-    described = {
-        "images": len(records), "pairs": len(pairs), "generated": len(hypotheses), "fitted_images": int(fitted_half.sum()),
-        "seed": seed, **(fitted_on or {}),
-    }  # fmt: skip
-    calibration = TrustCalibration(score_head, confidence_head, threshold, model.encoder.config.name, described, _no_nan(summary))
-    return calibration, _no_nan(report)
+    return confidence_head, report, len(hypotheses)
 
 
 def _no_nan(value):
